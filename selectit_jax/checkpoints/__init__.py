@@ -1,0 +1,118 @@
+"""Loading LLaMA weights (HF safetensors or GGUF) into our param tree, optionally sharded."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selectit_jax.checkpoints import gguf as gguf_lib
+from selectit_jax.checkpoints import hf
+from selectit_jax.model import Llama, LlamaConfig
+
+# Hash whole files up to this size; above it, hash sizes, headers and tails (fast on 70B).
+_FULL_HASH_BYTES = 2 << 30
+_PART_BYTES = 1 << 20
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  config: LlamaConfig
+  params: Any
+  source_path: str
+  fingerprint: str  # content hash of the weight files; part of every stored score's key
+
+  @property
+  def num_params(self) -> int:
+    """θ of Eq. 5: the parameters of the loaded tree (tied embeddings counted once)."""
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.params)))
+
+
+def tensor_source(path: str) -> tuple[hf.TensorSource, LlamaConfig]:
+  """The tensor source and architecture of a GGUF file or HF checkpoint directory."""
+  if os.path.isdir(path):
+    return hf.SafetensorsSource(path), hf.read_hf_config(path)
+  if path.endswith(".gguf"):
+    source = gguf_lib.GGUFSource(path)
+    return source, source.config()
+  raise ValueError(f"{path}: not a HF checkpoint directory or a .gguf file")
+
+
+def param_shapes(cfg: LlamaConfig):
+  """Abstract param tree (shapes, dtypes, logical-axis metadata) without allocating."""
+  model = Llama(cfg)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, tokens, tokens + 1))
+
+
+def load_params(cfg: LlamaConfig, source: hf.TensorSource, shardings=None):
+  """Reads every leaf from `source`; with `shardings` (a tree of `jax.sharding.Sharding`
+  matching the params), each device's block is read on its own, so no process
+  materialises more than the blocks its devices own plus one HF tensor."""
+  hf.check_complete(cfg, source)
+  abstract = nn.unbox(param_shapes(cfg))["params"]
+  dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+  params = {}
+  for spec in hf.param_table(cfg):
+    node = abstract
+    for k in spec.path:
+      node = node[k]
+    shape = tuple(node.shape)
+    sharding = _leaf(shardings, spec.path) if shardings is not None else None
+    if sharding is None:
+      value = jax.device_put(hf.read_param(spec, source, cfg, shape, dtype))
+    else:
+      value = jax.make_array_from_callback(
+          shape, sharding,
+          lambda index, spec=spec, shape=shape: hf.read_param(spec, source, cfg, shape, dtype,
+                                                               index))
+    _set(params, spec.path, value)
+  return params
+
+
+def load_model(path: str, shardings=None, **config_overrides) -> LoadedModel:
+  """Loads a GGUF file or HF checkpoint directory (config overrides: dtype, param_dtype...)."""
+  source, cfg = tensor_source(path)
+  if config_overrides:
+    cfg = dataclasses.replace(cfg, **config_overrides)
+  params = load_params(cfg, source, shardings)
+  return LoadedModel(cfg, params, path, fingerprint(path))
+
+
+def fingerprint(path: str) -> str:
+  """sha256 (16 hex) of the weight files: whole files up to 2 GiB in total, else each
+  file's size, first and last MiB (safetensors headers hold every tensor's offsets)."""
+  files = ([os.path.join(path, f) for f in sorted(os.listdir(path))
+            if f.endswith((".safetensors", ".json", ".model"))]
+           if os.path.isdir(path) else [path])
+  total = sum(os.path.getsize(f) for f in files)
+  h = hashlib.sha256()
+  for f in files:
+    size = os.path.getsize(f)
+    h.update(f"{os.path.basename(f)}:{size}\0".encode())
+    with open(f, "rb") as fh:
+      if total <= _FULL_HASH_BYTES:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+          h.update(chunk)
+      else:
+        h.update(fh.read(_PART_BYTES))
+        fh.seek(max(0, size - _PART_BYTES))
+        h.update(fh.read())
+  return h.hexdigest()[:16]
+
+
+def _leaf(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _set(tree, path, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value

@@ -1,0 +1,202 @@
+"""HF LLaMA checkpoints: the name/layout table, safetensors reading and writing.
+
+Every loader presents its tensors under HF names in HF (torch `Linear`: [out, in]) layout;
+`PARAM_TABLE` turns them into our param tree. Tensors are read one at a time and written
+straight into their slot of the stacked array, so a checkpoint is never held twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from selectit_jax.model import LlamaConfig
+
+
+class TensorSource(Protocol):
+  """Tensors under HF names, HF layout, as numpy arrays."""
+
+  def keys(self) -> set[str]: ...
+
+  def get(self, name: str) -> np.ndarray: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+  """One param-tree leaf: its HF tensor name and the layout change between the two."""
+  path: tuple[str, ...]
+  hf_name: str                      # `{i}` is the layer index for stacked params
+  to_ours: Callable[[np.ndarray, LlamaConfig], np.ndarray]
+  to_hf: Callable[[np.ndarray, LlamaConfig], np.ndarray]
+
+  @property
+  def stacked(self) -> bool:
+    return "{i}" in self.hf_name
+
+
+def _same(w, c):
+  return w
+
+
+def _in_proj(heads_attr: str):
+  """torch [heads*head_dim, d] <-> ours [d, heads, head_dim]."""
+  def to_ours(w, c):
+    return w.T.reshape(c.hidden_size, getattr(c, heads_attr), c.head_dim)
+  def to_hf(w, c):
+    return w.reshape(c.hidden_size, -1).T
+  return to_ours, to_hf
+
+
+def _o_to_ours(w, c):
+  return w.T.reshape(c.num_heads, c.head_dim, c.hidden_size)
+
+
+def _o_to_hf(w, c):
+  return w.reshape(-1, c.hidden_size).T
+
+
+def _transpose(w, c):
+  return w.T
+
+
+_L = "model.layers.{i}."
+
+
+def param_table(cfg: LlamaConfig) -> list[ParamSpec]:
+  """Our param paths and their HF tensors, for this architecture."""
+  q, k = _in_proj("num_heads"), _in_proj("num_kv_heads")
+  table = [
+      ParamSpec(("embedding",), "model.embed_tokens.weight", _same, _same),
+      ParamSpec(("layers", "attn_norm", "scale"), _L + "input_layernorm.weight", _same, _same),
+      ParamSpec(("layers", "attn", "q"), _L + "self_attn.q_proj.weight", *q),
+      ParamSpec(("layers", "attn", "k"), _L + "self_attn.k_proj.weight", *k),
+      ParamSpec(("layers", "attn", "v"), _L + "self_attn.v_proj.weight", *k),
+      ParamSpec(("layers", "attn", "o"), _L + "self_attn.o_proj.weight", _o_to_ours, _o_to_hf),
+      ParamSpec(("layers", "mlp_norm", "scale"), _L + "post_attention_layernorm.weight",
+                _same, _same),
+      ParamSpec(("layers", "mlp", "gate"), _L + "mlp.gate_proj.weight", _transpose, _transpose),
+      ParamSpec(("layers", "mlp", "up"), _L + "mlp.up_proj.weight", _transpose, _transpose),
+      ParamSpec(("layers", "mlp", "down"), _L + "mlp.down_proj.weight", _transpose, _transpose),
+      ParamSpec(("final_norm", "scale"), "model.norm.weight", _same, _same),
+  ]
+  if not cfg.tie_word_embeddings:
+    table.append(ParamSpec(("lm_head",), "lm_head.weight", _transpose, _transpose))
+  return table
+
+
+def read_param(spec: ParamSpec, source: TensorSource, cfg: LlamaConfig, shape: tuple[int, ...],
+               dtype, index: tuple[slice, ...] | None = None) -> np.ndarray:
+  """The block `index` (default: all) of one leaf in our layout.
+
+  Stacked leaves are read layer by layer, so at most one HF tensor is held beside the block.
+  """
+  index = tuple(index or ()) + (slice(None),) * (len(shape) - len(index or ()))
+  if not spec.stacked:
+    return _checked(spec.hf_name, spec.to_ours(source.get(spec.hf_name), cfg), shape, dtype)[index]
+  layers = range(*index[0].indices(shape[0]))
+  out = None
+  for j, i in enumerate(layers):
+    name = spec.hf_name.format(i=i)
+    block = _checked(name, spec.to_ours(source.get(name), cfg), shape[1:], dtype)[index[1:]]
+    if out is None:
+      out = np.empty((len(layers),) + block.shape, dtype)
+    out[j] = block
+  return out
+
+
+def _checked(name, w, shape, dtype):
+  if tuple(w.shape) != tuple(shape):
+    raise ValueError(f"tensor {name}: shape {tuple(w.shape)} does not match the config's "
+                     f"{tuple(shape)}")
+  return w.astype(dtype, copy=False)
+
+
+def check_complete(cfg: LlamaConfig, source: TensorSource) -> None:
+  """Fails naming the first tensor the architecture needs and the checkpoint lacks."""
+  keys = source.keys()
+  for spec in param_table(cfg):
+    names = ([spec.hf_name.format(i=i) for i in range(cfg.num_layers)] if spec.stacked
+             else [spec.hf_name])
+    for name in names:
+      if name not in keys:
+        raise ValueError(f"checkpoint has no tensor {name!r} (needed by {'/'.join(spec.path)})")
+
+
+class SafetensorsSource:
+  """A HF checkpoint directory: one `model.safetensors` or a sharded index."""
+
+  def __init__(self, directory: str):
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    else:
+      single = os.path.join(directory, "model.safetensors")
+      if not os.path.exists(single):
+        raise FileNotFoundError(f"{directory}: no model.safetensors or "
+                                "model.safetensors.index.json")
+      with safetensors.safe_open(single, "np") as f:
+        weight_map = {k: "model.safetensors" for k in f.keys()}
+    self._files = {k: os.path.join(directory, v) for k, v in weight_map.items()}
+    self._handles = {}
+
+  def keys(self) -> set[str]:
+    return set(self._files)
+
+  def get(self, name: str) -> np.ndarray:
+    if name not in self._files:
+      raise KeyError(f"checkpoint has no tensor {name!r}")
+    path = self._files[name]
+    if path not in self._handles:
+      self._handles[path] = safetensors.safe_open(path, "np")
+    return self._handles[path].get_tensor(name)
+
+
+def read_hf_config(directory: str, **overrides) -> LlamaConfig:
+  with open(os.path.join(directory, "config.json")) as f:
+    return LlamaConfig.from_hf(json.load(f), **overrides)
+
+
+def hf_tensors(cfg: LlamaConfig, params) -> Iterator[tuple[str, np.ndarray]]:
+  """Our param tree as (HF name, HF-layout fp32 array), one tensor at a time."""
+  for spec in param_table(cfg):
+    leaf = params
+    for key in spec.path:
+      leaf = leaf[key]
+    leaf = np.asarray(leaf, np.float32)
+    if spec.stacked:
+      for i in range(cfg.num_layers):
+        yield spec.hf_name.format(i=i), np.ascontiguousarray(spec.to_hf(leaf[i], cfg))
+    else:
+      yield spec.hf_name, np.ascontiguousarray(spec.to_hf(leaf, cfg))
+
+
+def save_hf(directory: str, cfg: LlamaConfig, params, max_shard_bytes: int = 2 << 30) -> None:
+  """Writes config.json and (sharded) safetensors that `transformers` loads."""
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(cfg.to_hf(), f, indent=2)
+  shards, current, size = [], {}, 0
+  for name, w in hf_tensors(cfg, params):
+    if current and size + w.nbytes > max_shard_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current[name] = w
+    size += w.nbytes
+  shards.append(current)
+  if len(shards) == 1:
+    safetensors.numpy.save_file(shards[0], os.path.join(directory, "model.safetensors"),
+                                metadata={"format": "pt"})
+    return
+  weight_map = {}
+  for n, shard in enumerate(shards):
+    fname = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+    safetensors.numpy.save_file(shard, os.path.join(directory, fname), metadata={"format": "pt"})
+    weight_map.update({k: fname for k in shard})
+  with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)

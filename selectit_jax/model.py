@@ -1,0 +1,265 @@
+"""A LLaMA-family decoder in Flax linen.
+
+Parameters and main activations carry logical axis names (`vocab`, `embed`, `heads`,
+`kv_heads`, `head_dim`, `mlp`, `layers`); `sharding.py` maps them onto a device mesh.
+Layers are stacked with `nn.scan` (one compiled block, a leading `layers` axis).
+Rotary embeddings use HF's half-split layout, so HF safetensors load unpermuted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Finite, so fully masked rows (padding) give a uniform softmax instead of NaN.
+_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture and numerics of a LLaMA-family model."""
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  # (("rope_type", "linear"), ("factor", 2.0), ...) as a hashable tuple of items.
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  tie_word_embeddings: bool = False
+  max_position_embeddings: int = 4096
+  dtype: str = "float32"        # activations / matmul inputs
+  param_dtype: str = "float32"  # stored weights
+  remat: bool = False           # rematerialize each block in the backward pass
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
+
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any], **overrides) -> "LlamaConfig":
+    """Builds a config from a HF `config.json` dict."""
+    archs = hf.get("architectures") or []
+    if hf.get("model_type", "llama") not in ("llama", "mistral") and not any(
+        "Llama" in a for a in archs):
+      raise ValueError(f"unsupported architecture: model_type={hf.get('model_type')!r} "
+                       f"architectures={archs}")
+    heads = hf["num_attention_heads"]
+    scaling = hf.get("rope_scaling")
+    return cls(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=hf.get("rope_theta", 10000.0),
+        rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        **overrides)
+
+  def to_hf(self) -> dict[str, Any]:
+    """The HF `config.json` dict of this architecture."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_layers,
+        "num_attention_heads": self.num_heads,
+        "num_key_value_heads": self.num_kv_heads,
+        "head_dim": self.head_dim,
+        "rms_norm_eps": self.rms_norm_eps,
+        "rope_theta": self.rope_theta,
+        "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "max_position_embeddings": self.max_position_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": "float32",
+    }
+
+  def num_params(self) -> int:
+    """Parameter count θ implied by the architecture (embeddings counted once if tied)."""
+    d, h, kv, hd = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+    per_layer = d * hd * (2 * h + 2 * kv) + 3 * d * self.intermediate_size + 2 * d
+    head = 0 if self.tie_word_embeddings else d * self.vocab_size
+    return self.num_layers * per_layer + self.vocab_size * d + d + head
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
+  """Rotary inverse frequencies [head_dim/2], with HF's `rope_scaling` variants."""
+  hd = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+  if not cfg.rope_scaling:
+    return inv_freq
+  s = dict(cfg.rope_scaling)
+  kind = s.get("rope_type", s.get("type"))
+  if kind in (None, "default"):
+    return inv_freq
+  if kind == "linear":
+    return inv_freq / s["factor"]
+  if kind == "llama3":
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return jnp.where(wavelen > old_len / low, inv_freq / factor,
+                     jnp.where(wavelen < old_len / high, inv_freq, mid))
+  raise ValueError(f"unsupported rope_scaling type {kind!r}")
+
+
+def apply_rope(x_btnh: jax.Array, sin_bth: jax.Array, cos_bth: jax.Array) -> jax.Array:
+  """Half-split rotation (HF `rotate_half`), computed in fp32."""
+  x = x_btnh.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  sin, cos = sin_bth[:, :, None, :], cos_bth[:, :, None, :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_btnh.dtype)
+
+
+def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
+  """Causal mask within equal, non-zero segment ids: [b, 1, 1, t, s] bool.
+
+  Right-padded scoring batches use segment 1 for tokens and 0 for padding;
+  packed training batches use one id per packed sample.
+  """
+  t = segment_ids_bt.shape[1]
+  causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+  same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+  real = (segment_ids_bt != 0)[:, None, :]
+  return (causal[None] & same & real)[:, None, None]
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def _weight(module: nn.Module, name: str, shape, axes, fan_in: int):
+  init = nn.initializers.normal(stddev=fan_in ** -0.5)
+  w = module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                   module.cfg.param_dtype)
+  return w.astype(module.cfg.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention (num_kv_heads ≤ num_heads), softmax in fp32."""
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_btd, sin, cos, mask):
+    c = self.cfg
+    d, h, kv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+    wq = _weight(self, "q", (d, h, hd), ("embed", "heads", "head_dim"), d)
+    wk = _weight(self, "k", (d, kv, hd), ("embed", "kv_heads", "head_dim"), d)
+    wv = _weight(self, "v", (d, kv, hd), ("embed", "kv_heads", "head_dim"), d)
+    wo = _weight(self, "o", (h, hd, d), ("heads", "head_dim", "embed"), h * hd)
+    q = apply_rope(jnp.einsum("btd,dnh->btnh", x_btd, wq), sin, cos)
+    k = apply_rope(jnp.einsum("btd,dnh->btnh", x_btd, wk), sin, cos)
+    v = jnp.einsum("btd,dnh->btnh", x_btd, wv)
+    q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
+    b, t = x_btd.shape[:2]
+    # Query head n uses kv head n // (h // kv), as HF's repeat_kv.
+    q = q.reshape(b, t, kv, h // kv, hd)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k,
+                        preferred_element_type=jnp.float32) * (hd ** -0.5)
+    logits = jnp.where(mask, logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, h, hd)
+    return jnp.einsum("btnh,nhd->btd", out, wo)
+
+
+class Mlp(nn.Module):
+  """SwiGLU feed-forward."""
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_btd):
+    c = self.cfg
+    d, f = c.hidden_size, c.intermediate_size
+    gate = _weight(self, "gate", (d, f), ("embed", "mlp"), d)
+    up = _weight(self, "up", (d, f), ("embed", "mlp"), d)
+    down = _weight(self, "down", (f, d), ("mlp", "embed"), f)
+    hidden = nn.silu(x_btd @ gate) * (x_btd @ up)
+    hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
+    return hidden @ down
+
+
+class Block(nn.Module):
+  """Pre-norm decoder block; a scan body, so it carries `x` and returns no output."""
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, sin, cos, mask):
+    c = self.cfg
+    norm = lambda name: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)
+    x = x + Attention(c, name="attn")(norm("attn_norm")(x), sin, cos, mask)
+    x = x + Mlp(c, name="mlp")(norm("mlp_norm")(x))
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    return x, None
+
+
+class Llama(nn.Module):
+  """Decoder returning final (normed) hidden states; `logits` is a separate method."""
+  cfg: LlamaConfig
+
+  def setup(self):
+    c = self.cfg
+    self.embedding = self.param(
+        "embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+        (c.vocab_size, c.hidden_size), c.param_dtype)
+    block = nn.remat(Block, prevent_cse=False) if c.remat else Block
+    self.layers = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        length=c.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(c, name="layers")
+    self.final_norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
+    if not c.tie_word_embeddings:
+      self.lm_head = self.param(
+          "lm_head",
+          nn.with_logical_partitioning(nn.initializers.normal(stddev=c.hidden_size ** -0.5),
+                                       ("embed", "vocab")),
+          (c.hidden_size, c.vocab_size), c.param_dtype)
+
+  def __call__(self, tokens_bt, positions_bt, segment_ids_bt):
+    c = self.cfg
+    x = jnp.take(self.embedding, tokens_bt, axis=0).astype(c.dtype)
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    freqs = positions_bt[..., None].astype(jnp.float32) * rope_inv_freq(c)
+    x, _ = self.layers(x, jnp.sin(freqs), jnp.cos(freqs), attention_mask(segment_ids_bt))
+    return self.final_norm(x)
+
+  def logits(self, hidden_xd):
+    """Vocabulary logits [..., vocab] in fp32, for the rows the caller chose."""
+    w = self.embedding.T if self.cfg.tie_word_embeddings else self.lm_head
+    return jnp.einsum("...d,dv->...v", hidden_xd.astype(self.cfg.dtype), w.astype(self.cfg.dtype),
+                      preferred_element_type=jnp.float32)
