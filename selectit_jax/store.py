@@ -1,0 +1,278 @@
+"""Parquet score store: one row per (sample, prompt, model), resumable by key.
+
+Layout under a scores dir:
+  shards/{process:05d}-{seq:06d}.parquet  written atomically (tmp in the same dir,
+                                          fsync, os.replace); tmp files start with '.'
+                                          and are never read.
+  manifest.json                           run description (atomic json).
+  rejects.jsonl                           {index, id, reason}.
+Key of a row = (content_hash, model, prompt_hash): the same text rated by the same
+model with the same prompt is computed once, whatever its index or id.
+"""
+import dataclasses
+import json
+import os
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from selectit_jax import records as records_lib
+
+NUM_RATINGS = 5
+KEY_COLUMNS = ("content_hash", "model", "prompt_hash")
+SCHEMA = pa.schema([
+    ("sample_id", pa.string()),
+    ("sample_index", pa.int64()),
+    ("content_hash", pa.string()),
+    ("model", pa.string()),
+    ("num_params", pa.int64()),
+    ("prompt_index", pa.int32()),
+    ("prompt_hash", pa.string()),
+    ("probs", pa.list_(pa.float64(), NUM_RATINGS)),
+    ("logsumexp", pa.float64()),
+    ("num_tokens", pa.int32()),
+])
+_SHARD = re.compile(r"^(\d{5})-(\d{6})\.parquet$")
+
+
+def _fsync_dir(d):
+  try:
+    fd = os.open(d, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _atomic(path, write_fn, mode):
+  d = os.path.dirname(path)
+  tmp = os.path.join(d, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+  try:
+    with open(tmp, mode) as f:
+      write_fn(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(d)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+class ScoreStore:
+  """A scores dir. process_index names this process's shards (jax.process_index())."""
+
+  def __init__(self, directory: str, process_index: int = 0):
+    self.dir = directory
+    self.shards_dir = os.path.join(directory, "shards")
+    self.process_index = int(process_index)
+    os.makedirs(self.shards_dir, exist_ok=True)
+    mine = [int(m.group(2)) for m in map(_SHARD.match, os.listdir(self.shards_dir))
+            if m and int(m.group(1)) == self.process_index]
+    self._seq = max(mine) + 1 if mine else 0
+
+  @property
+  def manifest_path(self):
+    return os.path.join(self.dir, "manifest.json")
+
+  @property
+  def rejects_path(self):
+    return os.path.join(self.dir, "rejects.jsonl")
+
+  # -- manifest
+  def write_manifest(self, d: dict) -> None:
+    text = json.dumps(d, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    _atomic(self.manifest_path, lambda f: f.write(text), "w")
+
+  def read_manifest(self) -> dict | None:
+    if not os.path.exists(self.manifest_path):
+      return None
+    with open(self.manifest_path, encoding="utf-8") as f:
+      return json.load(f)
+
+  # -- rejects
+  def append_rejects(self, rejects) -> int:
+    """Appends Rejects not already in rejects.jsonl (same index and reason); returns #new."""
+    seen = {(r["index"], r["reason"]) for r in self.read_rejects()}
+    new, added = [], set()
+    for r in rejects:
+      if (r.index, r.reason) not in seen and (r.index, r.reason) not in added:
+        new.append(r)
+        added.add((r.index, r.reason))
+    if new:
+      records_lib.write_rejects(self.rejects_path, new, append=True)
+    return len(new)
+
+  def read_rejects(self) -> list[dict]:
+    if not os.path.exists(self.rejects_path):
+      return []
+    with open(self.rejects_path, encoding="utf-8") as f:
+      return [json.loads(line) for line in f if line.strip()]
+
+  # -- shards
+  def shard_paths(self) -> list[str]:
+    """Complete shards in (process, seq) order; tmp files are ignored."""
+    names = sorted(n for n in os.listdir(self.shards_dir) if _SHARD.match(n))
+    return [os.path.join(self.shards_dir, n) for n in names]
+
+  def write_shard(self, rows: list[dict]) -> str | None:
+    """Writes rows (dicts with every SCHEMA column) as one new shard; returns its path."""
+    if not rows:
+      return None
+    missing = [c for c in SCHEMA.names if c not in rows[0]]
+    if missing:
+      raise ValueError(f"score rows lack columns {missing}")
+    cols = {}
+    for name in SCHEMA.names:
+      vals = [r[name] for r in rows]
+      if name == "probs":
+        vals = np.asarray(vals, dtype=np.float64)
+        if vals.shape != (len(rows), NUM_RATINGS):
+          raise ValueError(f"probs must be [{NUM_RATINGS}] per row, got {vals.shape[1:]}")
+        cols[name] = pa.FixedSizeListArray.from_arrays(
+            pa.array(vals.reshape(-1)), NUM_RATINGS)
+      else:
+        if any(v is None for v in vals):
+          raise ValueError(f"score rows have null {name}")
+        cols[name] = pa.array(vals, type=SCHEMA.field(name).type)
+    table = pa.Table.from_arrays([cols[n] for n in SCHEMA.names], schema=SCHEMA)
+    while True:
+      name = f"{self.process_index:05d}-{self._seq:06d}.parquet"
+      self._seq += 1
+      path = os.path.join(self.shards_dir, name)
+      if not os.path.exists(path):
+        break
+    _atomic(path, lambda f: pq.write_table(table, f), "wb")
+    return path
+
+  def stored_keys(self) -> set:
+    """{(content_hash, model, prompt_hash)} over all shards; reads only those columns."""
+    keys = set()
+    for p in self.shard_paths():
+      t = pq.read_table(p, columns=list(KEY_COLUMNS))
+      keys.update(zip(*(t.column(c).to_pylist() for c in KEY_COLUMNS)))
+    return keys
+
+  def read_table(self) -> pa.Table:
+    """All shards concatenated, de-duplicated by key (first in shard order wins)."""
+    paths = self.shard_paths()
+    if not paths:
+      return SCHEMA.empty_table()
+    table = pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in paths])
+    return dedup(table)
+
+
+def dedup(table: pa.Table) -> pa.Table:
+  """Keeps the first row of each key, in the original row order."""
+  if table.num_rows == 0:
+    return table
+  t = table.select(list(KEY_COLUMNS)).append_column(
+      "__row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+  first = t.group_by(list(KEY_COLUMNS), use_threads=False).aggregate([("__row", "min")])
+  keep = np.sort(first.column("__row_min").to_numpy())
+  if len(keep) == table.num_rows:
+    return table
+  return table.take(pa.array(keep))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbsArray:
+  """probs_array's result. Unpacks as the contract's 5-tuple
+  (probs, sample_index, sample_id, models, num_params); missing and prompt_hashes
+  are attributes."""
+  probs: np.ndarray          # [N, M, K, 5] float64, NaN where a cell is missing
+  sample_index: np.ndarray   # [N] int64
+  sample_id: np.ndarray      # [N] object (str)
+  models: list               # [M]
+  num_params: np.ndarray     # [M] int64
+  prompt_hashes: list        # [K]
+  missing: list              # [(sample_index, model, k)], k = position in prompt_hashes
+
+  def __iter__(self):
+    return iter((self.probs, self.sample_index, self.sample_id, self.models,
+                 self.num_params))
+
+
+def _codes(values, order):
+  """Positions of values in order (-1 if absent)."""
+  pos = {v: i for i, v in enumerate(order)}
+  return np.fromiter((pos.get(v, -1) for v in values), dtype=np.int64, count=len(values))
+
+
+def probs_array(table: pa.Table, models=None, prompt_hashes=None,
+                samples=None) -> ProbsArray:
+  """Dense [N, M, K, 5] probabilities from score rows.
+
+  models: names in the wanted order (default: all, sorted by name).
+  prompt_hashes: in prompt order (default: all, ordered by prompt_index).
+  samples: optional Records defining the N axis (in their order); cells are then
+    found by content_hash, so duplicate-content samples (stored once) and samples
+    with no rows at all are handled. Without it, N = distinct sample_index in the
+    table, ascending. Missing cells are NaN and listed in .missing.
+  """
+  if models is None:
+    models = sorted(set(table.column("model").to_pylist()))
+  models = list(models)
+  if prompt_hashes is None:
+    pairs = set(zip(table.column("prompt_index").to_pylist(),
+                    table.column("prompt_hash").to_pylist()))
+    by_index = {}
+    for i, h in sorted(pairs):
+      if i in by_index:
+        raise ValueError(f"prompt_index {i} has several prompt hashes "
+                         f"({by_index[i]}, {h}); pass prompt_hashes explicitly")
+      by_index[i] = h
+    prompt_hashes = [by_index[i] for i in sorted(by_index)]
+  prompt_hashes = list(prompt_hashes)
+  m_code = _codes(table.column("model").to_pylist(), models)
+  k_code = _codes(table.column("prompt_hash").to_pylist(), prompt_hashes)
+  sel = (m_code >= 0) & (k_code >= 0)
+  t = table.filter(pa.array(sel))
+  m_code, k_code = m_code[sel], k_code[sel]
+  M, K = len(models), len(prompt_hashes)
+
+  num_params = np.zeros(M, np.int64)
+  row_np = t.column("num_params").to_numpy()
+  for j in range(M):
+    vals = np.unique(row_np[m_code == j])
+    if len(vals) > 1:
+      raise ValueError(f"model {models[j]!r} has rows with num_params {vals.tolist()}")
+    num_params[j] = vals[0] if len(vals) else 0
+
+  row_probs = (t.column("probs").combine_chunks().flatten().to_numpy()
+               .reshape(-1, NUM_RATINGS) if t.num_rows else np.zeros((0, NUM_RATINGS)))
+  if samples is not None:
+    samples = list(samples)
+    hashes = [records_lib.content_hash(r) for r in samples]
+    order = list(dict.fromkeys(hashes))
+    c_code = _codes(t.column("content_hash").to_pylist(), order)
+    keep = c_code >= 0
+    cells = np.full((len(order), M, K, NUM_RATINGS), np.nan)
+    cells[c_code[keep], m_code[keep], k_code[keep]] = row_probs[keep]  # keys are unique
+    probs = cells[_codes(hashes, order)] if samples else cells[:0]
+    sample_index = np.array([r.index for r in samples], np.int64)
+    sample_id = np.array([r.id for r in samples], dtype=object)
+  else:
+    idx = t.column("sample_index").to_numpy()
+    sample_index, first, n_code = np.unique(idx, return_index=True, return_inverse=True)
+    sample_id = np.array(t.column("sample_id").to_pylist(), dtype=object)[first]
+    count = np.zeros((len(sample_index), M, K), np.int64)
+    np.add.at(count, (n_code, m_code, k_code), 1)
+    if (count > 1).any():
+      n, m, k = np.argwhere(count > 1)[0]
+      raise ValueError(
+          f"sample_index {sample_index[n]} has several rows for model {models[m]!r}, "
+          f"prompt {k}: the store mixes different data files; pass samples=records")
+    probs = np.full((len(sample_index), M, K, NUM_RATINGS), np.nan)
+    probs[n_code, m_code, k_code] = row_probs
+  missing = [(int(sample_index[n]), models[m], int(k))
+             for n, m, k in np.argwhere(np.isnan(probs).any(axis=-1))]
+  return ProbsArray(probs, sample_index, sample_id, models, num_params,
+                    prompt_hashes, missing)
