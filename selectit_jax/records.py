@@ -140,17 +140,22 @@ class _JsonArrayStream:
     udec = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
     with open(self.path, "rb") as f:
       f.seek(self.start + 1)
-      base = self.start + 1   # byte offset of buf[0]
       buf, pos, eof, chunk = "", 0, False, _CHUNK
+      # Byte offsets: buf[mark] starts at byte mark_off; advanced incrementally
+      # (positions only move forward) so every byte is encoded once.
+      mark, mark_off = 0, self.start + 1
 
-      def nbytes(s):
-        return len(s.encode("utf-8", "surrogateescape"))
+      def byte_at(i):
+        nonlocal mark, mark_off
+        mark_off += len(buf[mark:i].encode("utf-8", "surrogateescape"))
+        mark = i
+        return mark_off
 
       def more(n):
-        nonlocal buf, pos, base, eof
+        nonlocal buf, pos, mark, eof
         if pos:
-          base += nbytes(buf[:pos])
-          buf, pos = buf[pos:], 0
+          byte_at(pos)
+          buf, pos, mark = buf[pos:], 0, 0
         data = f.read(n)
         eof = not data
         buf += udec.decode(data, final=eof)
@@ -167,20 +172,20 @@ class _JsonArrayStream:
       while True:
         skip_ws()
         if pos >= len(buf):        # data ends where an element or ']' was due
-          self.truncated_at = base + nbytes(buf[:pos])
+          self.truncated_at = byte_at(pos)
           break
         if buf[pos] == "]":
           break
         if not first:
           if buf[pos] != ",":
-            off = base + nbytes(buf[:pos])
+            off = byte_at(pos)
             raise ValueError(
                 f"{self.path}: malformed JSON array at byte {off} (line "
                 f"{_line_of(self.path, off)}): expected ',' or ']', got {buf[pos]!r}")
           pos += 1
           skip_ws()
           if pos >= len(buf):
-            self.truncated_at = base + nbytes(buf[:pos])
+            self.truncated_at = byte_at(pos)
             break
           if buf[pos] == "]":      # tolerate a trailing comma
             break
@@ -193,8 +198,13 @@ class _JsonArrayStream:
               raise json.JSONDecodeError("need more", buf, end)
             break
           except json.JSONDecodeError as e:
+            if not _ends_early(e):  # a syntax error that more data cannot fix
+              off = byte_at(e.pos)
+              raise ValueError(
+                  f"{self.path}: malformed JSON at byte {off} (line "
+                  f"{_line_of(self.path, off)}): {e.msg}") from None
             if eof:
-              off = base + nbytes(buf[:pos])
+              off = byte_at(pos)
               self.truncated_at = off
               logging.warning("%s: incomplete JSON record at byte %d (line %d) "
                               "up to the end of the file (%s); kept the complete "
@@ -203,7 +213,7 @@ class _JsonArrayStream:
               self.bytes_read = off
               return
             if len(buf) - pos > _MAX_RECORD_BYTES:
-              off = base + nbytes(buf[:pos])
+              off = byte_at(pos)
               raise ValueError(
                   f"{self.path}: JSON record at byte {off} (line "
                   f"{_line_of(self.path, off)}) does not parse within "
@@ -211,14 +221,22 @@ class _JsonArrayStream:
             chunk = max(chunk, 2 * (len(buf) - pos))  # grow: no quadratic re-parsing
             more(chunk)
         text = buf[pos:end]
-        off = base + nbytes(buf[:pos])
+        off = byte_at(pos)
         pos = end
-        self.bytes_read = off + nbytes(text)
+        self.bytes_read = byte_at(end)
         yield off, text, obj
       if self.truncated_at is not None:
         logging.warning("%s: JSON array not closed; data ends at byte %d.",
                         self.path, self.truncated_at)
-      self.bytes_read = max(self.bytes_read, base + nbytes(buf[:pos]))
+      self.bytes_read = max(self.bytes_read, byte_at(pos))
+
+
+def _ends_early(e: json.JSONDecodeError) -> bool:
+  """Whether a decode error is the input running out (vs. a real syntax error).
+
+  Cut input fails either in a string that never closes or within a few characters
+  of the end (a cut literal, number or escape, or a missing delimiter)."""
+  return e.msg.startswith("Unterminated string") or len(e.doc) - e.pos <= 6
 
 
 def _iter_json_array(path, start, stream_out):

@@ -240,6 +240,11 @@ def test_truncated_json_array_keeps_complete_records(tmp_path, monkeypatch):
   p.write_bytes(full[:start4])
   recs, _, info = read(p)
   assert len(recs) == 4 and info.truncated_at == start4
+  # Cut inside a number or a literal: still a truncation, not a syntax error.
+  for tail in (b'{"id": "z", "n": 12', b'{"id": "z", "x": fal', b'{"id": "z", "x": "\\u00'):
+    p.write_bytes(full[:start4] + tail)
+    recs, _, info = read(p)
+    assert len(recs) == 4 and info.truncated_at == start4, tail
   # A complete array reads fully with tiny chunks too.
   p.write_bytes(full)
   recs, _, info = read(p)
@@ -257,6 +262,18 @@ def test_not_json_is_fatal_with_offset(tmp_path):
   p.write_bytes(b'[{"id": "a"} {"id": "b"}]')
   with pytest.raises(ValueError, match=r"byte 13 \(line 1\).*expected ','"):
     read(p, format="sharegpt")
+
+
+@pytest.mark.parametrize("chunk", [5, 1 << 20])
+def test_syntax_error_inside_array_is_fatal_not_truncation(tmp_path, monkeypatch, chunk):
+  monkeypatch.setattr(R, "_CHUNK", chunk)
+  good = json.dumps(GOOD[0])
+  body = "[" + good + ',\n{"id": "x", "conversations": [}],\n' + json.dumps(GOOD[1]) + "]"
+  p = tmp_path / "s.json"
+  p.write_text(body)
+  off = body.index("[}]") + 1
+  with pytest.raises(ValueError, match=rf"malformed JSON at byte {off} \(line 2\)"):
+    read(p)
 
 
 def test_limit_counts_rejects_and_stops_early(tmp_path):
