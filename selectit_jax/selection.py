@@ -85,9 +85,15 @@ def _manifest_prompt_hashes(man: Optional[dict]):
           for p in man['prompts']]
 
 
-def _manifest_models(man: Optional[dict]):
+def _manifest_models(man: Optional[dict], table, notes: list, d: str):
+  """The manifest's model if the store holds it, else every stored model."""
+  stored = sorted(set(table.column('model').to_pylist()))
   name = ((man or {}).get('model') or {}).get('name')
-  return [name] if name else None
+  if name in stored:
+    return [name]
+  if name:
+    notes.append(f'{d}: manifest model {name!r} not among stored models {stored}; using all')
+  return stored
 
 
 def load_scores(scores_dirs: Sequence[str], k: int = 0, samples=None) -> Loaded:
@@ -98,7 +104,7 @@ def load_scores(scores_dirs: Sequence[str], k: int = 0, samples=None) -> Loaded:
   handled (the latter are missing, hence rejected). Without records the axis is
   the union of stored sample indices.
   """
-  parts = []
+  parts, notes = [], []
   for d in scores_dirs:
     if not os.path.isdir(os.path.join(d, 'shards')):
       raise FileNotFoundError(f'{d}: not a score dir (no shards/)')
@@ -107,7 +113,7 @@ def load_scores(scores_dirs: Sequence[str], k: int = 0, samples=None) -> Loaded:
     table = st.read_table()
     if table.num_rows == 0:
       raise ValueError(f'{d}: score store is empty')
-    pa_ = store_lib.probs_array(table, models=_manifest_models(man),
+    pa_ = store_lib.probs_array(table, models=_manifest_models(man, table, notes, d),
                                 prompt_hashes=_manifest_prompt_hashes(man), samples=samples)
     keys = set(zip(table.column('model').to_pylist(), table.column('prompt_hash').to_pylist(),
                    table.column('content_hash' if samples is not None else 'sample_index')
@@ -150,7 +156,6 @@ def load_scores(scores_dirs: Sequence[str], k: int = 0, samples=None) -> Loaded:
       ids[q] = s
     col += mm
   models = [name for p in parts for name in p['models']]
-  notes = []
   if len(set(models)) != len(models):
     notes.append(f'model names repeat across score dirs: {models}')
   return Loaded(probs=probs, present=present, sample_index=all_idx, sample_id=ids,
