@@ -11,6 +11,10 @@ Modes:
   paper: q = P / sum(P); b = argmax q (first max); S = (b+1) * sum_i |q_i - q_b| / 4
   code:  r = exp(q) / sum(exp(q)) (the released second softmax); b = argmax r
          (first max, 0-based); S = (b+1) * sum_k (r_b - r_k) / 4
+The released token-level script divides by (k - 1) with k its prompt count;
+with the default k = 5 that is the same 4 used here for both modes.
+Model level divides by sum(w) in both modes (the released script does not);
+that scales all scores alike and does not change the ranking.
 """
 from typing import Optional, Sequence
 

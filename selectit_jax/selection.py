@@ -10,11 +10,17 @@ Decisions (see also formulas.py):
   paper mode floors exactly (decimal proportion, so 100 * 0.29 keeps 29), code
   mode uses the released int(N * proportion) (keeps 28 there). top_n > 0
   overrides the proportion.
-- A sample is never ranked on garbage: non-finite, negative or zero-mass
-  probabilities in any cell the level uses, a sample missing for one of the
-  models, or a record whose text no longer matches the stored content hash are
-  rejected with a reason (selection_rejects.jsonl) and listed in scores.jsonl
-  with rank null.
+- A sample is never ranked on garbage. Reasons, checked over the cells the
+  level uses (token level: only prompt_index): 'missing_scores' (no stored row:
+  never scored, or the text changed since; cells are matched by content hash),
+  'nonfinite_probs', 'negative_probs', 'zero_digit_mass'; with several models
+  the reason ends in ':<model>'. Rejected samples go to selection_rejects.jsonl
+  and to scores.jsonl with rank null.
+- Samples are the input records re-read with the scoring run's data config
+  (manifest), so duplicate texts (stored once) get their scores, and equal
+  scores. If the input file is gone, the axis falls back to the stored sample
+  indices and no selected file is written.
+- scores.jsonl lists ranked samples in rank order, then rejected ones.
 """
 import dataclasses
 import fractions
