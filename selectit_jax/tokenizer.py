@@ -82,18 +82,20 @@ def load_tokenizer(path: str) -> Tokenizer:
 def rating_token_ids(tokenizer: Tokenizer, context: str) -> np.ndarray:
   """Ids of "1".."5" as the model would emit them right after `context`.
 
-  Fails unless each digit adds exactly one token and leaves the context's tokens intact:
-  otherwise a single next-token probability cannot be its rating probability.
+  The digit's token is the last token of `context + digit`; it must be the digit alone
+  (one token, decoding to exactly that digit), or a single next-token probability would
+  not be its rating probability. The context's own last tokens may merge differently
+  without the digit (BPE: " \n" is one token at the end of text), which is why the ids are
+  read from the text with the digit appended.
   """
-  base = tokenizer.encode(context)
   ids = []
   for digit in RATING_DIGITS:
-    full = tokenizer.encode(context + digit)
-    if len(full) != len(base) + 1 or full[:len(base)] != base:
+    last = tokenizer.encode(context + digit)[-1]
+    if tokenizer.decode([last]) != digit:
       raise ValueError(
-          f"rating digit {digit!r} is not exactly one token after the prompt's closing text "
-          f"{context[-20:]!r}: {base[-3:]} -> {full[len(base) - 3:]}")
-    ids.append(full[-1])
+          f"rating digit {digit!r} is not a single token after the prompt's closing text "
+          f"{context[-20:]!r}: its last token {last} decodes to {tokenizer.decode([last])!r}")
+    ids.append(last)
   if len(set(ids)) != len(ids):
     raise ValueError(f"rating digits map to repeated token ids {ids}")
   return np.asarray(ids, np.int32)

@@ -13,6 +13,7 @@ import numpy as np
 
 from selectit_jax.checkpoints import gguf as gguf_lib
 from selectit_jax.checkpoints import hf
+from selectit_jax import sharding
 from selectit_jax.model import Llama, LlamaConfig
 
 # Hash whole files up to this size; above it, hash sizes, headers and tails (fast on 70B).
@@ -75,11 +76,15 @@ def load_params(cfg: LlamaConfig, source: hf.TensorSource, shardings=None):
   return params
 
 
-def load_model(path: str, shardings=None, **config_overrides) -> LoadedModel:
-  """Loads a GGUF file or HF checkpoint directory (config overrides: dtype, param_dtype...)."""
+def load_model(path: str, mesh=None, **config_overrides) -> LoadedModel:
+  """Loads a GGUF file or HF checkpoint directory (config overrides: dtype, param_dtype...),
+  placed on `mesh` by the logical-axis rules when one is given."""
   source, cfg = tensor_source(path)
   if config_overrides:
     cfg = dataclasses.replace(cfg, **config_overrides)
+  shardings = None
+  if mesh is not None:
+    shardings = sharding.param_shardings(param_shapes(cfg)["params"], mesh)
   params = load_params(cfg, source, shardings)
   return LoadedModel(cfg, params, path, fingerprint(path))
 

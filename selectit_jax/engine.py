@@ -1,0 +1,213 @@
+"""The rating engine: rating texts -> token ids -> length buckets -> one jit'd step per batch
+-> P("1".."5") and the full-vocabulary logsumexp per text.
+
+The step computes the head only at each row's last real token and never materialises
+[batch, seq, vocab]. Batches are planned once from all work (sorted by length, padded to at
+most `max_shapes` bucket lengths), so a resumed run recomputes exactly the batches an
+uninterrupted run would, and its probabilities are bit-identical.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Iterable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from selectit_jax import prompts as prompts_lib
+from selectit_jax import records as records_lib
+from selectit_jax import sharding
+from selectit_jax.model import Llama, LlamaConfig
+from selectit_jax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkItem:
+  """One (sample, prompt) text to rate."""
+  sample_index: int
+  sample_id: str
+  content_hash: str
+  prompt_index: int
+  prompt_hash: str
+  ids: tuple[int, ...]
+  truncated: bool = False
+
+
+def prepare(records: Sequence[records_lib.Record], prompts: Sequence[str], template: str,
+            tokenizer: Tokenizer, max_tokens: int, too_long: str = "truncate"
+            ) -> tuple[list[WorkItem], list[records_lib.Reject]]:
+  """Tokenizes every (record, prompt) text once.
+
+  Too long for `max_tokens`: 'reject' the record, or 'truncate' its response, keeping the
+  prompt's closing line ("The answer is: ") intact. A record whose text does not fit even
+  with an empty response is rejected either way. A rejected record is rejected for all
+  its prompts, so it never gets a partial set of scores.
+  """
+  if too_long not in ("truncate", "reject"):
+    raise ValueError(f"engine.too_long={too_long!r}; expected 'truncate' or 'reject'")
+  hashes = [prompts_lib.prompt_hash(p, template) for p in prompts]
+  items, rejects = [], []
+  for rec in records:
+    texts = [prompts_lib.build_text(p, rec.instruction, rec.response, template) for p in prompts]
+    ids = tokenizer.encode_batch(texts)
+    rec_items, reason = [], None
+    for k, (p, seq) in enumerate(zip(prompts, ids)):
+      truncated = False
+      if len(seq) > max_tokens:
+        if too_long == "reject":
+          reason = f"{len(seq)} tokens with prompt {k}, more than engine.max_tokens={max_tokens}"
+          break
+        seq = _truncate_response(p, rec, template, tokenizer, max_tokens)
+        if seq is None:
+          reason = (f"instruction and prompt {k} alone exceed engine.max_tokens={max_tokens}")
+          break
+        truncated = True
+      rec_items.append(WorkItem(rec.index, rec.id, records_lib.content_hash(rec), k, hashes[k],
+                                tuple(seq), truncated))
+    if reason:
+      rejects.append(records_lib.Reject(rec.index, rec.id, reason))
+    else:
+      items.extend(rec_items)
+  return items, rejects
+
+
+def _truncate_response(prompt, rec, template, tokenizer, max_tokens):
+  """Longest prefix of the response (in tokens) whose full text fits, or None."""
+  if len(tokenizer.encode(prompts_lib.build_text(prompt, rec.instruction, "", template))) > max_tokens:
+    return None
+  response_ids = tokenizer.encode(rec.response)
+  bos = 1 if response_ids[:1] == [tokenizer.bos_id] else 0
+  keep = len(response_ids)
+  # Token boundaries can shift when the cut text is re-tokenized in context; shrink until
+  # the whole text fits (a few rounds at most).
+  while keep > 0:
+    seq = tokenizer.encode(prompts_lib.build_text(
+        prompt, rec.instruction, tokenizer.decode(response_ids[bos:keep]), template))
+    if len(seq) <= max_tokens:
+      return seq
+    keep -= len(seq) - max_tokens
+  return tokenizer.encode(prompts_lib.build_text(prompt, rec.instruction, "", template))
+
+
+def choose_buckets(lengths: Iterable[int], max_shapes: int, multiple: int,
+                   max_tokens: int) -> list[int]:
+  """At most `max_shapes` padded lengths (multiples of `multiple`) minimising total padding.
+
+  Exact dynamic programme over the distinct rounded lengths; a handful of compiled shapes
+  instead of one per length, with less padding than fixed-width buckets.
+  """
+  rounded = np.minimum(-(-np.asarray(list(lengths)) // multiple) * multiple,
+                       -(-max_tokens // multiple) * multiple)
+  cands, counts = np.unique(rounded, return_counts=True)
+  n = len(cands)
+  if n == 0:
+    return []
+  if n <= max_shapes:
+    return cands.tolist()
+  # cost[i][j]: padding when items of candidates i..j are all padded to cands[j].
+  cum_n = np.concatenate([[0], np.cumsum(counts)])
+  cum_l = np.concatenate([[0], np.cumsum(counts * cands)])
+  def cost(i, j):
+    return (cum_n[j + 1] - cum_n[i]) * cands[j] - (cum_l[j + 1] - cum_l[i])
+  inf = float("inf")
+  best = np.full((max_shapes + 1, n), inf)
+  back = np.zeros((max_shapes + 1, n), int)
+  for j in range(n):
+    best[1][j] = cost(0, j)
+  for s in range(2, max_shapes + 1):
+    for j in range(n):
+      for i in range(1, j + 1):
+        c = best[s - 1][i - 1] + cost(i, j)
+        if c < best[s][j]:
+          best[s][j], back[s][j] = c, i
+  s, j, out = max_shapes, n - 1, []
+  while j >= 0 and s >= 1:
+    out.append(int(cands[j]))
+    j = back[s][j] - 1 if s > 1 else -1
+    s -= 1
+  return sorted(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  items: tuple[WorkItem, ...]
+  length: int  # padded sequence length (a bucket)
+
+  @property
+  def real_tokens(self) -> int:
+    return sum(len(it.ids) for it in self.items)
+
+
+def plan_batches(items: Sequence[WorkItem], batch_size: int, buckets: Sequence[int]) -> list[Batch]:
+  """Items sorted by (length, sample, prompt), cut into batches, each padded to its bucket."""
+  order = sorted(items, key=lambda it: (len(it.ids), it.sample_index, it.prompt_index))
+  batches = []
+  for start in range(0, len(order), batch_size):
+    chunk = tuple(order[start:start + batch_size])
+    longest = len(chunk[-1].ids)
+    batches.append(Batch(chunk, next(b for b in buckets if b >= longest)))
+  return batches
+
+
+def pad_batch(batch: Batch, batch_size: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Right-padded tokens [batch_size, length] and lengths; missing rows are length 1."""
+  tokens = np.full((batch_size, batch.length), pad_id, np.int32)
+  lengths = np.ones((batch_size,), np.int32)
+  for r, it in enumerate(batch.items):
+    tokens[r, :len(it.ids)] = it.ids
+    lengths[r] = len(it.ids)
+  return tokens, lengths
+
+
+def rating_probs_fn(model: Llama, rating_ids: np.ndarray) -> Callable:
+  """(params, tokens [b,t], lengths [b]) -> (rating logits [b,5], logsumexp [b]), fp32."""
+  rating_ids = jnp.asarray(rating_ids)
+
+  def step(params, tokens_bt, lengths_b):
+    b, t = tokens_bt.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    segment_ids = (positions < lengths_b[:, None]).astype(jnp.int32)
+    hidden_btd = model.apply({"params": params}, tokens_bt, positions, segment_ids)
+    last_bd = jnp.take_along_axis(hidden_btd, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
+    logits_bv = model.apply({"params": params}, last_bd, method=Llama.logits)
+    return logits_bv[:, rating_ids], jax.nn.logsumexp(logits_bv, axis=-1)
+
+  return step
+
+
+class Scorer:
+  """A jit'd rating step bound to a mesh and loaded params."""
+
+  def __init__(self, cfg: LlamaConfig, params, rating_ids: np.ndarray, mesh, batch_size: int):
+    self.mesh = mesh
+    self.batch_size = batch_size
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % rows:
+      raise ValueError(f"engine.batch_size={batch_size} is not a multiple of the mesh's "
+                       f"data×fsdp={rows}")
+    self.params = params
+    self._batch_sharding = sharding.batch_sharding(mesh)
+    step = rating_probs_fn(Llama(cfg), rating_ids)
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    self._step = jax.jit(step, in_shardings=(param_sh, self._batch_sharding, self._batch_sharding),
+                         out_shardings=(self._batch_sharding, self._batch_sharding))
+    self.compiled_shapes: set[tuple[int, int]] = set()
+    self.compile_seconds = 0.0
+
+  def __call__(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities of "1".."5" [b,5] (float64) and logsumexp [b]."""
+    shape = tokens.shape
+    start = time.perf_counter()
+    with self.mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+      tokens = jax.device_put(tokens, self._batch_sharding)
+      lengths = jax.device_put(lengths, self._batch_sharding)
+      rating_logits, lse = self._step(self.params, tokens, lengths)
+      rating_logits, lse = np.asarray(rating_logits, np.float64), np.asarray(lse, np.float64)
+    if shape not in self.compiled_shapes:
+      self.compiled_shapes.add(shape)
+      self.compile_seconds += time.perf_counter() - start
+    return np.exp(rating_logits - lse[:, None]), lse

@@ -1,0 +1,150 @@
+"""`score`: records -> rating texts -> batched forward passes -> the Parquet score store."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from selectit_jax import assets
+from selectit_jax import checkpoints
+from selectit_jax import engine
+from selectit_jax import prompts as prompts_lib
+from selectit_jax import records as records_lib
+from selectit_jax import sharding
+from selectit_jax import store as store_lib
+from selectit_jax.tokenizer import load_tokenizer, rating_token_ids
+
+# Below this mean digit mass the model mostly answers with something other than a digit,
+# so its rating probabilities say little.
+LOW_DIGIT_MASS = 0.1
+
+
+@dataclasses.dataclass
+class Summary:
+  scored_rows: int = 0
+  skipped_rows: int = 0      # already in the store (resume)
+  rejected: int = 0
+  truncated_rows: int = 0
+  tokens: int = 0
+  padded_tokens: int = 0
+  wall_seconds: float = 0.0
+  compile_seconds: float = 0.0
+  compiled_shapes: int = 0
+  digit_mass_mean: float = float("nan")
+  digit_mass_min: float = float("nan")
+
+  def lines(self) -> list[str]:
+    steady = max(self.wall_seconds - self.compile_seconds, 1e-9)
+    out = [f"scored {self.scored_rows} texts ({self.skipped_rows} already stored), "
+           f"rejected {self.rejected} records, truncated {self.truncated_rows} texts",
+           f"wall {self.wall_seconds:.1f}s (first calls incl. compile {self.compile_seconds:.1f}s, "
+           f"{self.compiled_shapes} shapes); {self.tokens / max(self.wall_seconds, 1e-9):.0f} tok/s "
+           f"overall, {self.tokens / steady:.0f} tok/s steady; padding "
+           f"{1 - self.tokens / max(self.padded_tokens, 1):.1%}"]
+    if self.scored_rows:
+      out.append(f"digit mass (P(1..5) summed): mean {self.digit_mass_mean:.3f}, "
+                 f"min {self.digit_mass_min:.3g}")
+    return out
+
+
+def resolve_paths(config):
+  """Fills the embedded defaults for an empty model or data path."""
+  model_path = config.model.path or assets.default_gguf_path()
+  data_path = config.data.path or assets.default_sharegpt_path()
+  return model_path, data_path
+
+
+def run(config) -> Summary:
+  """Scores config.data with config.model into config.output_dir (resumable)."""
+  if not config.output_dir:
+    raise ValueError("set --config.output_dir")
+  start = time.perf_counter()
+  model_path, data_path = resolve_paths(config)
+  data_cfg = config.data.copy_and_resolve_references()
+  with data_cfg.unlocked():
+    data_cfg.path = data_path
+  records, rejects, info = records_lib.read_records(data_cfg)
+  logging.info("read %d records from %s (%d rejected%s)", info.num_read, data_path,
+               info.num_rejected,
+               f", incomplete tail at byte {info.truncated_at}" if info.truncated_at else "")
+  template = prompts_lib.template_from_config(config.prompts)
+  prompts = prompts_lib.prompts_from_config(config.prompts)
+
+  mesh = sharding.make_mesh(config.mesh)
+  model = checkpoints.load_model(model_path, mesh, dtype=config.model.dtype,
+                                 param_dtype=config.model.param_dtype)
+  tokenizer = load_tokenizer(model_path)
+  model_key = f"{config.model.name}@{model.fingerprint}"
+  logging.info("model %s: %s, θ=%d", model_key, model_path, model.num_params)
+
+  items, too_long = engine.prepare(records, prompts, template, tokenizer,
+                                   config.engine.max_tokens, config.engine.too_long)
+  rejects = list(rejects) + too_long
+  store = store_lib.ScoreStore(config.output_dir, jax.process_index())
+  store.append_rejects(rejects)
+  store.write_manifest({
+      "config": config.to_dict(),
+      "data": {"path": data_path, "format": info.format or config.data.format,
+               "container": info.container, "num_read": info.num_read,
+               "truncated_at": info.truncated_at},
+      "model": {"name": config.model.name, "key": model_key, "path": model_path,
+                "fingerprint": model.fingerprint, "num_params": model.num_params},
+      "prompts": prompts, "prompt_hashes": [prompts_lib.prompt_hash(p, template) for p in prompts],
+      "template": template,
+  })
+  summary = Summary(rejected=len(rejects), truncated_rows=sum(it.truncated for it in items))
+  if not items:
+    logging.warning("nothing to score")
+    return summary
+
+  buckets = engine.choose_buckets((len(it.ids) for it in items), config.engine.max_shapes,
+                                  config.engine.bucket_multiple, config.engine.max_tokens)
+  batches = engine.plan_batches(items, config.engine.batch_size, buckets)
+  stored = store.stored_keys()
+  todo = [b for b in batches
+          if any((it.content_hash, model_key, it.prompt_hash) not in stored for it in b.items)]
+  summary.skipped_rows = sum(len(b.items) for b in batches) - sum(len(b.items) for b in todo)
+  logging.info("%d texts in %d batches (buckets %s); %d batches to run", len(items),
+               len(batches), buckets, len(todo))
+
+  rating_ids = rating_token_ids(tokenizer, prompts_lib.build_text(prompts[0], "", "", template))
+  scorer = engine.Scorer(model.config, model.params, rating_ids, mesh, config.engine.batch_size)
+  rows, masses = [], []
+  bar = tqdm(todo, desc="scoring", unit="batch", disable=jax.process_index() != 0)
+  for batch in bar:
+    tokens, lengths = engine.pad_batch(batch, config.engine.batch_size, tokenizer.pad_id)
+    probs, lse = scorer(tokens, lengths)
+    for r, it in enumerate(batch.items):
+      rows.append(dict(sample_id=it.sample_id, sample_index=it.sample_index,
+                       content_hash=it.content_hash, model=model_key,
+                       num_params=model.num_params, prompt_index=it.prompt_index,
+                       prompt_hash=it.prompt_hash, probs=probs[r], logsumexp=lse[r],
+                       num_tokens=len(it.ids)))
+      masses.append(probs[r].sum())
+    summary.scored_rows += len(batch.items)
+    summary.tokens += batch.real_tokens
+    summary.padded_tokens += tokens.size
+    # Whole batches only: a resumed run then replays exactly the batches not yet stored.
+    if len(rows) >= config.engine.shard_rows:
+      store.write_shard(rows)
+      rows = []
+    elapsed = bar.format_dict["elapsed"] or 1e-9
+    bar.set_postfix(samples_s=f"{summary.scored_rows / elapsed:.1f}",
+                    tok_s=f"{summary.tokens / elapsed:.0f}")
+  store.write_shard(rows)
+
+  summary.wall_seconds = time.perf_counter() - start
+  summary.compile_seconds = scorer.compile_seconds
+  summary.compiled_shapes = len(scorer.compiled_shapes)
+  if masses:
+    summary.digit_mass_mean, summary.digit_mass_min = float(np.mean(masses)), float(np.min(masses))
+    if summary.digit_mass_mean < LOW_DIGIT_MASS:
+      logging.warning("mean digit mass %.3f is low: the model mostly does not answer with a "
+                      "digit, so its ratings carry little signal", summary.digit_mass_mean)
+  for line in summary.lines():
+    logging.info("%s", line)
+  return summary

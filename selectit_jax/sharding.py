@@ -1,0 +1,88 @@
+"""The one place where logical axis names meet the device mesh."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. Weights: FSDP over `embed`, Megatron-style tensor parallelism
+# over heads / mlp / vocab. Activations: batch over data×fsdp, heads and mlp over tensor.
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+)
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """Sizes of (data, fsdp, tensor); one axis may be -1 (all remaining devices)."""
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not "
+                       f"divisible by {known}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"{num_devices} are present")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_to_sharding(logical_tree, mesh: Mesh):
+  """NamedShardings for a tree of logical PartitionSpecs (or boxed abstract params)."""
+  specs = nn.get_partition_spec(logical_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+
+
+def param_shardings(abstract_params, mesh: Mesh):
+  """NamedShardings of every param; fails naming the tensor whose size does not divide."""
+  shardings = logical_to_sharding(abstract_params, mesh)
+  shapes = nn.unbox(abstract_params)
+  for (path, sds), sh in zip(jax.tree_util.tree_flatten_with_path(shapes)[0],
+                             jax.tree.leaves(shardings)):
+    check_divisible(jax.tree_util.keystr(path), sds.shape, sh)
+  return shardings
+
+
+def check_divisible(name: str, shape, sharding: NamedSharding) -> None:
+  for dim, axes in zip(shape, sharding.spec):
+    if axes is None:
+      continue
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    size = math.prod(sharding.mesh.shape[a] for a in axes)
+    if dim % size:
+      raise ValueError(f"{name}: dimension {dim} of shape {tuple(shape)} is not divisible by "
+                       f"mesh axes {axes} of size {size}; choose a mesh whose sizes divide it")
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Rows over data×fsdp, everything else replicated."""
+  return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
