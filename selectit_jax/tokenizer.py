@@ -2,7 +2,6 @@
 rating tokens "1".."5"."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
@@ -12,71 +11,45 @@ RATING_DIGITS = "12345"
 
 
 class Tokenizer:
-  """`encode` adds the special tokens the model was trained with (LLaMA-2: BOS)."""
+  """A transformers tokenizer; `encode` adds the special tokens the model was trained with
+  (LLaMA-2: BOS; SmolLM2: none), as the released code's `tokenizer(text)` does."""
 
-  def __init__(self, backend, *, sentencepiece: bool = False, add_bos: bool = True):
-    self.backend = backend
-    self._sp = sentencepiece
-    self._add_bos = add_bos
-
-  @property
-  def hf(self):
-    """The transformers tokenizer, or None for a bare SentencePiece model."""
-    return None if self._sp else self.backend
+  def __init__(self, hf_tokenizer):
+    self.hf = hf_tokenizer
 
   @property
   def bos_id(self) -> int | None:
-    return self.backend.bos_id() if self._sp else self.backend.bos_token_id
+    return self.hf.bos_token_id
 
   @property
   def eos_id(self) -> int | None:
-    return self.backend.eos_id() if self._sp else self.backend.eos_token_id
+    return self.hf.eos_token_id
 
   @property
   def pad_id(self) -> int:
-    if self._sp:
-      pad = self.backend.pad_id()
-      return pad if pad >= 0 else self.eos_id
-    pad = self.backend.pad_token_id
-    return self.eos_id if pad is None else pad
+    return self.eos_id if self.hf.pad_token_id is None else self.hf.pad_token_id
 
   def encode(self, text: str) -> list[int]:
-    if self._sp:
-      ids = self.backend.encode(text)
-      return [self.bos_id] + ids if self._add_bos else ids
-    return self.backend(text)["input_ids"]
+    return self.hf(text)["input_ids"]
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    if self._sp:
-      return [self.encode(t) for t in texts]
-    return self.backend(list(texts))["input_ids"]
+    return self.hf(list(texts))["input_ids"] if texts else []
 
   def decode(self, ids: Sequence[int]) -> str:
-    return self.backend.decode(list(ids))
+    return self.hf.decode(list(ids))
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-  """From a GGUF file (its metadata) or a checkpoint directory (tokenizer.json via
-  transformers, else SentencePiece tokenizer.model as LLaMA-2 ships)."""
+  """From a GGUF file (its metadata) or a checkpoint directory (tokenizer.json, or the
+  SentencePiece tokenizer.model that LLaMA-2 ships, converted by transformers)."""
   import transformers  # slow import; only tokenizer loading needs it
 
   if path.endswith(".gguf"):
-    hf_tok = transformers.AutoTokenizer.from_pretrained(
-        os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
-    return Tokenizer(hf_tok)
-  if os.path.exists(os.path.join(path, "tokenizer.json")):
-    return Tokenizer(transformers.AutoTokenizer.from_pretrained(path))
-  sp_path = os.path.join(path, "tokenizer.model")
-  if os.path.exists(sp_path):
-    import sentencepiece as spm
-    add_bos = True
-    cfg_path = os.path.join(path, "tokenizer_config.json")
-    if os.path.exists(cfg_path):
-      with open(cfg_path) as f:
-        add_bos = json.load(f).get("add_bos_token", True)
-    return Tokenizer(spm.SentencePieceProcessor(model_file=sp_path), sentencepiece=True,
-                     add_bos=add_bos)
-  raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model")
+    return Tokenizer(transformers.AutoTokenizer.from_pretrained(
+        os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path)))
+  if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+    raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model")
+  return Tokenizer(transformers.AutoTokenizer.from_pretrained(path))
 
 
 def rating_token_ids(tokenizer: Tokenizer, context: str) -> np.ndarray:

@@ -97,23 +97,29 @@ def read_param(spec: ParamSpec, source: TensorSource, cfg: LlamaConfig, shape: t
   """
   index = tuple(index or ()) + (slice(None),) * (len(shape) - len(index or ()))
   if not spec.stacked:
-    return _checked(spec.hf_name, spec.to_ours(source.get(spec.hf_name), cfg), shape, dtype)[index]
+    return _converted(spec, spec.hf_name, source, cfg, shape, dtype)[index]
   layers = range(*index[0].indices(shape[0]))
   out = None
   for j, i in enumerate(layers):
     name = spec.hf_name.format(i=i)
-    block = _checked(name, spec.to_ours(source.get(name), cfg), shape[1:], dtype)[index[1:]]
+    block = _converted(spec, name, source, cfg, shape[1:], dtype)[index[1:]]
     if out is None:
       out = np.empty((len(layers),) + block.shape, dtype)
     out[j] = block
   return out
 
 
-def _checked(name, w, shape, dtype):
-  if tuple(w.shape) != tuple(shape):
-    raise ValueError(f"tensor {name}: shape {tuple(w.shape)} does not match the config's "
-                     f"{tuple(shape)}")
-  return w.astype(dtype, copy=False)
+def _converted(spec, name, source, cfg, shape, dtype):
+  """One HF tensor in our layout, failing with the tensor's name when it does not fit."""
+  w = source.get(name)
+  try:
+    out = spec.to_ours(w, cfg)
+  except ValueError:
+    out = None
+  if out is None or tuple(out.shape) != tuple(shape):
+    raise ValueError(f"tensor {name}: shape {tuple(w.shape)} does not fit the config "
+                     f"(expected {tuple(shape)} in our layout)")
+  return out.astype(dtype, copy=False)
 
 
 def check_complete(cfg: LlamaConfig, source: TensorSource) -> None:

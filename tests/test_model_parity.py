@@ -1,0 +1,158 @@
+"""Our Flax LLaMA vs HF transformers (PyTorch, fp32) on the same files."""
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from conftest import sharegpt_records, write_tiny_checkpoint
+from selectit_jax import assets, checkpoints, engine, prompts
+from selectit_jax.model import Llama
+from selectit_jax.tokenizer import load_tokenizer, rating_token_ids
+
+REFERENCE_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference",
+                                 "rating_prompt.txt")
+
+
+def _right_padded(seqs):
+  t = max(map(len, seqs))
+  tokens = np.zeros((len(seqs), t), np.int32)
+  segments = np.zeros((len(seqs), t), np.int32)
+  for i, s in enumerate(seqs):
+    tokens[i, :len(s)] = s
+    segments[i, :len(s)] = 1
+  positions = np.broadcast_to(np.arange(t, dtype=np.int32), tokens.shape)
+  return tokens, positions, segments
+
+
+def _our_logits(model, tokens, positions, segments):
+  llama = Llama(model.config)
+  hidden = llama.apply({"params": model.params}, tokens, positions, segments)
+  return np.asarray(llama.apply({"params": model.params}, hidden, method=Llama.logits))
+
+
+@pytest.mark.parametrize("tied,sharded", [(False, False), (True, False), (False, True)],
+                         ids=["untied", "tied", "sharded_index"])
+def test_tiny_checkpoint_logits_match_transformers(tmp_path, tied, sharded):
+  cfg = write_tiny_checkpoint(str(tmp_path), seed=3, tie_word_embeddings=tied,
+                              max_shard_bytes=40_000 if sharded else 2 << 30, tokenizer=False)
+  assert os.path.exists(tmp_path / "model.safetensors.index.json") == sharded
+  model = checkpoints.load_model(str(tmp_path))
+  assert model.num_params == cfg.num_params()
+
+  rng = np.random.default_rng(0)
+  seqs = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (17, 5, 11)]
+  tokens, positions, segments = _right_padded(seqs)
+  ours = _our_logits(model, tokens, positions, segments)
+
+  ref_model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+  with torch.no_grad():
+    ref = ref_model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                    attention_mask=torch.tensor(segments, dtype=torch.long)).logits.numpy()
+  for i, s in enumerate(seqs):
+    np.testing.assert_allclose(ours[i, :len(s)], ref[i, :len(s)], atol=1e-4, rtol=0)
+
+
+def test_missing_tensor_is_named(tmp_path):
+  write_tiny_checkpoint(str(tmp_path), tokenizer=False)
+  from safetensors.numpy import load_file, save_file
+  path = tmp_path / "model.safetensors"
+  tensors = load_file(str(path))
+  del tensors["model.layers.1.mlp.up_proj.weight"]
+  save_file(tensors, str(path))
+  with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+    checkpoints.load_model(str(tmp_path))
+
+
+def test_shape_mismatch_is_named(tmp_path):
+  write_tiny_checkpoint(str(tmp_path), tokenizer=False)
+  from safetensors.numpy import load_file, save_file
+  path = tmp_path / "model.safetensors"
+  tensors = load_file(str(path))
+  tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((7, 64), np.float32)
+  save_file(tensors, str(path))
+  with pytest.raises(ValueError, match=r"k_proj\.weight: shape \(7, 64\)"):
+    checkpoints.load_model(str(tmp_path))
+
+
+def test_unknown_architecture_is_refused(tmp_path):
+  write_tiny_checkpoint(str(tmp_path), tokenizer=False)
+  import json
+  cfg = json.loads((tmp_path / "config.json").read_text())
+  cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ValueError, match="unsupported architecture"):
+    checkpoints.load_model(str(tmp_path))
+
+
+def test_sentencepiece_tokenizer_matches_llama_tokenizer(tiny_checkpoint):
+  import sentencepiece as spm
+  ours = load_tokenizer(tiny_checkpoint)
+  theirs = transformers.LlamaTokenizer.from_pretrained(tiny_checkpoint)
+  raw = spm.SentencePieceProcessor(model_file=os.path.join(tiny_checkpoint, "tokenizer.model"))
+  texts = [prompts.build_text(p, "Write a poem about the sea.", "The sea is wide, 2345 waves.")
+           for p in prompts.default_prompts()] + ["日本語 and émigré\ttabs\n\nnewlines 12345"]
+  for text in texts:
+    ids = ours.encode(text)
+    assert ids == theirs(text)["input_ids"]
+    assert ids == [raw.bos_id()] + raw.encode(text)  # LLaMA-2 layout: BOS, no EOS
+  digits = rating_token_ids(ours, texts[0])
+  assert [raw.id_to_piece(int(i)) for i in digits] == list("12345")
+
+
+def test_rating_digits_must_be_single_tokens(tiny_checkpoint):
+  class Merging:
+    """A tokenizer whose "5" merges with the newline before it."""
+    def __init__(self, tok):
+      self.tok = tok
+    def encode(self, text):
+      ids = self.tok.encode(text)
+      return ids[:-2] + [999] if text.endswith("\n5") else ids
+    def decode(self, ids):
+      return "\n5" if list(ids) == [999] else self.tok.decode(ids)
+  tok = Merging(load_tokenizer(tiny_checkpoint))
+  with pytest.raises(ValueError, match="rating digit '5' is not a single token"):
+    rating_token_ids(tok, "The answer is: \n")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+  path = assets.default_gguf_path()
+  return path, checkpoints.load_model(path), load_tokenizer(path)
+
+
+def test_gguf_config_and_num_params(smollm2):
+  _, model, tok = smollm2
+  c = model.config
+  assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.vocab_size) == (
+      30, 576, 9, 3, 49152)
+  assert c.tie_word_embeddings and "lm_head" not in model.params
+  assert model.num_params == c.num_params() == 134_515_008
+  assert tok.bos_id == 1 and tok.encode("hi")[0] != tok.bos_id  # SmolLM2 adds no BOS
+
+
+def test_gguf_rating_probs_match_transformers(smollm2):
+  """Full-vocabulary softmax P("1".."5") at the last position, 3 real ShareGPT samples laid
+  out as rating prompts with the released prompt file, vs transformers (gguf_file=) fp32."""
+  path, model, tok = smollm2
+  prompt = prompts.load_prompts(REFERENCE_PROMPTS)[0]
+  recs = sharegpt_records(3)
+  texts = [prompts.build_text(prompt, r.instruction[:400], r.response[:400]) for r in recs]
+  seqs = tok.encode_batch(texts)
+  digits = rating_token_ids(tok, texts[0])
+
+  tokens, _, segments = _right_padded(seqs)
+  step = jax.jit(engine.rating_probs_fn(Llama(model.config), digits))
+  rating_logits, lse = step(model.params, tokens, segments.sum(1).astype(np.int32))
+  ours = np.exp(np.asarray(rating_logits, np.float64) - np.asarray(lse, np.float64)[:, None])
+
+  ref_model = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+  for i, s in enumerate(seqs):
+    with torch.no_grad():
+      logits = ref_model(torch.tensor([s])).logits[0, -1]
+    ref = torch.softmax(logits.double(), -1)[torch.tensor(digits, dtype=torch.long)].numpy()
+    np.testing.assert_allclose(ours[i], ref, atol=1e-4, rtol=0)
+    assert ref.sum() > 1e-3  # the comparison covers real probability mass
