@@ -94,7 +94,8 @@ def _manifest_prompt_hashes(man: Optional[dict]):
 def _manifest_models(man: Optional[dict], table, notes: list, d: str):
   """The manifest's model if the store holds it, else every stored model."""
   stored = sorted(set(table.column('model').to_pylist()))
-  name = ((man or {}).get('model') or {}).get('name')
+  # Rows are keyed by name@weights-fingerprint: the manifest's `key`.
+  name = ((man or {}).get('model') or {}).get('key')
   if name in stored:
     return [name]
   if name:

@@ -101,7 +101,7 @@ def _write_store(tmp_path, name, data_path, num_params, skip=(), model_shift=0.0
   st.write_manifest({
       'config': {'data': {'path': data_path, 'format': 'sharegpt', 'limit': 0,
                           'turns': 'first'}},
-      'model': {'name': name, 'file_sha256': '0' * 64, 'num_params': num_params},
+      'model': {'name': name, 'key': name, 'file_sha256': '0' * 64, 'num_params': num_params},
       'prompts': PROMPTS, 'template': prompts_lib.DEFAULT_TEMPLATE,
       'data': {'path': data_path, 'format': 'sharegpt'}})
   recs, rejects, _ = records_lib.read_records({'path': data_path, 'format': 'sharegpt'})
