@@ -180,7 +180,13 @@ def rating_probs_fn(model: Llama, rating_ids: np.ndarray) -> Callable:
 
 
 class Scorer:
-  """A jit'd rating step bound to a mesh and loaded params."""
+  """A jit'd rating step bound to a mesh and loaded params.
+
+  Multi-process: every process calls it with the same global batch (the plan is
+  deterministic); each process's devices receive only their rows (batch over data×fsdp),
+  and the small outputs come back replicated, so every process sees all rows and writes
+  the ones `owned_rows` gives it.
+  """
 
   def __init__(self, cfg: LlamaConfig, params, rating_ids: np.ndarray, mesh, batch_size: int):
     self.mesh = mesh
@@ -191,20 +197,30 @@ class Scorer:
                        f"data×fsdp={rows}")
     self.params = params
     self._batch_sharding = sharding.batch_sharding(mesh)
+    out_sharding = sharding.replicated(mesh)
     step = rating_probs_fn(Llama(cfg), rating_ids)
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     self._step = jax.jit(step, in_shardings=(param_sh, self._batch_sharding, self._batch_sharding),
-                         out_shardings=(self._batch_sharding, self._batch_sharding))
+                         out_shardings=(out_sharding, out_sharding))
     self.compiled_shapes: set[tuple[int, int]] = set()
     self.compile_seconds = 0.0
 
+  def owned_rows(self) -> np.ndarray:
+    """Rows of a batch this process writes: those on its devices (the lowest process
+    index wins where rows are replicated, e.g. over `tensor`)."""
+    owner = np.full((self.batch_size,), jax.process_count(), np.int64)
+    for device, index in self._batch_sharding.devices_indices_map((self.batch_size,)).items():
+      rows = np.arange(self.batch_size)[index[0]]
+      owner[rows] = np.minimum(owner[rows], device.process_index)
+    return owner == jax.process_index()
+
   def __call__(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities of "1".."5" [b,5] (float64) and logsumexp [b]."""
+    """Probabilities of "1".."5" [b,5] (float64) and logsumexp [b] of the global batch."""
     shape = tokens.shape
     start = time.perf_counter()
     with self.mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-      tokens = jax.device_put(tokens, self._batch_sharding)
-      lengths = jax.device_put(lengths, self._batch_sharding)
+      tokens = sharding.global_array(tokens, self._batch_sharding)
+      lengths = sharding.global_array(lengths, self._batch_sharding)
       rating_logits, lse = self._step(self.params, tokens, lengths)
       rating_logits, lse = np.asarray(rating_logits, np.float64), np.asarray(lse, np.float64)
     if shape not in self.compiled_shapes:

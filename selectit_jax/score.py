@@ -7,6 +7,7 @@
 from absl import app
 from ml_collections import config_flags
 
+from selectit_jax import distributed
 from selectit_jax import scoring
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Scoring config file.",
@@ -16,6 +17,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Scoring config file."
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed.initialize(_CONFIG.value)  # before any other JAX call
   scoring.run(_CONFIG.value)
 
 

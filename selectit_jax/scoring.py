@@ -6,12 +6,14 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from absl import logging
 from tqdm import tqdm
 
 from selectit_jax import assets
 from selectit_jax import checkpoints
 from selectit_jax import engine
+from selectit_jax import memory
 from selectit_jax import prompts as prompts_lib
 from selectit_jax import records as records_lib
 from selectit_jax import sharding
@@ -75,6 +77,8 @@ def run(config) -> Summary:
   prompts = prompts_lib.prompts_from_config(config.prompts)
 
   mesh = sharding.make_mesh(config.mesh)
+  # Refuse a run that cannot fit before reading any weights.
+  memory.check_config(config, model_path, mesh)
   model = checkpoints.load_model(model_path, mesh, dtype=config.model.dtype,
                                  param_dtype=config.model.param_dtype)
   tokenizer = load_tokenizer(model_path)
@@ -85,8 +89,10 @@ def run(config) -> Summary:
                                    config.engine.max_tokens, config.engine.too_long)
   rejects = list(rejects) + too_long
   store = store_lib.ScoreStore(config.output_dir, jax.process_index())
-  store.append_rejects(rejects)
-  store.write_manifest({
+  lead = jax.process_index() == 0  # shared files (rejects, manifest) have one writer
+  if lead:
+    store.append_rejects(rejects)
+  manifest = {
       "config": config.to_dict(),
       "data": {"path": data_path, "format": info.format or config.data.format,
                "container": info.container, "num_read": info.num_read,
@@ -95,7 +101,9 @@ def run(config) -> Summary:
                 "fingerprint": model.fingerprint, "num_params": model.num_params},
       "prompts": prompts, "prompt_hashes": [prompts_lib.prompt_hash(p, template) for p in prompts],
       "template": template,
-  })
+  }
+  if lead:
+    store.write_manifest(manifest)
   summary = Summary(rejected=len(rejects), truncated_rows=sum(it.truncated for it in items))
   if not items:
     logging.warning("nothing to score")
@@ -105,26 +113,34 @@ def run(config) -> Summary:
                                   config.engine.bucket_multiple, config.engine.max_tokens)
   batches = engine.plan_batches(items, config.engine.batch_size, buckets)
   stored = store.stored_keys()
-  todo = [b for b in batches
-          if any((it.content_hash, model_key, it.prompt_hash) not in stored for it in b.items)]
+  pending = np.array([any((it.content_hash, model_key, it.prompt_hash) not in stored
+                          for it in b.items) for b in batches])
+  if jax.process_count() > 1:
+    # Every process must run the same steps: process 0's view of the shared store decides,
+    # read before anyone writes (the broadcast is a barrier).
+    pending = np.asarray(multihost_utils.broadcast_one_to_all(pending))
+  todo = [b for b, p in zip(batches, pending) if p]
   summary.skipped_rows = sum(len(b.items) for b in batches) - sum(len(b.items) for b in todo)
   logging.info("%d texts in %d batches (buckets %s); %d batches to run", len(items),
                len(batches), buckets, len(todo))
 
   rating_ids = rating_token_ids(tokenizer, prompts_lib.build_text(prompts[0], "", "", template))
   scorer = engine.Scorer(model.config, model.params, rating_ids, mesh, config.engine.batch_size)
+  owned = scorer.owned_rows()
   rows, masses = [], []
   bar = tqdm(todo, desc="scoring", unit="batch", disable=jax.process_index() != 0)
   for batch in bar:
     tokens, lengths = engine.pad_batch(batch, config.engine.batch_size, tokenizer.pad_id)
     probs, lse = scorer(tokens, lengths)
     for r, it in enumerate(batch.items):
+      masses.append(probs[r].sum())
+      if not owned[r] or (it.content_hash, model_key, it.prompt_hash) in stored:
+        continue
       rows.append(dict(sample_id=it.sample_id, sample_index=it.sample_index,
                        content_hash=it.content_hash, model=model_key,
                        num_params=model.num_params, prompt_index=it.prompt_index,
                        prompt_hash=it.prompt_hash, probs=probs[r], logsumexp=lse[r],
                        num_tokens=len(it.ids)))
-      masses.append(probs[r].sum())
     summary.scored_rows += len(batch.items)
     summary.tokens += batch.real_tokens
     summary.padded_tokens += tokens.size

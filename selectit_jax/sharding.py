@@ -47,9 +47,22 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+  """All (global) devices as a (data, fsdp, tensor) mesh. On TPU the device order follows
+  the physical torus (mesh_utils), so `tensor` neighbours share the fastest links; elsewhere,
+  and whenever that fails, devices keep JAX's order (process-major: each process holds a
+  contiguous block of the batch rows)."""
+  devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(mesh_cfg, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  grid = None
+  if devices[0].platform == "tpu":
+    try:
+      from jax.experimental import mesh_utils  # noqa: PLC0415
+      grid = mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+      grid = None
+  if grid is None:
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
 
 
 def logical_to_sharding(logical_tree, mesh: Mesh):
@@ -69,14 +82,32 @@ def param_shardings(abstract_params, mesh: Mesh):
 
 
 def check_divisible(name: str, shape, sharding: NamedSharding) -> None:
-  for dim, axes in zip(shape, sharding.spec):
+  shard_shape(name, shape, sharding.spec, dict(sharding.mesh.shape))
+
+
+def shard_shape(name: str, shape, spec, mesh_sizes: dict[str, int]) -> tuple[int, ...]:
+  """Per-device block of `shape` under a mesh-axis PartitionSpec, given only the axis sizes
+  (so the memory planner works for meshes this machine does not have)."""
+  out = []
+  for i, dim in enumerate(shape):
+    axes = spec[i] if i < len(spec) else None
     if axes is None:
+      out.append(dim)
       continue
     axes = axes if isinstance(axes, tuple) else (axes,)
-    size = math.prod(sharding.mesh.shape[a] for a in axes)
+    size = math.prod(mesh_sizes[a] for a in axes)
     if dim % size:
       raise ValueError(f"{name}: dimension {dim} of shape {tuple(shape)} is not divisible by "
                        f"mesh axes {axes} of size {size}; choose a mesh whose sizes divide it")
+    out.append(dim // size)
+  return tuple(out)
+
+
+def mesh_specs(abstract_params):
+  """Mesh-axis PartitionSpecs of a boxed abstract param tree (no devices needed)."""
+  specs = nn.get_partition_spec(abstract_params)
+  return jax.tree.map(lambda s: nn.logical_to_mesh_axes(s, LOGICAL_AXIS_RULES), specs,
+                      is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -86,3 +117,9 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def global_array(x: np.ndarray, sharding_: NamedSharding) -> jax.Array:
+  """A global array from a host array every process holds in full; each process places
+  only the blocks of its own devices (works for one process and for pods alike)."""
+  return jax.make_array_from_callback(x.shape, sharding_, lambda index: x[index])

@@ -1,0 +1,27 @@
+"""Prints the per-device memory of a scoring config and whether it fits a device.
+
+    python -m selectit_jax.plan --config=configs/llama2_70b.py:v5p-64
+    python -m selectit_jax.plan --config=configs/llama2_7b.py:v5e-8 --config.engine.batch_size=64
+
+Needs neither the weights (config.model.arch gives the architecture) nor the devices (the
+mesh sizes come from the config; a -1 axis takes memory.num_devices, default all here).
+"""
+from absl import app
+from ml_collections import config_flags
+
+from selectit_jax import memory
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Scoring config file.",
+                                          lock_config=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  fits, lines = memory.plan(_CONFIG.value)
+  print("\n".join(lines))
+  return 0 if fits else 1
+
+
+if __name__ == "__main__":
+  app.run(main)
