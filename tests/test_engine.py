@@ -1,0 +1,107 @@
+"""The rating engine: batching, buckets, truncation; probabilities independent of batching."""
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+from selectit_jax import checkpoints, engine, prompts, records, sharding
+from selectit_jax.tokenizer import load_tokenizer, rating_token_ids
+
+ONE_DEVICE = dict(data=1, fsdp=1, tensor=1)
+
+
+def _record(i, instruction, response):
+  return records.Record(id=f"r{i}", index=i, instruction=instruction, response=response, raw={})
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+  return checkpoints.load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
+
+
+def _score(model, tok, items, batch_size, buckets):
+  mesh = sharding.make_mesh(ONE_DEVICE, jax.devices()[:1])
+  digits = rating_token_ids(tok, prompts.build_text(prompts.default_prompts()[0], "", ""))
+  scorer = engine.Scorer(model.config, model.params, digits, mesh, batch_size)
+  out = {}
+  for batch in engine.plan_batches(items, batch_size, buckets):
+    probs, lse = scorer(*engine.pad_batch(batch, batch_size, tok.pad_id))
+    for r, it in enumerate(batch.items):
+      out[(it.sample_index, it.prompt_index)] = (probs[r], lse[r])
+  return out, scorer
+
+
+def test_probs_do_not_depend_on_batch_size_or_padding(tiny):
+  model, tok = tiny
+  rng = np.random.default_rng(0)
+  words = "the sea is wide and deep poem write about waves sugar plants light".split()
+  recs = [_record(i, " ".join(rng.choice(words, rng.integers(2, 30))),
+                  " ".join(rng.choice(words, rng.integers(1, 60)))) for i in range(9)]
+  items, rejects = engine.prepare(recs, prompts.default_prompts()[:3], prompts.DEFAULT_TEMPLATE,
+                                  tok, max_tokens=512)
+  assert not rejects and len({len(it.ids) for it in items}) > 10
+  results = {}
+  for batch_size, buckets in ((1, [512]), (8, [64, 128, 256, 512]), (13, [80, 512])):
+    results[batch_size], scorer = _score(model, tok, items, batch_size, buckets)
+    assert {s[1] for s in scorer.compiled_shapes} <= set(buckets)
+  for key, (p1, l1) in results[1].items():
+    for other in (8, 13):
+      p, l = results[other][key]
+      np.testing.assert_allclose(p, p1, atol=1e-6, rtol=0)
+      np.testing.assert_allclose(l, l1, atol=1e-5, rtol=0)
+  assert all(0 < p.sum() <= 1 for p, _ in results[1].values())
+
+
+def _brute_force_padding(lengths, max_shapes, multiple, max_tokens):
+  rounded = sorted({min(-(-n // multiple) * multiple, max_tokens) for n in lengths})
+  best = None
+  for s in range(1, max_shapes + 1):
+    for combo in itertools.combinations(rounded, s):
+      if combo[-1] != rounded[-1]:
+        continue
+      pad = sum(next(b for b in combo if b >= min(n, max_tokens)) - n for n in lengths)
+      best = pad if best is None else min(best, pad)
+  return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_choose_buckets_minimises_padding(seed):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(5, 300, 40).tolist()
+  buckets = engine.choose_buckets(lengths, max_shapes=3, multiple=16, max_tokens=320)
+  assert len(buckets) <= 3 and buckets[-1] >= max(lengths)
+  pad = sum(next(b for b in buckets if b >= n) - n for n in lengths)
+  assert pad == _brute_force_padding(lengths, 3, 16, 320)
+
+
+def test_truncation_keeps_the_closing_line(tiny):
+  _, tok = tiny
+  prompt = prompts.default_prompts()[0]
+  long = _record(0, "Write a poem about the sea.", "The sea is wide and deep. " * 200)
+  items, rejects = engine.prepare([long], [prompt], prompts.DEFAULT_TEMPLATE, tok, max_tokens=120)
+  assert not rejects and len(items) == 1 and items[0].truncated
+  assert 100 < len(items[0].ids) <= 120
+  text = tok.decode(items[0].ids)
+  assert text.endswith("\nThe answer is: \n") and "Instruction:Write a poem" in text
+
+
+def test_too_long_records_are_rejected_whole(tiny):
+  _, tok = tiny
+  recs = [_record(0, "short", "fine"), _record(1, "Explain. " * 300, "ok"),
+          _record(2, "short", "long answer " * 300)]
+  ps = prompts.default_prompts()[:2]
+  items, rejects = engine.prepare(recs, ps, prompts.DEFAULT_TEMPLATE, tok, max_tokens=150)
+  assert {it.sample_index for it in items} == {0, 2}
+  assert [(r.index, "alone exceed" in r.reason) for r in rejects] == [(1, True)]
+  items, rejects = engine.prepare(recs, ps, prompts.DEFAULT_TEMPLATE, tok, max_tokens=150,
+                                  too_long="reject")
+  assert {it.sample_index for it in items} == {0}
+  assert [r.index for r in rejects] == [1, 2] and "engine.max_tokens=150" in rejects[1].reason
+
+
+def test_batch_size_must_divide_over_the_mesh(tiny):
+  model, tok = tiny
+  mesh = sharding.make_mesh(dict(data=4, fsdp=1, tensor=1), jax.devices()[:4])
+  with pytest.raises(ValueError, match="batch_size=6 is not a multiple"):
+    engine.Scorer(model.config, model.params, np.arange(5), mesh, 6)
