@@ -16,13 +16,10 @@ from selectit_jax import engine
 from selectit_jax import memory
 from selectit_jax import prompts as prompts_lib
 from selectit_jax import records as records_lib
+from selectit_jax import report
 from selectit_jax import sharding
 from selectit_jax import store as store_lib
 from selectit_jax.tokenizer import load_tokenizer, rating_token_ids
-
-# Below this mean digit mass the model mostly answers with something other than a digit,
-# so its rating probabilities say little.
-LOW_DIGIT_MASS = 0.1
 
 
 @dataclasses.dataclass
@@ -158,7 +155,7 @@ def run(config) -> Summary:
   summary.compiled_shapes = len(scorer.compiled_shapes)
   if masses:
     summary.digit_mass_mean, summary.digit_mass_min = float(np.mean(masses)), float(np.min(masses))
-    if summary.digit_mass_mean < LOW_DIGIT_MASS:
+    if summary.digit_mass_mean < report.LOW_MASS_WARN:
       logging.warning("mean digit mass %.3f is low: the model mostly does not answer with a "
                       "digit, so its ratings carry little signal", summary.digit_mass_mean)
   for line in summary.lines():
