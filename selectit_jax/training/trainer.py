@@ -1,0 +1,266 @@
+"""`train`: fine-tune a LLaMA-family model on a SelectIT selection.
+
+records -> template + response-only mask -> packed rows -> grain (seeded, resumable) ->
+jit'd sharded AdamW step with gradient accumulation -> orbax checkpoints (state + iterator)
+-> validation loss / perplexity -> HF export. A run that finds a checkpoint in
+<output_dir>/checkpoints resumes from it and reproduces the uninterrupted run's losses.
+
+Outputs in output_dir: metrics.jsonl (one JSON per logged step / eval; a resumed run
+appends, so the last line of a step wins), tb/ (tensorboardX), rejects.jsonl,
+train_summary.json, checkpoints/, hf/ (the exported model).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from selectit_jax import assets
+from selectit_jax import checkpoints
+from selectit_jax import records as records_lib
+from selectit_jax import sharding
+from selectit_jax.tokenizer import load_tokenizer
+from selectit_jax.training import checkpointing
+from selectit_jax.training import data as data_lib
+from selectit_jax.training import export as export_lib
+from selectit_jax.training import perf
+from selectit_jax.training import step as step_lib
+
+
+class MetricsLog:
+  """metrics.jsonl plus tensorboardX scalars (process 0 only)."""
+
+  def __init__(self, directory: str):
+    self._on = jax.process_index() == 0
+    self._file = self._tb = None
+    if self._on:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._file = open(os.path.join(directory, "metrics.jsonl"), "a")
+      self._tb = SummaryWriter(os.path.join(directory, "tb"))
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self._on:
+      return
+    self._file.write(json.dumps({"step": step, **scalars}) + "\n")
+    self._file.flush()
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, v, step)
+
+  def close(self):
+    if self._on:
+      self._file.close()
+      self._tb.close()
+
+
+def read_metrics(path: str) -> dict[int, dict]:
+  """step -> the last train record of that step in metrics.jsonl (a resumed run's wins)."""
+  out = {}
+  with open(path) as f:
+    for line in f:
+      rec = json.loads(line)
+      if "loss" in rec:
+        out[rec["step"]] = rec
+  return out
+
+
+def _rows_digest(rows: dict[str, np.ndarray]) -> str:
+  h = hashlib.sha256()
+  for k in sorted(rows):
+    h.update(k.encode())
+    h.update(np.ascontiguousarray(rows[k]).tobytes())
+  return h.hexdigest()[:16]
+
+
+def _reject_summary(rejects) -> str:
+  reasons = collections.Counter(r.reason for r in rejects)
+  return "; ".join(f"{n}x {reason}" for reason, n in reasons.most_common(5))
+
+
+def _to_device(batch: dict[str, np.ndarray], shard) -> dict:
+  return {k: jax.make_array_from_callback(v.shape, shard, lambda idx, v=v: v[idx])
+          for k, v in batch.items()}
+
+
+def load_data(config, tokenizer):
+  """Train / validation rows and the report of everything dropped on the way."""
+  records, rejects, info = records_lib.read_records(config.data)
+  if rejects:
+    logging.warning("%d of %d records rejected: %s", len(rejects), info.num_read,
+                    _reject_summary(rejects))
+  if not records:
+    raise ValueError(f"{info.path}: no usable records to train on (read {info.num_read}, "
+                     f"rejected {len(rejects)}"
+                     + (f": {_reject_summary(rejects)}" if rejects else "") + ")")
+  d = config.data
+  train_recs, val_recs = data_lib.split(records, d.val_fraction, d.val_size, d.seed)
+  train_ex, train_stats = data_lib.prepare(train_recs, tokenizer, d)
+  val_ex, val_stats = data_lib.prepare(val_recs, tokenizer, d)
+  for name, stats in (("train", train_stats), ("validation", val_stats)):
+    for line in stats.lines():
+      logging.info("%s: %s", name, line)
+  if not train_ex:
+    raise ValueError("no training examples left: " + "; ".join(train_stats.lines()))
+  train_rows = data_lib.pack(train_ex, d.max_length, d.seed, d.pack)
+  val_rows = data_lib.pack(val_ex, d.max_length, None, d.pack) if val_ex else None
+  report = {"read": dataclasses.asdict(info), "rejected": len(rejects),
+            "reject_reasons": dict(collections.Counter(r.reason for r in rejects)),
+            "train": _stats_dict(train_stats), "validation": _stats_dict(val_stats),
+            "train_rows": int(len(train_rows["inputs"])),
+            "validation_rows": int(len(val_rows["inputs"])) if val_rows else 0}
+  return train_rows, val_rows, rejects, report
+
+
+def _stats_dict(s: data_lib.PrepStats) -> dict:
+  d = dataclasses.asdict(s)
+  d["dropped"] = dict(s.dropped)
+  return d
+
+
+def evaluate(eval_step, params, val_rows, micro: int, shard) -> dict:
+  total, count = 0.0, 0.0
+  for batch in data_lib.eval_batches(val_rows, micro):
+    l, n = jax.device_get(eval_step(params, _to_device(batch, shard)))
+    total, count = total + float(l), count + float(n)
+  loss = total / max(count, 1.0)
+  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
+          "eval_tokens": count}
+
+
+def run(config) -> dict:
+  """Trains (or resumes) as configured; returns the summary also written to
+  train_summary.json."""
+  out = config.output_dir
+  if not out:
+    raise ValueError("config.output_dir is required")
+  os.makedirs(out, exist_ok=True)
+  t, d, c = config.train, config.data, config.checkpoint
+  mesh = sharding.make_mesh(config.mesh)
+  rows_per_shard = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch, micro = int(t.batch_size), int(t.micro_batch_size)
+  if batch % micro:
+    raise ValueError(f"train.batch_size={batch} is not a multiple of "
+                     f"train.micro_batch_size={micro}")
+  if micro % rows_per_shard:
+    raise ValueError(f"train.micro_batch_size={micro} is not a multiple of the mesh's "
+                     f"data×fsdp={rows_per_shard}")
+  accum = batch // micro
+
+  model_path = config.model.path or assets.default_gguf_path()
+  tokenizer = load_tokenizer(model_path)
+  train_rows, val_rows, rejects, data_report = load_data(config, tokenizer)
+  if rejects and jax.process_index() == 0:
+    records_lib.write_rejects(os.path.join(out, "rejects.jsonl"), rejects)
+  num_rows = data_report["train_rows"]
+  total_steps = data_lib.steps_per_run(num_rows, int(t.epochs), batch)
+  if total_steps == 0:
+    raise ValueError(f"the selection packs into {num_rows} rows of {d.max_length} tokens, "
+                     f"fewer than one global batch (train.batch_size={batch}) over "
+                     f"{t.epochs} epoch(s); lower train.batch_size")
+  last_step = min(total_steps, int(t.max_steps)) if t.max_steps else total_steps
+
+  _, cfg = checkpoints.tensor_source(model_path)
+  cfg = dataclasses.replace(cfg, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                            remat=bool(config.model.remat))
+  sched = step_lib.schedule(t, total_steps)
+  tx = step_lib.optimizer(t, sched)
+  shardings = step_lib.state_shardings(cfg, tx, mesh)
+  train_step = step_lib.make_train_step(cfg, tx, sched, mesh, shardings)
+  eval_step = step_lib.make_eval_step(cfg, mesh, shardings)
+  train_shard = step_lib.batch_sharding(mesh, True)
+  eval_shard = step_lib.batch_sharding(mesh, False)
+
+  dataset = data_lib.train_dataset(train_rows, int(t.epochs), batch, int(d.seed))
+  iterator = iter(dataset.to_iter_dataset())
+  run_meta = {"train_rows_digest": _rows_digest(train_rows), "total_steps": total_steps,
+              "batch_size": batch}
+  mngr = checkpointing.manager(os.path.join(out, "checkpoints"), c)
+  resumed_from = mngr.latest_step()
+  if resumed_from is not None:
+    state, meta = checkpointing.restore(
+        mngr, step_lib.abstract_state(cfg, tx, shardings), resumed_from)
+    for k, v in run_meta.items():
+      if meta.get(k) != v:
+        raise ValueError(f"{out}/checkpoints holds a run with {k}={meta.get(k)!r}, this "
+                         f"config gives {v!r}; use a new output_dir or the same data/config")
+    iterator.set_state(meta["iterator"])
+    logging.info("resumed from step %d", resumed_from)
+  else:
+    loaded = checkpoints.load_model(model_path, mesh, dtype=cfg.dtype,
+                                    param_dtype=cfg.param_dtype, remat=cfg.remat)
+    state = step_lib.init_state(loaded.params, tx, shardings)
+  step = int(jax.device_get(state["step"]))
+
+  seq_len = int(d.max_length)
+  peak = perf.peak_flops_per_device(float(t.peak_flops_per_device))
+  log = MetricsLog(out)
+  eval_every = int(t.eval_every)
+  summary = {"data": data_report, "total_steps": total_steps, "last_step": last_step,
+             "resumed_from": resumed_from, "accumulation": accum, "model": model_path,
+             "num_params": cfg.num_params(), "flops_per_token": perf.flops_per_token(cfg, seq_len),
+             "peak_flops_per_device": peak, "devices": jax.device_count(),
+             "device_kind": jax.devices()[0].device_kind}
+  logging.info("%d train rows, %d steps (%d this run), global batch %d = %d x %d micro",
+               num_rows, total_steps, last_step - step, batch, accum, micro)
+
+  if val_rows is not None and resumed_from is None:
+    log.write(step, evaluate(eval_step, state["params"], val_rows, micro, eval_shard))
+  steady_tokens, steady_time, last_metrics, last_eval = 0, 0.0, {}, {}
+  bar = tqdm(total=last_step, initial=step, desc="train", disable=jax.process_index() != 0)
+  first = True
+  while step < last_step:
+    host_batch = next(iterator)
+    tokens = int((host_batch["segment_ids"] > 0).sum())
+    device_batch = _to_device(
+        {k: v.reshape((accum, micro) + v.shape[1:]) for k, v in host_batch.items()}, train_shard)
+    start = time.perf_counter()
+    state, metrics = train_step(state, device_batch)
+    metrics = jax.device_get(metrics)  # syncs: the step time below is real
+    dt = time.perf_counter() - start
+    step += 1
+    if not first:  # the first step of a process includes compilation
+      steady_tokens, steady_time = steady_tokens + tokens, steady_time + dt
+    first = False
+    tok_s = tokens / dt
+    scalars = {k: float(v) for k, v in metrics.items()}
+    scalars.update(tokens=tokens, tokens_per_second=tok_s, step_seconds=dt,
+                   mfu=perf.mfu(tok_s, cfg, seq_len, peak, jax.device_count()))
+    last_metrics = scalars
+    if step % max(int(t.log_every), 1) == 0 or step == last_step:
+      log.write(step, scalars)
+    bar.update(1)
+    bar.set_postfix(loss=f"{scalars['loss']:.4f}", tok_s=f"{tok_s:.0f}",
+                    mfu=f"{scalars['mfu']:.2%}")
+    if val_rows is not None and ((eval_every and step % eval_every == 0) or step == last_step):
+      last_eval = evaluate(eval_step, state["params"], val_rows, micro, eval_shard)
+      log.write(step, last_eval)
+      bar.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f} "
+                f"ppl {last_eval['eval_perplexity']:.2f}")
+    checkpointing.save(mngr, step, state, {**run_meta, "iterator": iterator.get_state(),
+                                           "step": step}, force=step == last_step)
+  bar.close()
+  mngr.wait_until_finished()
+  mngr.close()
+  log.close()
+
+  steady = steady_tokens / steady_time if steady_time else float("nan")
+  summary.update(final_step=step, final=last_metrics, final_eval=last_eval,
+                 steady_tokens_per_second=steady,
+                 steady_mfu=perf.mfu(steady, cfg, seq_len, peak, jax.device_count())
+                 if steady_time else float("nan"))
+  if config.export.enabled:
+    summary["export_dir"] = export_lib.export_hf(os.path.join(out, "hf"), cfg,
+                                                 state["params"], tokenizer)
+  if jax.process_index() == 0:
+    with open(os.path.join(out, "train_summary.json"), "w") as f:
+      json.dump(summary, f, indent=2, default=str)
+  logging.info("done: step %d, %s", step, json.dumps(last_eval))
+  return summary

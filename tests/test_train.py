@@ -1,0 +1,310 @@
+"""Fine-tuning: templates and response-only masks, packing isolation, accumulation,
+kill -9 / resume reproducibility, HF export parity, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import train_tiny
+from selectit_jax import checkpoints
+from selectit_jax.model import Llama
+from selectit_jax.records import Record
+from selectit_jax.tokenizer import load_tokenizer
+from selectit_jax.training import data as data_lib
+from selectit_jax.training import perf
+from selectit_jax.training import step as step_lib
+from selectit_jax.training import trainer
+from selectit_jax import sharding
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_WORDS = ("the sea is wide and deep waves roll in plants use light water and carbon "
+          "dioxide to make sugar rate the response please explain how it works").split()
+
+
+def _text(rng, n):
+  return " ".join(rng.choice(_WORDS, size=n))
+
+
+def write_selection(path, n=40, seed=0):
+  """ShareGPT records (some multi-turn) of a few words each."""
+  rng = np.random.default_rng(seed)
+  recs = []
+  for i in range(n):
+    conv = [{"from": "human", "value": _text(rng, rng.integers(3, 8))},
+            {"from": "gpt", "value": _text(rng, rng.integers(3, 12))}]
+    if i % 3 == 0:
+      conv += [{"from": "human", "value": _text(rng, 4)}, {"from": "gpt", "value": _text(rng, 5)}]
+    recs.append({"id": f"r{i}", "conversations": conv})
+  with open(path, "w") as f:
+    json.dump(recs, f)
+  return path
+
+
+def _data_cfg(**kw):
+  c = train_tiny.get_config().data
+  c.update(kw)
+  return c
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_checkpoint):
+  return load_tokenizer(tiny_checkpoint)
+
+
+def _rec(turns, index=0):
+  user = [t for r, t in turns if r == "user"]
+  asst = [t for r, t in turns if r == "assistant"]
+  return Record(str(index), index, user[0] if user else "", asst[0] if asst else "", None,
+                tuple(turns))
+
+
+def _target_text(tok, ex):
+  """Decoded target runs of an example."""
+  runs, cur = [], []
+  for i, t in zip(ex.ids, ex.target):
+    if t:
+      cur.append(int(i))
+    elif cur:
+      runs.append(cur)
+      cur = []
+  if cur:
+    runs.append(cur)
+  return [tok.hf.decode(r) for r in runs]
+
+
+def test_alpaca_mask_keeps_every_assistant_turn(tok):
+  turns = [("user", "explain plants"), ("assistant", "plants use light"),
+           ("user", "and the sea"), ("assistant", "the sea is wide")]
+  (ex,), stats = data_lib.prepare([_rec(turns)], tok, _data_cfg(template="alpaca"))
+  eos = tok.hf.decode([tok.eos_id])
+  assert [s.strip() for s in _target_text(tok, ex)] == [
+      "plants use light" + eos, "the sea is wide" + eos]
+  assert ex.ids[0] == tok.bos_id and not ex.target[0]
+  assert stats.target_tokens == int(ex.target[1:].sum())
+  (first,), _ = data_lib.prepare([_rec(turns)], tok, _data_cfg(template="alpaca",
+                                                               multi_turn=False))
+  assert len(_target_text(tok, first)) == 1
+
+
+def test_chat_template_targets_are_assistant_text(tok):
+  tok.hf.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n"
+                          "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
+  try:
+    turns = [("user", "explain plants"), ("assistant", "plants use light"),
+             ("user", "and the sea"), ("assistant", "the sea is wide")]
+    assert data_lib.resolve_template(tok, "auto") == "chat"
+    (ex,), _ = data_lib.prepare([_rec(turns)], tok, _data_cfg(template="auto"))
+    assert [s.strip() for s in _target_text(tok, ex)] == ["plants use light", "the sea is wide"]
+    full = tok.hf.apply_chat_template([{"role": r, "content": t} for r, t in turns],
+                                      tokenize=False)
+    assert ex.ids.tolist() == tok.hf(full, add_special_tokens=False)["input_ids"]
+  finally:
+    tok.hf.chat_template = None
+  with pytest.raises(ValueError, match="no chat template"):
+    data_lib.resolve_template(tok, "chat")
+
+
+def test_too_long_truncate_and_drop_are_counted(tok):
+  long = [("user", "explain plants"), ("assistant", " ".join(["sugar"] * 200))]
+  huge_prompt = [("user", " ".join(["water"] * 200)), ("assistant", "ok")]
+  short = [("user", "hi"), ("assistant", "the sea")]
+  recs = [_rec(long, 0), _rec(huge_prompt, 1), _rec(short, 2)]
+  exs, stats = data_lib.prepare(recs, tok, _data_cfg(template="alpaca", too_long="truncate",
+                                                     max_length=32))
+  assert [e.record_index for e in exs] == [0, 2]
+  assert stats.truncated == 2 and sum(stats.dropped.values()) == 1
+  assert all(len(e.ids) <= 33 for e in exs)
+  exs, stats = data_lib.prepare(recs, tok, _data_cfg(template="alpaca", too_long="drop",
+                                                     max_length=32))
+  assert [e.record_index for e in exs] == [2] and sum(stats.dropped.values()) == 2
+  assert any("too_long=drop" in r for r in stats.dropped)
+
+
+def _examples(lengths, seed=0):
+  rng = np.random.default_rng(seed)
+  return [data_lib.Example(rng.integers(3, 300, n).astype(np.int32),
+                           np.arange(n) >= n // 2, i) for i, n in enumerate(lengths)]
+
+
+def test_pack_positions_segments_and_targets():
+  exs = _examples([10, 7, 20, 5, 12])
+  rows = data_lib.pack(exs, 24, seed=1)
+  seg, pos = rows["segment_ids"], rows["positions"]
+  assert (rows["weights"][seg == 0] == 0).all()
+  seen = 0
+  for r in range(len(seg)):
+    for s in set(seg[r].tolist()) - {0}:
+      m = seg[r] == s
+      np.testing.assert_array_equal(pos[r][m], np.arange(m.sum()))
+      ex = next(e for e in exs if len(e.ids) - 1 == m.sum()
+                and (e.ids[:-1] == rows["inputs"][r][m]).all())
+      np.testing.assert_array_equal(rows["targets"][r][m], ex.ids[1:])
+      np.testing.assert_array_equal(rows["weights"][r][m], ex.target[1:])
+      seen += 1
+  assert seen == len(exs) and len(seg) < len(exs)  # packed, nothing lost
+
+
+def test_packed_attention_never_crosses_samples(tiny_checkpoint):
+  """Each sample's logits in a packed row equal its logits run alone."""
+  loaded = checkpoints.load_model(tiny_checkpoint)
+  model = Llama(loaded.config)
+  exs = _examples([9, 13, 6])
+  rows = data_lib.pack(exs, 32, seed=None)
+  assert len(rows["inputs"]) == 1
+  apply = jax.jit(lambda t, p, s: model.apply({"params": loaded.params},
+                                              model.apply({"params": loaded.params}, t, p, s),
+                                              method=Llama.logits))
+  packed = apply(rows["inputs"], rows["positions"], rows["segment_ids"])[0]
+  for s, ex in enumerate(exs, start=1):
+    alone = data_lib.pack([ex], 32, seed=None)
+    ref = apply(alone["inputs"], alone["positions"], alone["segment_ids"])[0]
+    n = len(ex.ids) - 1
+    np.testing.assert_allclose(packed[rows["segment_ids"][0] == s], ref[:n], atol=1e-5)
+
+
+def test_accumulation_matches_one_big_batch(tiny_checkpoint):
+  loaded = checkpoints.load_model(tiny_checkpoint)
+  cfg = loaded.config
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=1, tensor=1)),
+                            jax.devices()[:2])
+  t = train_tiny.get_config().train
+  sched = step_lib.schedule(t, 10)
+  tx = step_lib.optimizer(t, sched)
+  sh = step_lib.state_shardings(cfg, tx, mesh)
+  rows = data_lib.pack(_examples([30, 25, 40, 12, 33, 50, 8, 20], seed=3), 64, seed=0,
+                       pack=False)
+  batch = {k: v[:4] for k, v in rows.items()}
+  train_step = step_lib.make_train_step(cfg, tx, sched, mesh, sh)
+  out = []
+  for accum in (1, 2):
+    params = jax.tree.map(jnp.array, loaded.params)
+    state = step_lib.init_state(params, tx, sh)
+    b = {k: jnp.asarray(v.reshape((accum, 4 // accum) + v.shape[1:])) for k, v in batch.items()}
+    state, m = train_step(state, b)
+    out.append((jax.device_get(m), jax.device_get(state["params"])))
+  np.testing.assert_allclose(out[0][0]["loss"], out[1][0]["loss"], rtol=1e-6)
+  assert out[0][0]["target_tokens"] == out[1][0]["target_tokens"]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out[0][1], out[1][1])
+
+
+def test_schedule_warmup_and_cosine():
+  t = train_tiny.get_config().train
+  t.learning_rate, t.warmup_ratio = 2e-5, 0.03
+  s = step_lib.schedule(t, 100)  # ceil(3) warmup steps
+  assert float(s(0)) == 0.0 and np.isclose(float(s(3)), 2e-5)
+  assert float(s(50)) < 2e-5 and np.isclose(float(s(100)), 0.0, atol=1e-12)
+
+
+def test_flops_per_token_formula(tiny_checkpoint):
+  cfg = checkpoints.load_model(tiny_checkpoint).config
+  n = cfg.num_params() - cfg.vocab_size * cfg.hidden_size
+  assert perf.flops_per_token(cfg, 128) == 6 * n + 12 * cfg.num_layers * cfg.num_heads * \
+      cfg.head_dim * 128
+  assert perf.mfu(1000.0, cfg, 128, 1e12, 2) == pytest.approx(
+      1000 * perf.flops_per_token(cfg, 128) / 2e12)
+
+
+def _cli(ckpt, data, out, *extra):
+  return [sys.executable, "-m", "selectit_jax.train", "--config=configs/train_tiny.py",
+          f"--config.model.path={ckpt}", f"--config.data.path={data}",
+          f"--config.output_dir={out}", "--config.train.epochs=4", "--config.checkpoint.every=1",
+          "--config.checkpoint.keep=3", *extra]
+
+
+def _env():
+  env = dict(os.environ)
+  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  return env
+
+
+def _committed_steps(directory):
+  if not os.path.isdir(directory):
+    return []
+  return [int(n) for n in os.listdir(directory) if n.isdigit()]
+
+
+@pytest.mark.slow
+def test_kill9_resume_reproduces_losses(tiny_checkpoint, tmp_path):
+  data = write_selection(str(tmp_path / "sel.json"), n=40)
+  full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+  subprocess.run(_cli(tiny_checkpoint, data, full), cwd=REPO, env=_env(), check=True,
+                 capture_output=True)
+  ref = trainer.read_metrics(os.path.join(full, "metrics.jsonl"))
+  last = max(ref)
+  assert last >= 10
+
+  proc = subprocess.Popen(_cli(tiny_checkpoint, data, killed), cwd=REPO, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while time.time() < deadline and not [s for s in _committed_steps(
+      os.path.join(killed, "checkpoints")) if s >= 2]:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  logged = trainer.read_metrics(os.path.join(killed, "metrics.jsonl"))
+  assert proc.returncode == -signal.SIGKILL and max(logged) < last, "killed too late"
+
+  subprocess.run(_cli(tiny_checkpoint, data, killed), cwd=REPO, env=_env(), check=True,
+                 capture_output=True)
+  got = trainer.read_metrics(os.path.join(killed, "metrics.jsonl"))
+  assert sorted(got) == sorted(ref)
+  for s in ref:
+    assert got[s]["loss"] == ref[s]["loss"], f"step {s}"
+    assert got[s]["grad_norm"] == ref[s]["grad_norm"], f"step {s}"
+  summary = json.load(open(os.path.join(killed, "train_summary.json")))
+  assert summary["resumed_from"] is not None and summary["final_step"] == last
+
+
+def test_run_exports_model_transformers_loads(tiny_checkpoint, tmp_path):
+  torch = pytest.importorskip("torch")
+  import transformers
+  data = write_selection(str(tmp_path / "sel.json"), n=30)
+  c = train_tiny.get_config()
+  c.model.path, c.data.path, c.output_dir = tiny_checkpoint, data, str(tmp_path / "out")
+  c.train.batch_size = c.train.micro_batch_size = jax.device_count()  # rows over data
+  c.export.enabled = True
+  summary = trainer.run(c)
+  assert summary["final_step"] == summary["total_steps"] > 0
+  assert np.isfinite(summary["final_eval"]["eval_loss"])
+  export_dir = summary["export_dir"]
+  ours = checkpoints.load_model(export_dir)
+  model = Llama(ours.config)
+  ids = np.array([[1, 40, 77, 123, 9, 300, 5, 61]], np.int32)
+  pos = np.arange(ids.shape[1], dtype=np.int32)[None]
+  hidden = model.apply({"params": ours.params}, ids, pos, np.ones_like(ids))
+  logits = np.asarray(model.apply({"params": ours.params}, hidden, method=Llama.logits))
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(export_dir,
+                                                               torch_dtype=torch.float32)
+  with torch.no_grad():
+    ref = hf_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=1e-4)
+  # The fine-tuned weights differ from the starting checkpoint.
+  start = checkpoints.load_model(tiny_checkpoint).params
+  assert not np.allclose(start["embedding"], ours.params["embedding"])
+  hf_tok = transformers.AutoTokenizer.from_pretrained(export_dir)
+  assert hf_tok("the sea")["input_ids"] == load_tokenizer(tiny_checkpoint).encode("the sea")
+
+
+def test_empty_selection_and_no_responses_fail_clearly(tiny_checkpoint, tmp_path):
+  c = train_tiny.get_config()
+  c.model.path, c.output_dir = tiny_checkpoint, str(tmp_path / "out")
+  c.train.batch_size = c.train.micro_batch_size = jax.device_count()
+  empty = tmp_path / "empty.json"
+  empty.write_text("[]")
+  c.data.path = str(empty)
+  with pytest.raises(ValueError, match="no usable records"):
+    trainer.run(c)
+  noresp = tmp_path / "noresp.json"
+  noresp.write_text(json.dumps([{"instruction": "explain plants", "input": "", "output": ""}]
+                               * 3))
+  c.data.path = str(noresp)
+  with pytest.raises(ValueError, match=r"no usable records.*3x empty response"):
+    trainer.run(c)
