@@ -4,7 +4,11 @@ A setting is a score vector (mode, level, model, prompt subset, alpha, model
 weights) plus a cut (proportion or top_n). Score vectors are computed in
 blocks with the formulas.py functions broadcast over alphas and vmapped over
 weight vectors, in float64 (as selection.py), so each setting's selection is
-the one selectit_jax.select writes: same validity rules (selection.sample_reasons'
+the one selectit_jax.select writes. The blocks run as eager jnp ops, not
+under jit: eager results are bit-identical to selection's scores, while a jit'd
+block fuses mean/std differently (1-ulp differences that could reorder
+near-ties); the price is a few seconds of per-shape op compilation once. Same
+validity rules (selection.sample_reasons'
 cells), same rank_order tie-break, same num_selected. The cut is applied to a
 vector's ranking with cumulative sums, so proportions cost O(1) each.
 
@@ -337,10 +341,7 @@ def spearman(a, b) -> float:
   """Spearman rho (average ranks for ties), as scipy.stats.spearmanr."""
   if a.size < 2:
     return float('nan')
-  ra, rb = stats.rankdata(a), stats.rankdata(b)
-  ra, rb = ra - ra.mean(), rb - rb.mean()
-  den = math.sqrt(float(np.dot(ra, ra)) * float(np.dot(rb, rb)))
-  return float(np.dot(ra, rb) / den) if den > 0 else float('nan')
+  return _pearson(stats.rankdata(a), stats.rankdata(b))
 
 
 def kendall(a, b) -> float:
@@ -351,47 +352,64 @@ def kendall(a, b) -> float:
 
 
 class _Reference:
-  """The default setting's score, validity and selection, with cached ranks."""
+  """The default setting's score, validity, ranking and selection; caches ranks
+  (of the reference score and of lengths) per sample mask, as most settings
+  rank the same samples."""
 
-  def __init__(self, score, valid, order, selected, mode, sub_perm):
+  def __init__(self, score, valid, order, selected, mode, sub_perm, length):
     self.score, self.valid, self.selected, self.mode = score, valid, selected, mode
     self.n_ranked = order.size
     self.rank = np.full(score.shape[0], np.iinfo(np.int64).max, np.int64)
     self.rank[order] = np.arange(order.size)
     self.sub_perm = sub_perm
+    self.length = length
     self._cache = {}
 
-  def ranks(self, common: np.ndarray):
-    key = common.tobytes()
+  def _cached(self, what, mask, fn):
+    key = (what, mask.tobytes())
     if key not in self._cache:
-      self._cache = {key: stats.rankdata(self.score[common])}
+      if len(self._cache) > 8:
+        self._cache.clear()
+      self._cache[key] = fn()
     return self._cache[key]
 
+  def ranks(self, common: np.ndarray):
+    return self._cached('score', common, lambda: stats.rankdata(self.score[common]))
 
-def vector_metrics(score, valid, ref: _Reference, length, kendall_max: int) -> dict:
+  def length_ranks(self, mask: np.ndarray):
+    return self._cached('length', mask, lambda: stats.rankdata(self.length[mask]))
+
+
+def vector_metrics(score, valid, ref: _Reference, kendall_max: int) -> dict:
+  """Spearman / Kendall with the reference and Spearman with length."""
   common = valid & ref.valid
-  a, b = score[common], ref.score[common]
   out = {'n_common': int(common.sum())}
-  if a.size >= 2:
-    ra = stats.rankdata(a)
-    rb = ref.ranks(common)
-    out['spearman_default'] = _pearson(ra, rb)
+  r_valid = stats.rankdata(score[valid]) if valid.sum() >= 2 else None
+  if common.sum() >= 2:
+    ra = r_valid if np.array_equal(common, valid) else stats.rankdata(score[common])
+    out['spearman_default'] = _pearson(ra, ref.ranks(common))
   else:
     out['spearman_default'] = float('nan')
   if kendall_max and common.sum() > kendall_max:
     pick = ref.sub_perm[common[ref.sub_perm]][:kendall_max]
     out['kendall_default'] = kendall(score[pick], ref.score[pick])
   else:
-    out['kendall_default'] = kendall(a, b)
-  lv = valid & np.isfinite(length)
-  out['spearman_length'] = spearman(score[lv], length[lv]) if lv.sum() >= 2 else float('nan')
+    out['kendall_default'] = kendall(score[common], ref.score[common])
+  lv = valid & np.isfinite(ref.length)
+  if lv.sum() >= 2:
+    rs = r_valid if np.array_equal(lv, valid) else stats.rankdata(score[lv])
+    out['spearman_length'] = _pearson(rs, ref.length_ranks(lv))
+  else:
+    out['spearman_length'] = float('nan')
   return out
 
 
 def _pearson(x, y) -> float:
+  # Plain sums, not np.dot: a threaded BLAS call costs far more than the
+  # arithmetic on a busy CPU.
   x, y = x - x.mean(), y - y.mean()
-  den = math.sqrt(float(np.dot(x, x)) * float(np.dot(y, y)))
-  return float(np.dot(x, y) / den) if den > 0 else float('nan')
+  den = math.sqrt(float(np.sum(x * x)) * float(np.sum(y * y)))
+  return float(np.sum(x * y) / den) if den > 0 else float('nan')
 
 
 def cut_metrics(order, cuts, mode, ref: '_Reference', ins_len, res_len) -> list:
@@ -469,7 +487,7 @@ def sweep(inputs: Inputs, config) -> SweepResult:
   dsel = np.zeros(n, bool)
   dsel[dorder[:dkeep]] = True
   perm = np.random.default_rng(int(config.seed)).permutation(n)
-  ref = _Reference(dscore, dvalid, dorder, dsel, dspec.mode, perm)
+  ref = _Reference(dscore, dvalid, dorder, dsel, dspec.mode, perm, length)
   t_default = time.time()
 
   rows, selections = [], ({} if config.write_selections else None)
@@ -481,7 +499,7 @@ def sweep(inputs: Inputs, config) -> SweepResult:
     t_scores += t1 - ts
     order = ranking(score, valid, ld.sample_index, spec.mode)
     t2 = time.time()
-    vm = vector_metrics(score, valid, ref, length, int(config.kendall_max_samples))
+    vm = vector_metrics(score, valid, ref, int(config.kendall_max_samples))
     cm = cut_metrics(order, cuts, spec.mode, ref, inputs.ins_len, inputs.res_len)
     base = _spec_dict(spec, weights)
     for c, row in zip(cuts, cm):

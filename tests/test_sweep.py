@@ -161,6 +161,29 @@ def test_multi_model_without_records_aligns_by_index(tmp_path, data_path):  # no
   assert np.isnan(inputs.ins_len).all()
 
 
+def test_scores_bit_identical_to_selection(tmp_path, data_path):  # noqa: F811
+  a = _write_store(tmp_path, 'small', data_path, 7)
+  b = _write_store(tmp_path, 'big', data_path, 13, model_shift=0.01)
+  inputs = sweeping.load_inputs([a, b])
+  ld = inputs.loaded
+  c = _cfg(alphas='0,0.3,1', prompt_subsets='first;set:0,2', weights='theta;uniform;1,3')
+  specs, _ = sweeping.build_grid(c, ld.models, 3)
+  weights = dict(sweeping.parse_weights(c.weights, ld.num_params))
+  seen = 0
+  for spec, score, valid in sweeping.iter_scores(inputs, specs, weights, block_elements=40):
+    j = ld.models.index(spec.model) if spec.level != 'model' else slice(None)
+    probs = ld.probs[:, [j]] if spec.level != 'model' else ld.probs
+    if spec.level != 'token':
+      probs = probs[:, :, list(spec.prompts)]
+    want = selection.compute_scores(
+        probs, spec.mode, spec.level, 0.0 if spec.level == 'token' else spec.alpha,
+        spec.prompts[0] if spec.level == 'token' else 0,
+        weights[spec.weights] if spec.weights else None)['score']
+    np.testing.assert_array_equal(score[valid], want[valid])
+    seen += 1
+  assert seen == len(specs)
+
+
 # ------------------------------------------------------- metrics vs scipy
 
 
