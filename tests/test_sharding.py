@@ -158,3 +158,19 @@ def test_distributed_settings_from_config_then_env():
   assert distributed.initialize(single, environ={}) is False   # single host: no-op
   single.distributed.initialize = "never"
   assert distributed.initialize(single, environ=env) is False
+
+
+def test_each_device_reads_only_its_block(ckpt, monkeypatch):
+  from selectit_jax.checkpoints import hf
+  reads = []
+  monkeypatch.setattr(hf.SafetensorsSource, "get",
+                      lambda self, name: pytest.fail(f"whole tensor {name} read"))
+  orig = hf.SafetensorsSource.get_block
+  monkeypatch.setattr(hf.SafetensorsSource, "get_block",
+                      lambda self, name, index: reads.append(orig(self, name, index).size) or orig(self, name, index))
+  mesh = _mesh((1, 2, 4))
+  model = checkpoints.load_model(ckpt, mesh)
+  full = sum(x.size for x in jax.tree.leaves(model.params))
+  assert max(reads) * 8 <= full  # no read bigger than one device's share of a leaf
+  assert sum(reads) == sum(s.data.size for x in jax.tree.leaves(model.params)
+                           for s in x.addressable_shards)

@@ -43,12 +43,28 @@ def _same(w, c):
   return w
 
 
+def _norm(index, shape):
+  return tuple(slice(*sl.indices(dim)[:2]) for sl, dim in zip(index, shape))
+
+
+# Block readers: our block index (per layer) -> (HF index, HF block -> our block), so a
+# process reads from safetensors only the bytes of the blocks its devices own.
+_same.hf_block = lambda idx, c: (idx, lambda w: w)
+
+
 def _in_proj(heads_attr: str):
   """torch [heads*head_dim, d] <-> ours [d, heads, head_dim]."""
   def to_ours(w, c):
     return w.T.reshape(c.hidden_size, getattr(c, heads_attr), c.head_dim)
   def to_hf(w, c):
     return w.reshape(c.hidden_size, -1).T
+  def hf_block(idx, c):
+    d, n, h = idx
+    if (h.start, h.stop) != (0, c.head_dim):
+      return None
+    rows = slice(n.start * c.head_dim, n.stop * c.head_dim)
+    return (rows, d), lambda w: w.T.reshape(w.shape[1], -1, c.head_dim)
+  to_ours.hf_block = hf_block
   return to_ours, to_hf
 
 
@@ -60,8 +76,22 @@ def _o_to_hf(w, c):
   return w.reshape(-1, c.hidden_size).T
 
 
+def _o_block(idx, c):
+  n, h, d = idx
+  if (h.start, h.stop) != (0, c.head_dim):
+    return None
+  cols = slice(n.start * c.head_dim, n.stop * c.head_dim)
+  return (d, cols), lambda w: w.T.reshape(-1, c.head_dim, w.shape[0])
+
+
+_o_to_ours.hf_block = _o_block
+
+
 def _transpose(w, c):
   return w.T
+
+
+_transpose.hf_block = lambda idx, c: (idx[::-1], lambda w: w.T)
 
 
 _L = "model.layers.{i}."
@@ -96,6 +126,10 @@ def read_param(spec: ParamSpec, source: TensorSource, cfg: LlamaConfig, shape: t
   Stacked leaves are read layer by layer, so at most one HF tensor is held beside the block.
   """
   index = tuple(index or ()) + (slice(None),) * (len(shape) - len(index or ()))
+  if hasattr(source, "get_block") and hasattr(spec.to_ours, "hf_block"):
+    out = _read_block(spec, source, cfg, shape, dtype, _norm(index, shape))
+    if out is not None:
+      return out
   if not spec.stacked:
     return _converted(spec, spec.hf_name, source, cfg, shape, dtype)[index]
   layers = range(*index[0].indices(shape[0]))
@@ -107,6 +141,25 @@ def read_param(spec: ParamSpec, source: TensorSource, cfg: LlamaConfig, shape: t
       out = np.empty((len(layers),) + block.shape, dtype)
     out[j] = block
   return out
+
+
+def _read_block(spec, source, cfg, shape, dtype, index):
+  """Only the bytes of block `index`, or None when the layout cannot be sliced so."""
+  inner, inner_shape = (index[1:], shape[1:]) if spec.stacked else (index, shape)
+  plan = spec.to_ours.hf_block(inner, cfg)
+  if plan is None:
+    return None
+  hf_index, finish = plan
+  hf_shape = spec.to_hf(np.empty(inner_shape, np.uint8), cfg).shape  # pages never touched
+  names = ([spec.hf_name.format(i=i) for i in range(*index[0].indices(shape[0]))]
+           if spec.stacked else [spec.hf_name])
+  blocks = []
+  for name in names:
+    if tuple(source.shape(name)) != tuple(hf_shape):
+      raise ValueError(f"tensor {name}: shape {tuple(source.shape(name))} does not fit the "
+                       f"config (expected {tuple(inner_shape)} in our layout)")
+    blocks.append(finish(source.get_block(name, hf_index)).astype(dtype, copy=False))
+  return np.stack(blocks) if spec.stacked else blocks[0]
 
 
 def _converted(spec, name, source, cfg, shape, dtype):
@@ -161,6 +214,21 @@ class SafetensorsSource:
     if path not in self._handles:
       self._handles[path] = safetensors.safe_open(path, "np")
     return self._handles[path].get_tensor(name)
+
+  def _handle(self, name):
+    if name not in self._files:
+      raise KeyError(f"checkpoint has no tensor {name!r}")
+    path = self._files[name]
+    if path not in self._handles:
+      self._handles[path] = safetensors.safe_open(path, "np")
+    return self._handles[path]
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._handle(name).get_slice(name).get_shape())
+
+  def get_block(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    """Reads only `index` of the tensor (safetensors slices the file, not a full copy)."""
+    return self._handle(name).get_slice(name)[index]
 
 
 def read_hf_config(directory: str, **overrides) -> LlamaConfig:
