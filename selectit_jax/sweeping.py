@@ -472,6 +472,9 @@ def sweep(inputs: Inputs, config) -> SweepResult:
   t0 = time.time()
   ld = inputs.loaded
   n, m, k, _ = ld.probs.shape
+  if len(set(ld.models)) != m:
+    raise ValueError(f'model names repeat across score dirs {ld.models}: settings are keyed '
+                     'by model name, so each dir must hold a different model')
   specs, cuts = build_grid(config, ld.models, k)
   dspec, dcut = default_setting(config.default, ld.models, k)
   wlabels = {s.weights for s in specs if s.weights} | ({dspec.weights} - {''})
@@ -608,6 +611,12 @@ def write_markdown(path: str, res: SweepResult, dirs, models, plots, max_rows: i
       lines.append(f'- {mdl}: {len(rs)} samples (first: '
                    f'{", ".join(str(r["sample_index"]) for r in rs[:20])}); '
                    'settings using this model do not rank them (see missing.jsonl).')
+      why = {}
+      for r in rs:
+        key = r['store_reject'] or ('invalid probabilities' if not r['missing_prompts']
+                                    else 'no stored row (never scored or text changed)')
+        why[key] = why.get(key, 0) + 1
+      lines += [f'  - {c} x {w}' for w, c in sorted(why.items(), key=lambda x: -x[1])]
   else:
     lines.append('None: every model has every prompt of every sample.')
   lines.append('')
@@ -658,7 +667,8 @@ def write_plots(out_dir: str, res: SweepResult) -> list:
         grid[alphas.index(r['alpha']), props.index(r['proportion'])] = r['jaccard_same_cut']
       panels.append((mode, alphas, props, grid))
   if panels:
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4), squeeze=False,
+                             constrained_layout=True)
     for ax, (mode, alphas, props, grid) in zip(axes[0], panels):
       im = ax.imshow(grid, vmin=0, vmax=1, cmap='viridis', aspect='auto', origin='lower')
       ax.set_xticks(range(len(props)), [f'{p:g}' for p in props])
@@ -675,7 +685,8 @@ def write_plots(out_dir: str, res: SweepResult) -> list:
     plt.close(fig)
     made.append('overlap_alpha_proportion.png')
   # 2. Prompt sensitivity: Spearman between prompts' token scores.
-  fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.8), squeeze=False)
+  fig, axes = plt.subplots(1, len(modes), figsize=(4.4 * len(modes), 3.8), squeeze=False,
+                           constrained_layout=True)
   for ax, mode in zip(axes[0], modes):
     c = res.prompt_corr[mode]
     im = ax.imshow(c, vmin=-1, vmax=1, cmap='coolwarm')
