@@ -45,11 +45,35 @@ def load_tokenizer(path: str) -> Tokenizer:
   import transformers  # slow import; only tokenizer loading needs it
 
   if path.endswith(".gguf"):
-    return Tokenizer(transformers.AutoTokenizer.from_pretrained(
-        os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path)))
+    return Tokenizer(_gguf_tokenizer(path))
   if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
     raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model")
   return Tokenizer(transformers.AutoTokenizer.from_pretrained(path))
+
+
+def _gguf_tokenizer(path: str):
+  """The tokenizer in a GGUF file's metadata, built by transformers' GGUF converter.
+
+  `AutoTokenizer.from_pretrained(gguf_file=...)` would do the same but imports PyTorch to read
+  the file; the metadata is read here with `gguf`, so scoring needs no PyTorch.
+  """
+  import gguf
+  import transformers
+  from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
+
+  fields = gguf.GGUFReader(path).fields
+  meta = {k: f.contents() for k, f in fields.items()
+          if k.startswith("tokenizer.") or k == "general.architecture"}
+  groups = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items()
+                    if f"tokenizer.{key}" in meta}
+            for group, renames in mapping.GGUF_TOKENIZER_MAPPING.items()}
+  tokens, config = groups["tokenizer"], groups["tokenizer_config"]
+  for name in ("bos", "eos", "unknown", "padding"):
+    token_id = meta.get(f"tokenizer.ggml.{name}_token_id")
+    key = {"unknown": "unk", "padding": "pad"}.get(name, name) + "_token"
+    config[key] = tokens["tokens"][token_id] if token_id is not None else None
+  backend, extra = mapping.convert_gguf_tokenizer(meta["general.architecture"], tokens)
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
 
 
 def rating_token_ids(tokenizer: Tokenizer, context: str) -> np.ndarray:

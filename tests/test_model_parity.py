@@ -156,3 +156,28 @@ def test_gguf_rating_probs_match_transformers(smollm2):
     ref = torch.softmax(logits.double(), -1)[torch.tensor(digits, dtype=torch.long)].numpy()
     np.testing.assert_allclose(ours[i], ref, atol=1e-4, rtol=0)
     assert ref.sum() > 1e-3  # the comparison covers real probability mass
+
+
+def test_gguf_tokenizer_matches_transformers_auto_tokenizer(smollm2):
+  path, _, ours = smollm2
+  theirs = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                                      gguf_file=os.path.basename(path))
+  recs = sharegpt_records(20)
+  texts = [prompts.build_text(p, r.instruction, r.response)
+           for r in recs for p in prompts.default_prompts()[:1]]
+  texts += ["<|im_start|>user\nhi<|im_end|>", "  leading\tspaces 12345 日本語 émigré"]
+  assert [ours.encode(t) for t in texts] == [theirs(t)["input_ids"] for t in texts]
+  assert (ours.bos_id, ours.eos_id, ours.pad_id) == (theirs.bos_token_id, theirs.eos_token_id,
+                                                     theirs.pad_token_id)
+  assert ours.hf.chat_template == theirs.chat_template
+
+
+def test_scoring_path_does_not_import_torch():
+  """torch is a test-only extra: loading the default model and tokenizer must not need it."""
+  import subprocess
+  import sys
+  code = ("import sys; from selectit_jax import assets, checkpoints, scoring, tokenizer; "
+          "p = assets.default_gguf_path(); tokenizer.load_tokenizer(p); "
+          "checkpoints.tensor_source(p); assert 'torch' not in sys.modules, 'torch imported'")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-2000:]
