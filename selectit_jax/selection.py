@@ -188,12 +188,15 @@ def sample_reasons(loaded: Loaded, level: str, prompt_index: int) -> list:
     present = present[:, :, prompt_index:prompt_index + 1]
   cell = formulas.invalid_reasons(probs)  # [N, M, K]
   several = len(loaded.models) > 1
+  # A sample the scorer rejected (e.g. too long) has no rows; say why rather than 'missing'.
+  scoring_reasons = {r['index']: r['reason'] for r in loaded.store_rejects}
   out = []
   for i in range(probs.shape[0]):
     reason = ''
     for j, name in enumerate(loaded.models):
       if not present[i, j].all():
-        reason = REASON_MISSING
+        why = scoring_reasons.get(int(loaded.sample_index[i]))
+        reason = f'{REASON_MISSING} (rejected while scoring: {why})' if why else REASON_MISSING
       else:
         bad = [r for r in cell[i, j] if r]
         reason = bad[0] if bad else ''
