@@ -38,6 +38,9 @@ class LlamaConfig:
   dtype: str = "float32"        # activations / matmul inputs
   param_dtype: str = "float32"  # stored weights
   remat: bool = False           # rematerialize each block in the backward pass
+  # Causal attention in query blocks of this many rows, each against only the keys up to its
+  # end, so the masked upper triangle is mostly skipped (0 = one block: the full t×t square).
+  attention_block: int = 128
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -185,12 +188,28 @@ class Attention(nn.Module):
     b, t = x_btd.shape[:2]
     # Query head n uses kv head n // (h // kv), as HF's repeat_kv.
     q = q.reshape(b, t, kv, h // kv, hd)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k,
-                        preferred_element_type=jnp.float32) * (hd ** -0.5)
-    logits = jnp.where(mask, logits, _MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, h, hd)
+    block = c.attention_block or t
+    # Causal: rows [start, end) attend to keys [0, end) only; the mask handles the rest (segments,
+    # padding, the diagonal block's upper half). Static slices, unrolled in the scan body.
+    outs = [_attend(q[:, start:start + block], k[:, :start + block], v[:, :start + block],
+                    mask[..., start:start + block, :start + block], hd ** -0.5)
+            for start in range(0, t, block)]
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    out = out.reshape(b, t, h, hd).astype(v.dtype)
     return jnp.einsum("btnh,nhd->btd", out, wo)
+
+
+def _attend(q_btkgh, k_bskh, v_bskh, mask, scale):
+  """Softmax attention in fp32 with normalisation after PV: the [t, s] scores are read
+  three times (max, exp+sum, PV), not five, and the division touches [t, head_dim] only."""
+  logits = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh,
+                      preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(mask, logits, _MASK_VALUE)
+  unnorm = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  denom_bkgt = jnp.sum(unnorm, axis=-1)
+  out = jnp.einsum("bkgts,bskh->btkgh", unnorm.astype(v_bskh.dtype), v_bskh,
+                   preferred_element_type=jnp.float32)
+  return out / jnp.transpose(denom_bkgt, (0, 3, 1, 2))[..., None]
 
 
 class Mlp(nn.Module):
