@@ -1,0 +1,134 @@
+"""Shared pieces of the benchmarks: FLOP counting, peak FLOP/s, roofline, machine description.
+
+FLOPs are *model* FLOPs, counted the same way for every method so that GFLOP/s, % of
+roofline and MFU compare like for like (and are proportional to tokens/s):
+
+  per text of L tokens:  2·θ·L  +  attention
+  attention           =  num_layers · 4 · num_heads · head_dim · L(L+1)/2
+
+θ is the parameter count (tied embeddings once), 2·θ per token is the forward of every
+weight matrix once (the head included, as a next-token model does); the attention term is the
+causal QKᵀ and PV (the masked upper triangle is not useful work). Padding and the head rows a
+method skips or recomputes are *not* counted: a method gets no credit for wasted work and no
+penalty for work it avoids. `executed_flops` gives the work each method actually does.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+
+import numpy as np
+
+# Dense peak FLOP/s per device, by jax `device_kind` (substring match, first wins); MFU on
+# accelerators is model FLOP/s / (peak · devices). bf16 tensor/matrix-unit peaks, no sparsity.
+PEAK_FLOPS = (
+    ("TPU v6 lite", 918e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+    ("TPU v3", 123e12),
+    ("H200", 989e12),
+    ("H100", 989e12),   # SXM; PCIe is 756e12
+    ("A100", 312e12),
+    ("L4", 121e12),
+)
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """Vendor dense bf16 peak of one device, or None (CPU: use the measured roofline)."""
+  for name, peak in PEAK_FLOPS:
+    if name.lower() in device_kind.lower():
+      return peak
+  return None
+
+
+def model_flops(lengths, num_params: int, cfg) -> float:
+  """Model FLOPs of forward passes over texts of these lengths (see the module docstring)."""
+  lengths = np.asarray(lengths, np.float64)
+  attn = cfg.num_layers * 4 * cfg.num_heads * cfg.head_dim * lengths * (lengths + 1) / 2
+  return float(np.sum(2.0 * num_params * lengths + attn))
+
+
+def non_embedding_params(cfg) -> int:
+  """Parameters of the decoder blocks (the matmuls every token goes through)."""
+  d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  return cfg.num_layers * (d * hd * (2 * h + 2 * kv) + 3 * d * cfg.intermediate_size)
+
+
+def executed_flops(padded_lengths, cfg, head_rows_per_text, full_square: bool) -> float:
+  """Matmul FLOPs a method actually runs: blocks over every (padded) position, the head on
+  `head_rows_per_text` rows (1: last token only; L: every position), attention over the full
+  L² (`full_square`) or the causal half."""
+  padded = np.asarray(padded_lengths, np.float64)
+  head_rows = np.asarray(head_rows_per_text, np.float64)
+  pairs = padded * padded if full_square else padded * (padded + 1) / 2
+  attn = cfg.num_layers * 4 * cfg.num_heads * cfg.head_dim * pairs
+  return float(np.sum(2.0 * non_embedding_params(cfg) * padded
+                      + 2.0 * cfg.hidden_size * cfg.vocab_size * head_rows + attn))
+
+
+def peak_rss_mib() -> float:
+  """Peak resident set size of this process since its exec (VmHWM; ru_maxrss would carry the
+  forking parent's peak across fork+exec)."""
+  try:
+    with open("/proc/self/status") as f:
+      return int(next(l for l in f if l.startswith("VmHWM")).split()[1]) / 1024
+  except (OSError, StopIteration):
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_roofline(sizes=(2048, 3072), repeats: int = 10) -> dict:
+  """Best GFLOP/s of a jit'd fp32 n×n matmul over `sizes` and `repeats`."""
+  import jax
+  import jax.numpy as jnp
+
+  out = {}
+  for n in sizes:
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      f(a, b).block_until_ready()
+      times.append(time.perf_counter() - t)
+    out[n] = 2 * n ** 3 / min(times) / 1e9  # best: contention only slows a run
+  return {"gflops": max(out.values()), "by_size": out,
+          "device_kind": jax.devices()[0].device_kind, "num_devices": jax.device_count()}
+
+
+def machine_description() -> str:
+  """CPU model, cores, memory, and the library versions that matter for the numbers."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  flags = ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      fl = next((l for l in f if l.startswith("flags")), "").split()
+    flags = ", ".join(x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if x in fl)
+  except OSError:
+    pass
+  mem = ""
+  try:
+    with open("/proc/meminfo") as f:
+      kib = int(next(l for l in f if l.startswith("MemTotal")).split()[1])
+    mem = f", {kib / 2**20:.0f} GiB RAM"
+  except (OSError, StopIteration):
+    pass
+  import jax
+  import torch
+  import transformers
+  return (f"{cpu} ({flags}), {os.cpu_count()} cores visible{mem}; "
+          f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, Python {platform.python_version()}")
