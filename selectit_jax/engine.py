@@ -16,7 +16,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from selectit_jax import prompts as prompts_lib
 from selectit_jax import records as records_lib

@@ -16,7 +16,7 @@ with the default k = 5 that is the same 4 used here for both modes.
 Model level divides by sum(w) in both modes (the released script does not);
 that scales all scores alike and does not change the ranking.
 """
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np

@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Iterator
+from typing import Any
 
 from absl import logging
 
@@ -510,7 +510,9 @@ def read_records(cfg_data) -> tuple[list[Record], list[Reject], ReadInfo]:
 
 # --------------------------------------------------------------------------- writing
 
-def _atomic_write(path, write_fn, mode="wb"):
+def atomic_write(path, write_fn, mode="wb"):
+  """Writes through a hidden temp file in the same directory, fsync, rename: readers see the
+  old file or the whole new one, never a part (what makes killed runs resumable)."""
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
   tmp = os.path.join(d, f".{os.path.basename(path)}.tmp.{os.getpid()}")
@@ -520,9 +522,24 @@ def _atomic_write(path, write_fn, mode="wb"):
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(d)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def _fsync_dir(d):
+  """Makes the rename durable; some filesystems cannot fsync a directory."""
+  try:
+    fd = os.open(d, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
 
 
 def reject_dict(r: Reject) -> dict:
@@ -539,7 +556,7 @@ def write_rejects(path: str, rejects, append: bool = False) -> None:
       f.flush()
       os.fsync(f.fileno())
   else:
-    _atomic_write(path, lambda f: f.write(lines), mode="w")
+    atomic_write(path, lambda f: f.write(lines), mode="w")
 
 
 def write_records(path: str, records, fmt: str) -> None:
@@ -551,14 +568,14 @@ def write_records(path: str, records, fmt: str) -> None:
       for i, r in enumerate(records):
         f.write(("," if i else "") + "\n  " + json.dumps(r.raw, ensure_ascii=False))
       f.write("\n]\n")
-    _atomic_write(path, w, mode="w")
+    atomic_write(path, w, mode="w")
   elif fmt in ("jsonl", "tfds"):
-    _atomic_write(path, lambda f: f.writelines(
+    atomic_write(path, lambda f: f.writelines(
         json.dumps(r.raw, ensure_ascii=False) + "\n" for r in records), mode="w")
   elif fmt == "parquet":
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     table = pa.Table.from_pylist([r.raw for r in records])
-    _atomic_write(path, lambda f: pq.write_table(table, f))
+    atomic_write(path, lambda f: pq.write_table(table, f))
   else:
     raise ValueError(f"write_records: fmt={fmt!r}; expected json, jsonl or parquet")

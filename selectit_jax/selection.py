@@ -227,6 +227,33 @@ def _data_config(manifests: list, notes: list) -> Optional[dict]:
   return datas[0]
 
 
+def load_input_records(scores_dirs: Sequence[str], notes: list):
+  """The scored input records by index, re-read as the scoring run read them, and their
+  container (json, jsonl, parquet, tfds); (None, None) with a note when unavailable."""
+  manifests = [store_lib.ScoreStore(d).read_manifest() if os.path.isdir(d) else None
+               for d in scores_dirs]
+  data = _data_config(manifests, notes)
+  if data is None:
+    notes.append('manifest names no input data; selected records and lengths unavailable')
+    return None, None
+  if not str(data['format']).startswith('tfds:') and not os.path.isfile(data['path']):
+    notes.append(f"input data {data['path']} not found; samples aligned by stored "
+                 'sample_index, selected records and lengths unavailable')
+    return None, None
+  rec_list, _, info = records_lib.read_records(ml_collections.ConfigDict(data))
+  return {r.index: r for r in rec_list}, info.container
+
+
+def scores_dirs_of(config) -> list:
+  """config.scores_dir (comma-separated) as a list; checks the output dir is set."""
+  dirs = [d.strip() for d in str(config.scores_dir).split(',') if d.strip()]
+  if not dirs:
+    raise ValueError('config.scores_dir is required')
+  if not config.output_dir:
+    raise ValueError('config.output_dir is required')
+  return dirs
+
+
 def _finite(x) -> Optional[float]:
   x = float(x)
   return x if math.isfinite(x) else None
@@ -240,11 +267,7 @@ def _selected_path(out_dir: str, container: str) -> tuple:
 
 def run_selection(config) -> dict:
   """Reads score dirs, ranks, writes selected records, scores.jsonl and report.md."""
-  dirs = [d.strip() for d in str(config.scores_dir).split(',') if d.strip()]
-  if not dirs:
-    raise ValueError('config.scores_dir is required')
-  if not config.output_dir:
-    raise ValueError('config.output_dir is required')
+  dirs = scores_dirs_of(config)
   mode, level = config.mode, config.level
   if mode not in formulas.MODES or level not in formulas.LEVELS:
     raise ValueError(f'bad mode/level {mode!r}/{level!r}')
@@ -252,18 +275,7 @@ def run_selection(config) -> dict:
   os.makedirs(out_dir, exist_ok=True)
 
   notes = []
-  manifests = [store_lib.ScoreStore(d).read_manifest() if os.path.isdir(d) else None
-               for d in dirs]
-  data = _data_config(manifests, notes)
-  recs, container = None, None
-  if data is None:
-    notes.append('manifest names no input data; selected records not written')
-  elif not str(data['format']).startswith('tfds:') and not os.path.isfile(data['path']):
-    notes.append(f"input data {data['path']} not found; selected records not written, "
-                 'samples aligned by stored sample_index')
-  else:
-    rec_list, _, info = records_lib.read_records(ml_collections.ConfigDict(data))
-    recs, container = {r.index: r for r in rec_list}, info.container
+  recs, container = load_input_records(dirs, notes)
   loaded = load_scores(dirs, k=int(config.k),
                        samples=None if recs is None else list(recs.values()))
   notes += loaded.notes

@@ -16,7 +16,6 @@ import re
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from selectit_jax import records as records_lib
@@ -36,34 +35,6 @@ SCHEMA = pa.schema([
     ("num_tokens", pa.int32()),
 ])
 _SHARD = re.compile(r"^(\d{5})-(\d{6})\.parquet$")
-
-
-def _fsync_dir(d):
-  try:
-    fd = os.open(d, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
-
-def _atomic(path, write_fn, mode):
-  d = os.path.dirname(path)
-  tmp = os.path.join(d, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-  try:
-    with open(tmp, mode) as f:
-      write_fn(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(d)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 class ScoreStore:
@@ -89,7 +60,7 @@ class ScoreStore:
   # -- manifest
   def write_manifest(self, d: dict) -> None:
     text = json.dumps(d, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    _atomic(self.manifest_path, lambda f: f.write(text), "w")
+    records_lib.atomic_write(self.manifest_path, lambda f: f.write(text), "w")
 
   def read_manifest(self) -> dict | None:
     if not os.path.exists(self.manifest_path):
@@ -149,7 +120,7 @@ class ScoreStore:
       path = os.path.join(self.shards_dir, name)
       if not os.path.exists(path):
         break
-    _atomic(path, lambda f: pq.write_table(table, f), "wb")
+    records_lib.atomic_write(path, lambda f: pq.write_table(table, f), "wb")
     return path
 
   def stored_keys(self) -> set:

@@ -39,16 +39,13 @@ from typing import Optional, Sequence
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy import stats
 
 from selectit_jax import formulas
-from selectit_jax import records as records_lib
 from selectit_jax import selection
-from selectit_jax import store as store_lib
 
 NO_ALPHA = float('nan')
 
@@ -196,18 +193,7 @@ class Inputs:
 def load_inputs(scores_dirs: Sequence[str], k: int = 0) -> Inputs:
   """Score dirs on one sample axis, with the records re-read as select does."""
   notes = []
-  manifests = [store_lib.ScoreStore(d).read_manifest() if os.path.isdir(d) else None
-               for d in scores_dirs]
-  data = selection._data_config(manifests, notes)  # pylint: disable=protected-access
-  recs = None
-  if data is None:
-    notes.append('manifest names no input data; lengths unavailable')
-  elif not str(data['format']).startswith('tfds:') and not os.path.isfile(data['path']):
-    notes.append(f"input data {data['path']} not found; samples aligned by stored "
-                 'sample_index, lengths unavailable')
-  else:
-    rec_list, _, _ = records_lib.read_records(ml_collections.ConfigDict(data))
-    recs = {r.index: r for r in rec_list}
+  recs, _ = selection.load_input_records(scores_dirs, notes)
   loaded = selection.load_scores(scores_dirs, k=k,
                                  samples=None if recs is None else list(recs.values()))
   notes += loaded.notes
@@ -718,11 +704,7 @@ def write_plots(out_dir: str, res: SweepResult) -> list:
 
 def run_sweep(config) -> dict:
   """Loads score dirs, sweeps the grid, writes sweep.parquet, sweep.md, plots."""
-  dirs = [x.strip() for x in str(config.scores_dir).split(',') if x.strip()]
-  if not dirs:
-    raise ValueError('config.scores_dir is required')
-  if not config.output_dir:
-    raise ValueError('config.output_dir is required')
+  dirs = selection.scores_dirs_of(config)
   out_dir = config.output_dir
   os.makedirs(out_dir, exist_ok=True)
   t0 = time.time()
