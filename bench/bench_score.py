@@ -43,7 +43,13 @@ _REPEATS = flags.DEFINE_integer("repeats", 1, "Alternating reference/ours runs; 
 _TOLERANCE = flags.DEFINE_float("tolerance", 1e-4, "Max |Δp| allowed between reference and ours.")
 _OUTPUT = flags.DEFINE_string("output", "BENCHMARKS.md", "Markdown report ('' = none).")
 _SKIP_REFERENCE = flags.DEFINE_bool("skip_reference", False, "Only ours and the roofline (lever trials).")
-_PART = flags.DEFINE_enum("part", "main", ["main", "reference", "ours", "roofline"],
+_TRAIN = flags.DEFINE_bool("train", True, "Also time training steps: our trainer's jit'd step vs "
+                           "a plain HF+torch AdamW step on the same packed batch.")
+_TRAIN_ROWS = flags.DEFINE_integer("train_rows", 4, "Packed rows per training step.")
+_TRAIN_LENGTH = flags.DEFINE_integer("train_length", 512, "Tokens per packed row.")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 3, "Timed training steps (after one warm-up).")
+_PART = flags.DEFINE_enum("part", "main", ["main", "reference", "ours", "roofline",
+                                           "train_reference", "train_ours"],
                           "Internal: the child process's part.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Internal: the parent's scratch directory.")
 
@@ -106,7 +112,8 @@ def _prepare(workdir: str) -> dict:
 
 def _child(part: str, workdir: str) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), f"--part={part}", f"--workdir={workdir}",
-         f"--config={_CONFIG.value}"] + [f"--engine={','.join(_OVERRIDES.value)}"] * bool(
+         f"--config={_CONFIG.value}", f"--train_rows={_TRAIN_ROWS.value}",
+         f"--train_length={_TRAIN_LENGTH.value}", f"--train_steps={_TRAIN_STEPS.value}"] + [f"--engine={','.join(_OVERRIDES.value)}"] * bool(
              _OVERRIDES.value)
   print(f"[bench] running {part} ...", flush=True)
   subprocess.run(cmd, check=True)
@@ -193,6 +200,8 @@ def main_parent():
         refs.append(_child("reference", workdir))
       ours.append(_child("ours", workdir))
     roof = _child("roofline", workdir)
+    train = ([_child("train_reference", workdir), _child("train_ours", workdir)]
+             if _TRAIN.value else [])
   rows = []
   dp = None
   if refs:
@@ -208,6 +217,7 @@ def main_parent():
            "(L_layers·4·heads·head_dim·L(L+1)/2 per text), the same for every method; "
            "executed GFLOP/s counts the work each method really does (padding, the head at every "
            "position or only the last, the full L² attention square)."]
+  extra += _train_report(train, data, roof)
   text = _report(data, rows, roof, dp, machine, extra)
   print("\n" + text)
   if _OUTPUT.value:
@@ -215,6 +225,42 @@ def main_parent():
       f.write("# Benchmarks\n\n" + text)
   if dp is not None and dp > _TOLERANCE.value:
     raise SystemExit(f"max |Δp| {dp:.2e} > {_TOLERANCE.value:.0e}")
+
+
+def _train_report(train, data, roof) -> list[str]:
+  if not train:
+    return ["", "Training throughput: not run (--notrain)."]
+  from selectit_jax.training import perf
+  cfg = data["cfg"]
+  fpt = perf.flops_per_token(cfg, _TRAIN_LENGTH.value)
+  out = ["", f"## Training step (SmolLM2-135M fp32 on CPU, {_TRAIN_ROWS.value} packed rows × "
+         f"{_TRAIN_LENGTH.value} tokens, AdamW, best of {_TRAIN_STEPS.value} steps after a warm-up)",
+         "", "| method | tokens/s | model GFLOP/s | MFU (vs the matmul roofline) | step s (runs) "
+         "| compile / first step s | peak RSS MiB |", "|---|---|---|---|---|---|---|"]
+  for r in train:
+    tok_s = _TRAIN_ROWS.value * _TRAIN_LENGTH.value / r["step_s"]
+    gflops = tok_s * fpt / 1e9
+    runs = ", ".join(f"{x:.1f}" for x in r["runs"])
+    out.append(f"| {r['name']} | {tok_s:.0f} | {gflops:.1f} | {gflops / roof['gflops']:.0%} | "
+               f"{r['step_s']:.1f} ({runs}) | {r['first_s']:.1f} | {r['peak_rss_mib']:.0f} |")
+  out.append(f"Training FLOPs per token: selectit_jax/training/perf.py (6·N + 12·L·H·Q·T, "
+             f"{fpt / 1e6:.0f} MFLOP at T={_TRAIN_LENGTH.value}); the same for both rows. "
+             f"Our step's loss {train[1]['loss']:.4f} vs torch {train[0]['loss']:.4f} on the "
+             "first step (ours masks attention by segment, torch sees each row as one sequence).")
+  return out
+
+
+def _train_rows(data) -> dict:
+  """The bench texts packed into [rows, length] (segment per text), every token a target."""
+  import numpy as np
+  from selectit_jax.training import data as data_lib
+  examples = [data_lib.Example(np.asarray(it.ids[:_TRAIN_LENGTH.value + 1], np.int32),
+                               np.ones(min(len(it.ids), _TRAIN_LENGTH.value + 1), bool),
+                               it.sample_index) for it in data["items"]]
+  rows = data_lib.pack(examples, _TRAIN_LENGTH.value, seed=0)
+  if len(rows["inputs"]) < _TRAIN_ROWS.value:
+    raise ValueError(f"only {len(rows['inputs'])} packed rows; lower --train_rows")
+  return {k: v[:_TRAIN_ROWS.value] for k, v in rows.items()}
 
 
 # ---------------------------------------------------------------------------------- children
@@ -298,6 +344,81 @@ def part_ours(workdir):
       executed_flops=common.executed_flops(padded, model.config, 1, full_square=True)))
 
 
+def _time_steps(step, first_s, name, workdir, part, loss):
+  import numpy as np
+  runs = []
+  for _ in range(_TRAIN_STEPS.value):
+    start = time.perf_counter()
+    step()
+    runs.append(time.perf_counter() - start)
+  _write(workdir, part, dict(name=name, step_s=float(np.min(runs)), runs=runs,
+                             first_s=first_s, loss=loss))
+
+
+def part_train_reference(workdir):
+  """A plain HF+torch fp32 step: forward with labels, backward, AdamW (lr 2e-5)."""
+  import torch
+  import transformers
+  data = _load_data(workdir)
+  rows = _train_rows(data)
+  model = transformers.LlamaForCausalLM.from_pretrained(os.path.join(workdir, "hf"),
+                                                        torch_dtype=torch.float32).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.0)
+  inputs = torch.as_tensor(rows["inputs"], dtype=torch.long)
+  labels = torch.as_tensor(rows["targets"], dtype=torch.long)
+  labels[torch.as_tensor(rows["weights"]) == 0] = -100
+
+  def step():
+    logits = model(input_ids=inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                             ignore_index=-100)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss)
+
+  start = time.perf_counter()
+  loss = step()
+  _time_steps(step, time.perf_counter() - start, "HF+torch fp32 (plain step)", workdir,
+              "train_reference", loss)
+
+
+def part_train_ours(workdir):
+  """Our trainer's jit'd step (selectit_jax.training.step), one micro-batch per step."""
+  import importlib.util
+  import jax
+  from selectit_jax import checkpoints, sharding
+  from selectit_jax.training import step as step_lib
+  data = _load_data(workdir)
+  rows = _train_rows(data)
+  spec = importlib.util.spec_from_file_location("train_config", "configs/train_smollm2_135m.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  mesh = sharding.make_mesh(config.mesh)
+  model = checkpoints.load_model(data["model_path"], mesh, dtype=config.model.dtype,
+                                 param_dtype=config.model.param_dtype)
+  cfg = model.config
+  sched = step_lib.schedule(config.train, 1000)
+  tx = step_lib.optimizer(config.train, sched)
+  shardings = step_lib.state_shardings(cfg, tx, mesh)
+  state = step_lib.init_state(model.params, tx, shardings)
+  train_step = step_lib.make_train_step(cfg, tx, sched, mesh, shardings)
+  batch = jax.device_put({k: v[None] for k, v in rows.items()},
+                         step_lib.batch_sharding(mesh, True))
+  holder = {"state": state}
+
+  def step():
+    holder["state"], metrics = train_step(holder["state"], batch)
+    return float(jax.block_until_ready(metrics["loss"]))
+
+  start = time.perf_counter()
+  loss = step()
+  _time_steps(step, time.perf_counter() - start, "ours (selectit_jax.training step, fp32)",
+              workdir, "train_ours", loss)
+
+
 def part_roofline(workdir):
   _write(workdir, "roofline", common.matmul_roofline())
 
@@ -307,8 +428,9 @@ def main(argv):
   if _PART.value == "main":
     main_parent()
   else:
-    {"reference": part_reference, "ours": part_ours,
-     "roofline": part_roofline}[_PART.value](_WORKDIR.value)
+    {"reference": part_reference, "ours": part_ours, "roofline": part_roofline,
+     "train_reference": part_train_reference,
+     "train_ours": part_train_ours}[_PART.value](_WORKDIR.value)
 
 
 if __name__ == "__main__":
