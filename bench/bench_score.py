@@ -190,6 +190,22 @@ def _report(data, rows, roof, dp, machine, extra) -> str:
   return "\n".join(out) + "\n"
 
 
+_BEGIN, _END = "<!-- bench_score: begin -->", "<!-- bench_score: end -->"
+
+
+def _write_markdown(path: str, text: str) -> None:
+  """Replaces the generated section of `path` (between the markers), keeping the rest."""
+  block = f"{_BEGIN}\n## Scoring throughput (`python bench/bench_score.py`)\n\n{text}{_END}"
+  old = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
+  if _BEGIN in old and _END in old:
+    new = old[:old.index(_BEGIN)] + block + old[old.index(_END) + len(_END):]
+  else:
+    new = old.rstrip("\n") + "\n\n" + block + "\n"
+  with open(path + ".tmp", "w") as f:
+    f.write(new)
+  os.replace(path + ".tmp", path)
+
+
 def main_parent():
   import numpy as np
   with tempfile.TemporaryDirectory(prefix="bench_score_") as workdir:
@@ -225,8 +241,7 @@ def main_parent():
   text = _report(data, rows, roof, dp, machine, extra)
   print("\n" + text)
   if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      f.write("# Benchmarks\n\n" + text)
+    _write_markdown(_OUTPUT.value, text)
   if dp is not None and dp > _TOLERANCE.value:
     raise SystemExit(f"max |Δp| {dp:.2e} > {_TOLERANCE.value:.0e}")
 
