@@ -16,6 +16,9 @@ from selectit_jax.checkpoints import hf  # noqa: E402
 from selectit_jax.model import LlamaConfig  # noqa: E402
 
 TINY_VOCAB = 400
+# The released code's rating prompts, a read-only fixture beside the checkout (../shared).
+REFERENCE_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 "..", "shared", "reference", "rating_prompt.txt")
 _CORPUS = (
     "Rate the response from 1 to 5 and answer with one digit.\n",
     "Instruction:Write a short poem about the sea.\n",

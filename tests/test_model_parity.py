@@ -7,13 +7,11 @@ import pytest
 import torch
 import transformers
 
-from conftest import sharegpt_records, write_tiny_checkpoint
+from conftest import REFERENCE_PROMPTS, sharegpt_records, write_tiny_checkpoint
 from selectit_jax import assets, checkpoints, engine, prompts
 from selectit_jax.model import Llama
 from selectit_jax.tokenizer import load_tokenizer, rating_token_ids
 
-REFERENCE_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference",
-                                 "rating_prompt.txt")
 
 
 def _right_padded(seqs):

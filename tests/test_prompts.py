@@ -4,9 +4,10 @@ import os
 import ml_collections
 import pytest
 
+from conftest import REFERENCE_PROMPTS
 from selectit_jax import prompts as P
 
-RELEASED = "/work/shared/reference/rating_prompt.txt"
+RELEASED = REFERENCE_PROMPTS
 
 
 def cfg(**kw):
