@@ -20,6 +20,7 @@ setuptools.setup(
         "gguf",
         "safetensors",
         "numpy",
+        "ml_dtypes",
         "pyarrow",
         "tqdm",
         "matplotlib",

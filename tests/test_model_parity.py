@@ -179,3 +179,26 @@ def test_scoring_path_does_not_import_torch():
           "checkpoints.tensor_source(p); assert 'torch' not in sys.modules, 'torch imported'")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_bf16_and_fp16_safetensors_load(tmp_path):
+  """LLaMA-family checkpoints ship in bf16 or fp16; safetensors' numpy reader has no bf16."""
+  import ml_dtypes
+  import safetensors.torch
+  write_tiny_checkpoint(str(tmp_path / "f32"), tokenizer=False, max_shard_bytes=40_000)
+  ref = checkpoints.load_model(str(tmp_path / "f32"))
+  for name, torch_dtype, np_dtype in (("bf16", torch.bfloat16, ml_dtypes.bfloat16),
+                                      ("f16", torch.float16, np.float16)):
+    out = tmp_path / name
+    out.mkdir()
+    for f in os.listdir(tmp_path / "f32"):
+      src = str(tmp_path / "f32" / f)
+      if f.endswith(".safetensors"):
+        tensors = {k: v.to(torch_dtype) for k, v in safetensors.torch.load_file(src).items()}
+        safetensors.torch.save_file(tensors, str(out / f), metadata={"format": "pt"})
+      else:
+        (out / f).write_bytes(open(src, "rb").read())
+    model = checkpoints.load_model(str(out))
+    for got, want in zip(jax.tree.leaves(model.params), jax.tree.leaves(ref.params)):
+      np.testing.assert_array_equal(np.asarray(got),
+                                    np.asarray(want).astype(np_dtype).astype(np.float32))

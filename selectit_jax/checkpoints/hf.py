@@ -11,8 +11,8 @@ import json
 import os
 from typing import Callable, Iterator, Protocol
 
+import ml_dtypes
 import numpy as np
-import safetensors
 import safetensors.numpy
 
 from selectit_jax.model import LlamaConfig
@@ -186,49 +186,64 @@ def check_complete(cfg: LlamaConfig, source: TensorSource) -> None:
         raise ValueError(f"checkpoint has no tensor {name!r} (needed by {'/'.join(spec.path)})")
 
 
+# safetensors dtype codes -> numpy; bf16 through ml_dtypes (safetensors' numpy reader
+# cannot return bf16, the dtype most LLaMA-family checkpoints ship in).
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32}
+
+
 class SafetensorsSource:
-  """A HF checkpoint directory: one `model.safetensors` or a sharded index."""
+  """A HF checkpoint directory: one `model.safetensors` or a sharded index.
+
+  Tensors are memory-mapped from the files' headers, so a block read touches only its
+  own pages and any dtype the format allows (bf16 included) loads.
+  """
 
   def __init__(self, directory: str):
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
       with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(directory, "model.safetensors")):
+      files = ["model.safetensors"]
     else:
-      single = os.path.join(directory, "model.safetensors")
-      if not os.path.exists(single):
-        raise FileNotFoundError(f"{directory}: no model.safetensors or "
-                                "model.safetensors.index.json")
-      with safetensors.safe_open(single, "np") as f:
-        weight_map = {k: "model.safetensors" for k in f.keys()}
-    self._files = {k: os.path.join(directory, v) for k, v in weight_map.items()}
-    self._handles = {}
+      raise FileNotFoundError(f"{directory}: no model.safetensors or "
+                              "model.safetensors.index.json")
+    self._entries = {}  # name -> (path, dtype, shape, byte offset)
+    for fname in files:
+      path = os.path.join(directory, fname)
+      with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+      for name, entry in header.items():
+        if name == "__metadata__":
+          continue
+        if entry["dtype"] not in _SAFETENSORS_DTYPES:
+          raise ValueError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+        self._entries[name] = (path, _SAFETENSORS_DTYPES[entry["dtype"]],
+                               tuple(entry["shape"]), 8 + size + entry["data_offsets"][0])
 
   def keys(self) -> set[str]:
-    return set(self._files)
+    return set(self._entries)
+
+  def _mapped(self, name: str) -> np.ndarray:
+    if name not in self._entries:
+      raise KeyError(f"checkpoint has no tensor {name!r}")
+    path, dtype, shape, offset = self._entries[name]
+    if not shape or 0 in shape:
+      return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
   def get(self, name: str) -> np.ndarray:
-    if name not in self._files:
-      raise KeyError(f"checkpoint has no tensor {name!r}")
-    path = self._files[name]
-    if path not in self._handles:
-      self._handles[path] = safetensors.safe_open(path, "np")
-    return self._handles[path].get_tensor(name)
-
-  def _handle(self, name):
-    if name not in self._files:
-      raise KeyError(f"checkpoint has no tensor {name!r}")
-    path = self._files[name]
-    if path not in self._handles:
-      self._handles[path] = safetensors.safe_open(path, "np")
-    return self._handles[path]
+    return np.array(self._mapped(name))
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._handle(name).get_slice(name).get_shape())
+    self._mapped(name)  # named KeyError for a missing tensor
+    return self._entries[name][2]
 
   def get_block(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-    """Reads only `index` of the tensor (safetensors slices the file, not a full copy)."""
-    return self._handle(name).get_slice(name)[index]
+    """Reads only `index` of the tensor: the pages of the mapped file it covers."""
+    return np.array(self._mapped(name)[index])
 
 
 def read_hf_config(directory: str, **overrides) -> LlamaConfig:
