@@ -1,4 +1,6 @@
-"""Shared pieces of the benchmarks: FLOP counting, peak FLOP/s, roofline, machine description.
+"""Shared pieces of the benchmarks: FLOP counting, roofline, machine description.
+
+Peak FLOP/s per accelerator (for MFU) are in selectit_jax/training/perf.py.
 
 FLOPs are *model* FLOPs, counted the same way for every method so that GFLOP/s, % of
 roofline and MFU compare like for like (and are proportional to tokens/s):
@@ -20,30 +22,6 @@ import resource
 import time
 
 import numpy as np
-
-# Dense peak FLOP/s per device, by jax `device_kind` (substring match, first wins); MFU on
-# accelerators is model FLOP/s / (peak · devices). bf16 tensor/matrix-unit peaks, no sparsity.
-PEAK_FLOPS = (
-    ("TPU v6 lite", 918e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),
-    ("TPU v4", 275e12),
-    ("TPU v3", 123e12),
-    ("H200", 989e12),
-    ("H100", 989e12),   # SXM; PCIe is 756e12
-    ("A100", 312e12),
-    ("L4", 121e12),
-)
-
-
-def peak_flops(device_kind: str) -> float | None:
-  """Vendor dense bf16 peak of one device, or None (CPU: use the measured roofline)."""
-  for name, peak in PEAK_FLOPS:
-    if name.lower() in device_kind.lower():
-      return peak
-  return None
-
 
 def model_flops(lengths, num_params: int, cfg) -> float:
   """Model FLOPs of forward passes over texts of these lengths (see the module docstring)."""

@@ -16,11 +16,12 @@ import jax.numpy as jnp
 
 from selectit_jax.model import LlamaConfig
 
-# Dense bf16 peak FLOP/s per device, by substring of jax's device_kind (lower case).
+# Dense bf16 peak FLOP/s per device, by substring of jax's device_kind (lower case), first
+# match wins: v5p reports "TPU v5", v5e "TPU v5 lite"; H100 is SXM (PCIe: 756e12).
 PEAK_FLOPS = (
     ("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l4", 121e12), ("a10", 125e12),
-    ("v6", 918e12), ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12), ("v4", 275e12),
-    ("v3", 123e12), ("v2", 45e12),
+    ("v6", 918e12), ("v5 lite", 197e12), ("v5e", 197e12), ("v5p", 459e12), ("v5", 459e12),
+    ("v4", 275e12), ("v3", 123e12), ("v2", 45e12),
 )
 
 
@@ -42,16 +43,18 @@ def measure_matmul_flops(n: int = 1024, dtype=jnp.float32, repeats: int = 5) -> 
   return 2 * n ** 3 * repeats / (time.perf_counter() - start)
 
 
+def peak_flops(device_kind: str) -> float | None:
+  """Vendor dense bf16 peak of one device of this kind, or None (CPU, unknown)."""
+  kind = device_kind.lower()
+  return next((flops for key, flops in PEAK_FLOPS if key in kind), None)
+
+
 def peak_flops_per_device(override: float = 0.0, device=None) -> float:
   """The configured peak, else the table by device kind, else (CPU, unknown) measured."""
   if override:
     return float(override)
-  device = device or jax.devices()[0]
-  kind = device.device_kind.lower()
-  for key, flops in PEAK_FLOPS:
-    if key in kind:
-      return flops
-  return measure_matmul_flops()
+  peak = peak_flops((device or jax.devices()[0]).device_kind)
+  return peak if peak is not None else measure_matmul_flops()
 
 
 def mfu(tokens_per_second: float, cfg: LlamaConfig, seq_len: int, peak_per_device: float,
