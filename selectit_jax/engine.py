@@ -44,13 +44,21 @@ def prepare(records: Sequence[records_lib.Record], prompts: Sequence[str], templ
   Too long for `max_tokens`: 'reject' the record, or 'truncate' its response, keeping the
   prompt's closing line ("The answer is: ") intact. A record whose text does not fit even
   with an empty response is rejected either way. A rejected record is rejected for all
-  its prompts, so it never gets a partial set of scores.
+  its prompts, so it never gets a partial set of scores. A record whose text repeats an
+  earlier one's is not rated again: rows are keyed by content, so the first copy's scores
+  serve every copy (and its reject, if any, is repeated for each copy).
   """
   if too_long not in ("truncate", "reject"):
     raise ValueError(f"engine.too_long={too_long!r}; expected 'truncate' or 'reject'")
   hashes = [prompts_lib.prompt_hash(p, template) for p in prompts]
   items, rejects = [], []
+  first_reject = {}  # content hash -> reason (None: rated)
   for rec in records:
+    content = records_lib.content_hash(rec)
+    if content in first_reject:
+      if first_reject[content]:
+        rejects.append(records_lib.Reject(rec.index, rec.id, first_reject[content]))
+      continue
     texts = [prompts_lib.build_text(p, rec.instruction, rec.response, template) for p in prompts]
     ids = tokenizer.encode_batch(texts)
     rec_items, reason = [], None
@@ -65,8 +73,8 @@ def prepare(records: Sequence[records_lib.Record], prompts: Sequence[str], templ
           reason = (f"instruction and prompt {k} alone exceed engine.max_tokens={max_tokens}")
           break
         truncated = True
-      rec_items.append(WorkItem(rec.index, rec.id, records_lib.content_hash(rec), k, hashes[k],
-                                tuple(seq), truncated))
+      rec_items.append(WorkItem(rec.index, rec.id, content, k, hashes[k], tuple(seq), truncated))
+    first_reject[content] = reason
     if reason:
       rejects.append(records_lib.Reject(rec.index, rec.id, reason))
     else:

@@ -56,6 +56,11 @@ def check_template(template: str) -> str:
     fields.add(name)
   if fields != TEMPLATE_FIELDS:
     raise ValueError(f"template lacks {sorted(TEMPLATE_FIELDS - fields)}: {template!r}")
+  closing = list(string.Formatter().parse(template))[-1]
+  if closing[1] is not None or not closing[0]:
+    # The rating digits are resolved (and read) right after this closing text, so it must
+    # be fixed text, the same for every sample, like "The answer is: \n".
+    raise ValueError(f"template must end with fixed text after its last field: {template!r}")
   return template
 
 

@@ -24,27 +24,30 @@ from selectit_jax.tokenizer import load_tokenizer, rating_token_ids
 
 @dataclasses.dataclass
 class Summary:
-  scored_rows: int = 0
+  scored_rows: int = 0       # new rows this process wrote
+  rated_rows: int = 0        # texts run through the model (whole batches, for throughput)
   skipped_rows: int = 0      # already in the store (resume)
   rejected: int = 0
   truncated_rows: int = 0
   tokens: int = 0
   padded_tokens: int = 0
   wall_seconds: float = 0.0
+  loop_seconds: float = 0.0  # the rating loop alone (no loading, no tokenization)
   compile_seconds: float = 0.0
   compiled_shapes: int = 0
   digit_mass_mean: float = float("nan")
   digit_mass_min: float = float("nan")
 
   def lines(self) -> list[str]:
-    steady = max(self.wall_seconds - self.compile_seconds, 1e-9)
+    steady = max(self.loop_seconds - self.compile_seconds, 1e-9)
     out = [f"scored {self.scored_rows} texts ({self.skipped_rows} already stored), "
            f"rejected {self.rejected} records, truncated {self.truncated_rows} texts",
-           f"wall {self.wall_seconds:.1f}s (first calls incl. compile {self.compile_seconds:.1f}s, "
-           f"{self.compiled_shapes} shapes); {self.tokens / max(self.wall_seconds, 1e-9):.0f} tok/s "
-           f"overall, {self.tokens / steady:.0f} tok/s steady; padding "
+           f"wall {self.wall_seconds:.1f}s, of it rating {self.loop_seconds:.1f}s (first calls "
+           f"incl. compile {self.compile_seconds:.1f}s, {self.compiled_shapes} shapes); "
+           f"{self.tokens / max(self.loop_seconds, 1e-9):.0f} tok/s overall, "
+           f"{self.tokens / steady:.0f} tok/s steady; padding "
            f"{1 - self.tokens / max(self.padded_tokens, 1):.1%}"]
-    if self.scored_rows:
+    if self.rated_rows:
       out.append(f"digit mass (P(1..5) summed): mean {self.digit_mass_mean:.3f}, "
                  f"min {self.digit_mass_min:.3g}")
     return out
@@ -55,6 +58,23 @@ def resolve_paths(config):
   model_path = config.model.path or assets.default_gguf_path()
   data_path = config.data.path or assets.default_sharegpt_path()
   return model_path, data_path
+
+
+def check_same_input(store: store_lib.ScoreStore, data_cfg) -> None:
+  """A scores dir holds the scores of one input: `select` re-reads the input its manifest
+  names, so scoring other data into it would silently hide the earlier samples. Only
+  `limit` may change (to extend or shorten a run over the same file)."""
+  previous = store.read_manifest()
+  if previous is None:
+    return
+  before = dict(previous["config"]["data"], path=previous["data"]["path"])
+  now = data_cfg.to_dict()
+  changed = sorted(k for k in set(before) | set(now)
+                   if k != "limit" and before.get(k) != now.get(k))
+  if changed:
+    diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+    raise ValueError(f"{store.dir} holds scores of other input data ({diff}); "
+                     "score it into a new output_dir")
 
 
 def run(config) -> Summary:
@@ -72,6 +92,8 @@ def run(config) -> Summary:
                f", incomplete tail at byte {info.truncated_at}" if info.truncated_at else "")
   template = prompts_lib.template_from_config(config.prompts)
   prompts = prompts_lib.prompts_from_config(config.prompts)
+  store = store_lib.ScoreStore(config.output_dir, jax.process_index())
+  check_same_input(store, data_cfg)
 
   mesh = sharding.make_mesh(config.mesh)
   # Refuse a run that cannot fit before reading any weights.
@@ -85,7 +107,6 @@ def run(config) -> Summary:
   items, too_long = engine.prepare(records, prompts, template, tokenizer,
                                    config.engine.max_tokens, config.engine.too_long)
   rejects = list(rejects) + too_long
-  store = store_lib.ScoreStore(config.output_dir, jax.process_index())
   lead = jax.process_index() == 0  # shared files (rejects, manifest) have one writer
   if lead:
     store.append_rejects(rejects)
@@ -117,7 +138,8 @@ def run(config) -> Summary:
     # read before anyone writes (the broadcast is a barrier).
     pending = np.asarray(multihost_utils.broadcast_one_to_all(pending))
   todo = [b for b, p in zip(batches, pending) if p]
-  summary.skipped_rows = sum(len(b.items) for b in batches) - sum(len(b.items) for b in todo)
+  summary.skipped_rows = sum((it.content_hash, model_key, it.prompt_hash) in stored
+                             for it in items)
   logging.info("%d texts in %d batches (buckets %s); %d batches to run", len(items),
                len(batches), buckets, len(todo))
 
@@ -125,6 +147,7 @@ def run(config) -> Summary:
   scorer = engine.Scorer(model.config, model.params, rating_ids, mesh, config.engine.batch_size)
   owned = scorer.owned_rows()
   rows, masses = [], []
+  loop_start = time.perf_counter()
   bar = tqdm(todo, desc="scoring", unit="batch", disable=jax.process_index() != 0)
   for batch in bar:
     tokens, lengths = engine.pad_batch(batch, config.engine.batch_size, tokenizer.pad_id)
@@ -133,12 +156,13 @@ def run(config) -> Summary:
       masses.append(probs[r].sum())
       if not owned[r] or (it.content_hash, model_key, it.prompt_hash) in stored:
         continue
+      summary.scored_rows += 1
       rows.append(dict(sample_id=it.sample_id, sample_index=it.sample_index,
                        content_hash=it.content_hash, model=model_key,
                        num_params=model.num_params, prompt_index=it.prompt_index,
                        prompt_hash=it.prompt_hash, probs=probs[r], logsumexp=lse[r],
                        num_tokens=len(it.ids)))
-    summary.scored_rows += len(batch.items)
+    summary.rated_rows += len(batch.items)
     summary.tokens += batch.real_tokens
     summary.padded_tokens += tokens.size
     # Whole batches only: a resumed run then replays exactly the batches not yet stored.
@@ -146,10 +170,11 @@ def run(config) -> Summary:
       store.write_shard(rows)
       rows = []
     elapsed = bar.format_dict["elapsed"] or 1e-9
-    bar.set_postfix(samples_s=f"{summary.scored_rows / elapsed:.1f}",
+    bar.set_postfix(samples_s=f"{summary.rated_rows / elapsed:.1f}",
                     tok_s=f"{summary.tokens / elapsed:.0f}")
   store.write_shard(rows)
 
+  summary.loop_seconds = time.perf_counter() - loop_start
   summary.wall_seconds = time.perf_counter() - start
   summary.compile_seconds = scorer.compile_seconds
   summary.compiled_shapes = len(scorer.compiled_shapes)

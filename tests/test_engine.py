@@ -105,3 +105,13 @@ def test_batch_size_must_divide_over_the_mesh(tiny):
   mesh = sharding.make_mesh(dict(data=4, fsdp=1, tensor=1), jax.devices()[:4])
   with pytest.raises(ValueError, match="batch_size=6 is not a multiple"):
     engine.Scorer(model.config, model.params, np.arange(5), mesh, 6)
+
+
+def test_repeated_texts_are_rated_once_and_share_rejects(tiny):
+  _, tok = tiny
+  recs = [_record(0, "short", "fine"), _record(1, "Explain. " * 300, "ok"),
+          _record(2, "short", "fine"), _record(3, "Explain. " * 300, "ok")]
+  items, rejects = engine.prepare(recs, prompts.default_prompts()[:2], prompts.DEFAULT_TEMPLATE,
+                                  tok, max_tokens=150)
+  assert [(it.sample_index, it.prompt_index) for it in items] == [(0, 0), (0, 1)]
+  assert [r.index for r in rejects] == [1, 3] and rejects[0].reason == rejects[1].reason

@@ -80,6 +80,8 @@ def test_template_from_config_and_checks():
     P.check_template("{prompt}{instruction}{response}{extra}")
   with pytest.raises(ValueError, match="not allowed"):
     P.check_template("{prompt!r}{instruction}{response}")
+  with pytest.raises(ValueError, match="must end with fixed text"):
+    P.check_template("{prompt}\nInstruction:{instruction}\nThe answer is: {response}")
 
 
 def test_prompt_hash():

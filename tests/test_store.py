@@ -194,3 +194,15 @@ def test_manifest_and_rejects(tmp_path):
                                {"index": 5, "id": "y", "reason": "too long"}]
   with open(st.rejects_path) as f:
     assert all(json.loads(line) for line in f)
+
+
+def test_scores_dir_refuses_other_input_data(tmp_path):
+  import ml_collections
+  from selectit_jax import scoring
+  st = S.ScoreStore(str(tmp_path))
+  data = dict(path="/data/a.json", format="sharegpt", limit=10, turns="first",
+              alpaca_input_sep="\n\n")
+  st.write_manifest({"config": {"data": dict(data, path="")}, "data": {"path": "/data/a.json"}})
+  scoring.check_same_input(st, ml_collections.ConfigDict(dict(data, limit=50)))  # limit may grow
+  with pytest.raises(ValueError, match=r"path: '/data/a.json' -> '/data/b.json'.*new output_dir"):
+    scoring.check_same_input(st, ml_collections.ConfigDict(dict(data, path="/data/b.json")))

@@ -135,6 +135,12 @@ def evaluate(eval_step, params, val_rows, micro: int, shard) -> dict:
           "eval_tokens": count}
 
 
+# The settings a resumed run must share with the saved one (max_steps, logging and eval
+# cadence may change between runs).
+_OPTIMIZER_FIELDS = ("learning_rate", "epochs", "warmup_ratio", "schedule", "weight_decay", "b1",
+                     "b2", "eps", "max_grad_norm", "micro_batch_size")
+
+
 def run(config) -> dict:
   """Trains (or resumes) as configured; returns the summary also written to
   train_summary.json."""
@@ -180,8 +186,11 @@ def run(config) -> dict:
 
   dataset = data_lib.train_dataset(train_rows, int(t.epochs), batch, int(d.seed))
   iterator = iter(dataset.to_iter_dataset())
+  # Resuming continues the saved optimizer state: refuse it under other data, weights or
+  # optimisation settings rather than mix two runs.
   run_meta = {"train_rows_digest": _rows_digest(train_rows), "total_steps": total_steps,
-              "batch_size": batch}
+              "batch_size": batch, "model_fingerprint": checkpoints.fingerprint(model_path),
+              "optimizer": json.dumps({k: t[k] for k in _OPTIMIZER_FIELDS}, sort_keys=True)}
   mngr = checkpointing.manager(os.path.join(out, "checkpoints"), c)
   resumed_from = mngr.latest_step()
   if resumed_from is not None:
