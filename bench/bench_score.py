@@ -434,7 +434,7 @@ def part_train_ours(workdir):
   state = step_lib.init_state(model.params, tx, shardings)
   train_step = step_lib.make_train_step(cfg, tx, sched, mesh, shardings)
   batch = jax.device_put({k: v[None] for k, v in rows.items()},
-                         step_lib.batch_sharding(mesh, True))
+                         step_lib.accumulation_sharding(mesh))
   holder = {"state": state}
 
   def step():

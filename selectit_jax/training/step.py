@@ -81,10 +81,9 @@ def loss_sums(model: Llama, params, batch):
   return jnp.sum((logz - picked) * w), jnp.sum(w)
 
 
-def batch_sharding(mesh, accumulate: bool) -> NamedSharding:
-  """Rows over data×fsdp; with accumulation the leading micro-batch axis is unsharded."""
-  rows = ("data", "fsdp")
-  return NamedSharding(mesh, P(None, rows) if accumulate else P(rows))
+def accumulation_sharding(mesh) -> NamedSharding:
+  """[accum, micro, ...] batches: rows over data×fsdp, the micro-batch axis unsharded."""
+  return NamedSharding(mesh, P(None, ("data", "fsdp")))
 
 
 def make_train_step(cfg: LlamaConfig, tx, sched, mesh, shardings):
@@ -115,7 +114,7 @@ def make_train_step(cfg: LlamaConfig, tx, sched, mesh, shardings):
                "learning_rate": sched(state["step"])}
     return new, metrics
 
-  jitted = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh, True)),
+  jitted = jax.jit(step, in_shardings=(shardings, accumulation_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
   def run(state, batch):
@@ -128,7 +127,7 @@ def make_eval_step(cfg: LlamaConfig, mesh, shardings):
   """jit'd eval(params, batch[micro, length]) -> (Σ NLL, Σ weights)."""
   model = Llama(cfg)
   jitted = jax.jit(lambda p, b: loss_sums(model, p, b),
-                   in_shardings=(shardings["params"], batch_sharding(mesh, False)),
+                   in_shardings=(shardings["params"], sharding.batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh))
 
   def run(params, batch):

@@ -85,11 +85,6 @@ def _reject_summary(rejects) -> str:
   return "; ".join(f"{n}x {reason}" for reason, n in reasons.most_common(5))
 
 
-def _to_device(batch: dict[str, np.ndarray], shard) -> dict:
-  return {k: jax.make_array_from_callback(v.shape, shard, lambda idx, v=v: v[idx])
-          for k, v in batch.items()}
-
-
 def load_data(config, tokenizer):
   """Train / validation rows and the report of everything dropped on the way."""
   records, rejects, info = records_lib.read_records(config.data)
@@ -128,7 +123,7 @@ def _stats_dict(s: data_lib.PrepStats) -> dict:
 def evaluate(eval_step, params, val_rows, micro: int, shard) -> dict:
   total, count = 0.0, 0.0
   for batch in data_lib.eval_batches(val_rows, micro):
-    l, n = jax.device_get(eval_step(params, _to_device(batch, shard)))
+    l, n = jax.device_get(eval_step(params, jax.tree.map(lambda v: sharding.global_array(v, shard), batch)))
     total, count = total + float(l), count + float(n)
   loss = total / max(count, 1.0)
   return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
@@ -181,8 +176,8 @@ def run(config) -> dict:
   shardings = step_lib.state_shardings(cfg, tx, mesh)
   train_step = step_lib.make_train_step(cfg, tx, sched, mesh, shardings)
   eval_step = step_lib.make_eval_step(cfg, mesh, shardings)
-  train_shard = step_lib.batch_sharding(mesh, True)
-  eval_shard = step_lib.batch_sharding(mesh, False)
+  train_shard = step_lib.accumulation_sharding(mesh)
+  eval_shard = sharding.batch_sharding(mesh)
 
   dataset = data_lib.train_dataset(train_rows, int(t.epochs), batch, int(d.seed))
   iterator = iter(dataset.to_iter_dataset())
@@ -228,8 +223,8 @@ def run(config) -> dict:
   while step < last_step:
     host_batch = next(iterator)
     tokens = int((host_batch["segment_ids"] > 0).sum())
-    device_batch = _to_device(
-        {k: v.reshape((accum, micro) + v.shape[1:]) for k, v in host_batch.items()}, train_shard)
+    device_batch = {k: sharding.global_array(v.reshape((accum, micro) + v.shape[1:]), train_shard)
+                    for k, v in host_batch.items()}
     start = time.perf_counter()
     state, metrics = train_step(state, device_batch)
     metrics = jax.device_get(metrics)  # syncs: the step time below is real
