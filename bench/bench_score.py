@@ -136,7 +136,8 @@ def _row(name, r, data, roof_gflops):
       exec_gflops=r["executed_flops"] / r["steady_s"] / 1e9,
       steady_s=r["steady_s"], compile_s=r.get("compile_s", 0.0), shapes=r.get("shapes", "-"),
       padding=r.get("padding", 0.0), rss=r["peak_rss_mib"], runs=r.get("runs", [r["steady_s"]]),
-      load=r.get("loads", []), host_s=r.get("host_s", 0.0),
+      load=r.get("loads", []), host_s=r.get("host_s", 0.0), prefixes=r.get("prefixes", []),
+      prefix_share=r.get("prefix_share", 0.0),
       tokens=tokens, texts=len(lengths), mean_len=float(np.mean(lengths)))
 
 
@@ -184,6 +185,9 @@ def _report(data, rows, roof, dp, machine, extra) -> str:
              f"{ours['host_s'] / ours['steady_s']:.2%}; tokenization of these texts "
              f"{data['tokenize_s']:.2f} s = {data['tokenize_s'] / ours['steady_s']:.1%} of the "
              "steady pass (both are what prefetching could overlap).")
+  if ours["prefixes"]:
+    out.append(f"Shared prefixes (computed once per prompt, in the compile column): "
+               f"{ours['prefixes']} tokens, {ours['prefix_share']:.1%} of all tokens.")
   if ref:
     out.append(f"Speed-up of ours over the reference: {ours['tok_s'] / ref['tok_s']:.2f}× "
                f"(target ≥ 1.5×); ours at {ours['roof']:.0%} of the roofline (target ≥ 60 %); "
@@ -341,35 +345,38 @@ def part_ours(workdir):
   model = checkpoints.load_model(data["model_path"], mesh, dtype=config.model.dtype,
                                  param_dtype=config.model.param_dtype)
   items = data["items"]
-  buckets = engine.choose_buckets((len(it.ids) for it in items), e.max_shapes,
-                                  e.bucket_multiple, e.max_tokens)
-  batches = engine.plan_batches(items, e.batch_size, buckets)
-  scorer = engine.Scorer(model.config, model.params, data["rating_ids"], mesh, e.batch_size)
+  plan = engine.plan(items, e)
   start = time.perf_counter()
-  for length in buckets:
-    tokens = np.full((e.batch_size, length), data["pad_id"], np.int32)
-    scorer(tokens, np.full((e.batch_size,), length, np.int32))
-  compile_s = time.perf_counter() - start
+  scorer = engine.Scorer(model.config, model.params, data["rating_ids"], mesh, e.batch_size,
+                         plan.prefixes)
+  for length in plan.buckets:
+    scorer(*engine.pad_batch(engine.Batch((), length, ()), e.batch_size, data["pad_id"]))
+  compile_s = time.perf_counter() - start  # the prefixes' prefill (once per run) included
   index = {(it.sample_index, it.prompt_index): i for i, it in enumerate(items)}
   probs = np.zeros((len(items), 5))
-  padded, padded_tokens = [], 0
+  padded, skips, padded_tokens, row_tokens = [], [], 0, 0
   start = time.perf_counter()
   host_s = 0.0  # host work between steps (padding): the most that prefetching could hide
-  for batch in batches:
+  for batch in plan.batches:
     t = time.perf_counter()
-    tokens, lengths = engine.pad_batch(batch, e.batch_size, data["pad_id"])
+    tokens, lengths, prompt = engine.pad_batch(batch, e.batch_size, data["pad_id"])
     host_s += time.perf_counter() - t
-    p, _ = scorer(tokens, lengths)
+    p, _ = scorer(tokens, lengths, prompt)
     for r, it in enumerate(batch.items):
       probs[index[(it.sample_index, it.prompt_index)]] = p[r]
     padded += [batch.length] * e.batch_size
+    skips += list(batch.skips) + [0] * (e.batch_size - len(batch.items))
     padded_tokens += tokens.size
+    row_tokens += batch.row_tokens
   steady = time.perf_counter() - start
-  real = sum(len(it.ids) for it in items)
+  prefix_lengths = [len(x) for x in plan.prefixes]
   _write(workdir, "ours", dict(
       steady_s=steady, compile_s=compile_s, shapes=len(scorer.compiled_shapes),
-      buckets=buckets, padding=1 - real / padded_tokens, probs=probs.tolist(), host_s=host_s,
-      executed_flops=common.executed_flops(padded, model.config, 1, full_square=True)))
+      buckets=plan.buckets, prefixes=prefix_lengths, padding=1 - row_tokens / padded_tokens,
+      prefix_share=1 - row_tokens / sum(len(it.ids) for it in items), probs=probs.tolist(),
+      host_s=host_s,
+      executed_flops=common.executed_flops(padded, model.config, 1, full_square=True,
+                                           prefix_lengths=skips)))
 
 
 def _time_steps(step, first_s, name, workdir, part, loss):

@@ -36,13 +36,16 @@ def non_embedding_params(cfg) -> int:
   return cfg.num_layers * (d * hd * (2 * h + 2 * kv) + 3 * d * cfg.intermediate_size)
 
 
-def executed_flops(padded_lengths, cfg, head_rows_per_text, full_square: bool) -> float:
+def executed_flops(padded_lengths, cfg, head_rows_per_text, full_square: bool,
+                   prefix_lengths=0) -> float:
   """Matmul FLOPs a method actually runs: blocks over every (padded) position, the head on
   `head_rows_per_text` rows (1: last token only; L: every position), attention over the full
-  L² (`full_square`) or the causal half."""
+  L² (`full_square`) or the causal half, plus every query against its row's
+  `prefix_lengths` cached keys (a shared prefix computed elsewhere)."""
   padded = np.asarray(padded_lengths, np.float64)
   head_rows = np.asarray(head_rows_per_text, np.float64)
   pairs = padded * padded if full_square else padded * (padded + 1) / 2
+  pairs = pairs + padded * np.asarray(prefix_lengths, np.float64)
   attn = cfg.num_layers * 4 * cfg.num_heads * cfg.head_dim * pairs
   return float(np.sum(2.0 * non_embedding_params(cfg) * padded
                       + 2.0 * cfg.hidden_size * cfg.vocab_size * head_rows + attn))

@@ -20,7 +20,7 @@ import numpy as np
 from selectit_jax import prompts as prompts_lib
 from selectit_jax import records as records_lib
 from selectit_jax import sharding
-from selectit_jax.model import Llama, LlamaConfig
+from selectit_jax.model import Llama, LlamaConfig, Prefix
 from selectit_jax.tokenizer import Tokenizer
 
 
@@ -139,46 +139,107 @@ def choose_buckets(lengths: Iterable[int], max_shapes: int, multiple: int,
   return sorted(out)
 
 
+def shared_prefixes(items: Sequence[WorkItem]) -> tuple[tuple[int, ...], ...]:
+  """Per prompt index, the token ids all of its texts start with (the rating prompt and the
+  template's lead-in): computed once, their keys and values serve every row.
+
+  At most each text's length - 1, so every row keeps its last token (where the rating is
+  read). Derived from all planned work, so a resumed run gets the same split.
+  """
+  by_prompt: dict[int, list[np.ndarray]] = {}
+  for it in items:
+    by_prompt.setdefault(it.prompt_index, []).append(np.asarray(it.ids))
+  out = []
+  for k in range(max(by_prompt, default=-1) + 1):
+    seqs = by_prompt.get(k, [])
+    n = min((len(s) for s in seqs), default=1) - 1
+    first = seqs[0][:n] if seqs else np.zeros(0, int)
+    for seq in seqs[1:]:
+      differ = np.flatnonzero(seq[:n] != first[:n])
+      n = int(differ[0]) if differ.size else n
+    out.append(tuple(first[:n].tolist()))
+  return tuple(out)
+
+
 @dataclasses.dataclass(frozen=True)
 class Batch:
   items: tuple[WorkItem, ...]
-  length: int  # padded sequence length (a bucket)
+  length: int  # padded length of the rows (the tokens after each item's shared prefix)
+  skips: tuple[int, ...]  # per item, the shared-prefix tokens its row leaves out
 
   @property
   def real_tokens(self) -> int:
     return sum(len(it.ids) for it in self.items)
 
+  @property
+  def row_tokens(self) -> int:
+    return self.real_tokens - sum(self.skips)
 
-def plan_batches(items: Sequence[WorkItem], batch_size: int, buckets: Sequence[int]) -> list[Batch]:
-  """Items sorted by (length, sample, prompt), cut into batches, each padded to its bucket."""
-  order = sorted(items, key=lambda it: (len(it.ids), it.sample_index, it.prompt_index))
+
+def plan_batches(items: Sequence[WorkItem], batch_size: int, buckets: Sequence[int],
+                 prefixes: Sequence[Sequence[int]] = ()) -> list[Batch]:
+  """Items sorted by (row length, sample, prompt), cut into batches, each padded to its
+  bucket; a row holds an item's tokens after its prompt's shared prefix (if any)."""
+  skip = lambda it: len(prefixes[it.prompt_index]) if prefixes else 0
+  order = sorted(items, key=lambda it: (len(it.ids) - skip(it), it.sample_index, it.prompt_index))
   batches = []
   for start in range(0, len(order), batch_size):
     chunk = tuple(order[start:start + batch_size])
-    longest = len(chunk[-1].ids)
-    batches.append(Batch(chunk, next(b for b in buckets if b >= longest)))
+    skips = tuple(skip(it) for it in chunk)
+    longest = max(len(it.ids) - s for it, s in zip(chunk, skips))
+    batches.append(Batch(chunk, next(b for b in buckets if b >= longest), skips))
   return batches
 
 
-def pad_batch(batch: Batch, batch_size: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Right-padded tokens [batch_size, length] and lengths; missing rows are length 1."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  prefixes: tuple[tuple[int, ...], ...]  # per prompt index; () without the prefix cache
+  buckets: list[int]
+  batches: list[Batch]
+
+
+def plan(items: Sequence[WorkItem], engine_cfg) -> Plan:
+  """The whole run's batches from `config.engine`: shared prefixes (if `prefix_cache`), at
+  most `max_shapes` row lengths, batches of `batch_size`."""
+  prefixes = shared_prefixes(items) if engine_cfg.prefix_cache else ()
+  lengths = [len(it.ids) - (len(prefixes[it.prompt_index]) if prefixes else 0) for it in items]
+  buckets = choose_buckets(lengths, engine_cfg.max_shapes, engine_cfg.bucket_multiple,
+                           engine_cfg.max_tokens)
+  return Plan(prefixes, buckets, plan_batches(items, engine_cfg.batch_size, buckets, prefixes))
+
+
+def pad_batch(batch: Batch, batch_size: int, pad_id: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Right-padded rows [batch_size, length], their lengths, and their prompt indices (which
+  shared prefix each row continues); missing rows are length 1."""
   tokens = np.full((batch_size, batch.length), pad_id, np.int32)
   lengths = np.ones((batch_size,), np.int32)
-  for r, it in enumerate(batch.items):
-    tokens[r, :len(it.ids)] = it.ids
-    lengths[r] = len(it.ids)
-  return tokens, lengths
+  prompt = np.zeros((batch_size,), np.int32)
+  for r, (it, skip) in enumerate(zip(batch.items, batch.skips)):
+    tokens[r, :len(it.ids) - skip] = it.ids[skip:]
+    lengths[r] = len(it.ids) - skip
+    prompt[r] = it.prompt_index
+  return tokens, lengths, prompt
 
 
 def rating_probs_fn(model: Llama, rating_ids: np.ndarray) -> Callable:
-  """(params, tokens [b,t], lengths [b]) -> (rating logits [b,5], logsumexp [b]), fp32."""
+  """(params, prefix table, tokens [b,t], lengths [b], prompt [b]) -> (rating logits [b,5],
+  logsumexp [b]), fp32.
+
+  The prefix table (`Scorer.prefill`) holds each prompt's shared-prefix keys and values
+  [layers, prompts, p, kv, hd]; row r continues prompt[r]'s prefix.
+  """
   rating_ids = jnp.asarray(rating_ids)
 
-  def step(params, tokens_bt, lengths_b):
+  def step(params, table: Prefix, tokens_bt, lengths_b, prompt_b):
     b, t = tokens_bt.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    segment_ids = (positions < lengths_b[:, None]).astype(jnp.int32)
-    hidden_btd = model.apply({"params": params}, tokens_bt, positions, segment_ids)
+    valid_bp = table.valid[prompt_b]
+    positions = valid_bp.sum(-1, dtype=jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)
+    segment_ids = (jnp.arange(t)[None] < lengths_b[:, None]).astype(jnp.int32)
+    prefix = Prefix(*(nn.with_logical_constraint(
+        jnp.take(x, prompt_b, axis=1), (None, "activation_batch", None, None, None))
+        for x in (table.k, table.v)), valid_bp)
+    hidden_btd = model.apply({"params": params}, tokens_bt, positions, segment_ids, prefix)
     last_bd = jnp.take_along_axis(hidden_btd, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
     logits_bv = model.apply({"params": params}, last_bd, method=Llama.logits)
     return logits_bv[:, rating_ids], jax.nn.logsumexp(logits_bv, axis=-1)
@@ -187,7 +248,7 @@ def rating_probs_fn(model: Llama, rating_ids: np.ndarray) -> Callable:
 
 
 class Scorer:
-  """A jit'd rating step bound to a mesh and loaded params.
+  """A jit'd rating step bound to a mesh, loaded params and the prompts' shared prefixes.
 
   Multi-process: every process calls it with the same global batch (the plan is
   deterministic); each process's devices receive only their rows (batch over data×fsdp),
@@ -195,7 +256,8 @@ class Scorer:
   the ones `owned_rows` gives it.
   """
 
-  def __init__(self, cfg: LlamaConfig, params, rating_ids: np.ndarray, mesh, batch_size: int):
+  def __init__(self, cfg: LlamaConfig, params, rating_ids: np.ndarray, mesh, batch_size: int,
+               prefixes: Sequence[Sequence[int]] = ()):
     self.mesh = mesh
     self.batch_size = batch_size
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -205,12 +267,46 @@ class Scorer:
     self.params = params
     self._batch_sharding = sharding.batch_sharding(mesh)
     out_sharding = sharding.replicated(mesh)
+    self.prefill_seconds = 0.0
+    self._table = self._prefill(cfg, prefixes)
     step = rating_probs_fn(Llama(cfg), rating_ids)
     param_sh = jax.tree.map(lambda x: x.sharding, params)
-    self._step = jax.jit(step, in_shardings=(param_sh, self._batch_sharding, self._batch_sharding),
+    self._step = jax.jit(step, in_shardings=(param_sh, out_sharding) + (self._batch_sharding,) * 3,
                          out_shardings=(out_sharding, out_sharding))
     self.compiled_shapes: set[tuple[int, int]] = set()
     self.compile_seconds = 0.0
+
+  def _prefill(self, cfg: LlamaConfig, prefixes: Sequence[Sequence[int]]) -> Prefix:
+    """Keys and values of every prompt's shared prefix, replicated: [layers, prompts, p, kv, hd]
+    (p = 0 without prefixes: rows then hold whole texts)."""
+    start = time.perf_counter()
+    n, p = max(len(prefixes), 1), max((len(x) for x in prefixes), default=0)
+    valid = np.zeros((n, p), bool)
+    for k, ids in enumerate(prefixes):
+      valid[k, :len(ids)] = True
+    replicated = sharding.replicated(self.mesh)
+    if p == 0:
+      kv = jnp.zeros((cfg.num_layers, n, 0, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
+      return jax.device_put(Prefix(kv, kv, jnp.asarray(valid)), replicated)
+    tokens = np.zeros((n, p), np.int32)
+    for k, ids in enumerate(prefixes):
+      tokens[k, :len(ids)] = ids
+    model = Llama(cfg, collect_kv=True)
+
+    def prefill(params, tokens_np, valid_np):
+      positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (n, p))
+      _, (k, v) = model.apply({"params": params}, tokens_np, positions, valid_np.astype(jnp.int32))
+      return Prefix(k, v, valid_np)
+
+    param_sh = jax.tree.map(lambda x: x.sharding, self.params)
+    with self.mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+      # A handful of rows that need not divide the batch axes: run them replicated.
+      with nn.logical_axis_rules(((("activation_batch", None),) + sharding.LOGICAL_AXIS_RULES)):
+        table = jax.jit(prefill, in_shardings=(param_sh, replicated, replicated),
+                        out_shardings=replicated)(self.params, tokens, valid)
+      jax.block_until_ready(table)
+    self.prefill_seconds = time.perf_counter() - start
+    return table
 
   def owned_rows(self) -> np.ndarray:
     """Rows of a batch this process writes: those on its devices (the lowest process
@@ -221,14 +317,15 @@ class Scorer:
       owner[rows] = np.minimum(owner[rows], device.process_index)
     return owner == jax.process_index()
 
-  def __call__(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities of "1".."5" [b,5] (float64) and logsumexp [b] of the global batch."""
+  def __call__(self, tokens: np.ndarray, lengths: np.ndarray, prompt: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities of "1".."5" [b,5] (float64) and logsumexp [b] of the global batch:
+    `pad_batch`'s rows, lengths and prompt indices."""
     shape = tokens.shape
     start = time.perf_counter()
     with self.mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-      tokens = sharding.global_array(tokens, self._batch_sharding)
-      lengths = sharding.global_array(lengths, self._batch_sharding)
-      rating_logits, lse = self._step(self.params, tokens, lengths)
+      args = (sharding.global_array(x, self._batch_sharding) for x in (tokens, lengths, prompt))
+      rating_logits, lse = self._step(self.params, self._table, *args)
       rating_logits, lse = np.asarray(rating_logits, np.float64), np.asarray(lse, np.float64)
     if shape not in self.compiled_shapes:
       self.compiled_shapes.add(shape)

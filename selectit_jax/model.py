@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -174,7 +174,10 @@ class Attention(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, x_btd, sin, cos, mask):
+  def __call__(self, x_btd, sin, cos, mask, prefix_kv=None):
+    """`prefix_kv`: keys and values [b, p, kv, hd] of earlier positions (already rotated)
+    that every row attends to first; `mask` is then [b, 1, 1, t, p + t]. Returns the
+    output and this call's own (k, v)."""
     c = self.cfg
     d, h, kv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
     wq = _weight(self, "q", (d, h, hd), ("embed", "heads", "head_dim"), d)
@@ -184,19 +187,25 @@ class Attention(nn.Module):
     q = apply_rope(jnp.einsum("btd,dnh->btnh", x_btd, wq), sin, cos)
     k = apply_rope(jnp.einsum("btd,dnh->btnh", x_btd, wk), sin, cos)
     v = jnp.einsum("btd,dnh->btnh", x_btd, wv)
+    own_kv = (k, v)
+    if prefix_kv is not None:
+      k, v = (jnp.concatenate([cached.astype(new.dtype), new], axis=1)
+              for cached, new in zip(prefix_kv, own_kv))
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
     b, t = x_btd.shape[:2]
     # Query head n uses kv head n // (h // kv), as HF's repeat_kv.
     q = q.reshape(b, t, kv, h // kv, hd)
     block = c.attention_block or t
-    # Causal: rows [start, end) attend to keys [0, end) only; the mask handles the rest (segments,
-    # padding, the diagonal block's upper half). Static slices, unrolled in the scan body.
-    outs = [_attend(q[:, start:start + block], k[:, :start + block], v[:, :start + block],
-                    mask[..., start:start + block, :start + block], hd ** -0.5)
+    p = k.shape[1] - t
+    # Causal: rows [start, end) attend to keys [0, p + end) only; the mask handles the rest
+    # (segments, padding, the diagonal block's upper half). Static slices, unrolled in the
+    # scan body.
+    outs = [_attend(q[:, start:start + block], k[:, :p + start + block], v[:, :p + start + block],
+                    mask[..., start:start + block, :p + start + block], hd ** -0.5)
             for start in range(0, t, block)]
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
     out = out.reshape(b, t, h, hd).astype(v.dtype)
-    return jnp.einsum("btnh,nhd->btd", out, wo)
+    return jnp.einsum("btnh,nhd->btd", out, wo), own_kv
 
 
 def _attend(q_btkgh, k_bskh, v_bskh, mask, scale):
@@ -229,22 +238,38 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm decoder block; a scan body, so it carries `x` and returns no output."""
+  """Pre-norm decoder block; a scan body, so it carries `x` and outputs its layer's (k, v)
+  when `collect_kv`."""
   cfg: LlamaConfig
+  collect_kv: bool = False
 
   @nn.compact
-  def __call__(self, x, sin, cos, mask):
+  def __call__(self, x, sin, cos, mask, prefix_kv):
     c = self.cfg
     norm = lambda name: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)
-    x = x + Attention(c, name="attn")(norm("attn_norm")(x), sin, cos, mask)
+    attn, kv = Attention(c, name="attn")(norm("attn_norm")(x), sin, cos, mask, prefix_kv)
+    x = x + attn
     x = x + Mlp(c, name="mlp")(norm("mlp_norm")(x))
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-    return x, None
+    return x, (kv if self.collect_kv else None)
+
+
+class Prefix(NamedTuple):
+  """Keys and values of a shared prefix, computed once (`Llama(collect_kv=True)`) and
+  attended to by every row: k, v [layers, b, p, kv_heads, head_dim]; valid [b, p] marks the
+  real prefix positions of each row."""
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
 
 
 class Llama(nn.Module):
-  """Decoder returning final (normed) hidden states; `logits` is a separate method."""
+  """Decoder returning final (normed) hidden states; `logits` is a separate method.
+
+  `collect_kv=True` also returns every layer's keys and values, stacked as in `Prefix`.
+  """
   cfg: LlamaConfig
+  collect_kv: bool = False
 
   def setup(self):
     c = self.cfg
@@ -257,10 +282,10 @@ class Llama(nn.Module):
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
         length=c.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
-    )(c, name="layers")
+    )(c, self.collect_kv, name="layers")
     self.final_norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
     if not c.tie_word_embeddings:
       self.lm_head = self.param(
@@ -269,13 +294,22 @@ class Llama(nn.Module):
                                        ("embed", "vocab")),
           (c.hidden_size, c.vocab_size), c.param_dtype)
 
-  def __call__(self, tokens_bt, positions_bt, segment_ids_bt):
+  def __call__(self, tokens_bt, positions_bt, segment_ids_bt, prefix: Prefix | None = None):
+    """Tokens after an optional `prefix` (positions continue from it; every real query sees
+    the prefix's valid positions, then the causal mask within its segment)."""
     c = self.cfg
     x = jnp.take(self.embedding, tokens_bt, axis=0).astype(c.dtype)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     freqs = positions_bt[..., None].astype(jnp.float32) * rope_inv_freq(c)
-    x, _ = self.layers(x, jnp.sin(freqs), jnp.cos(freqs), attention_mask(segment_ids_bt))
-    return self.final_norm(x)
+    mask = attention_mask(segment_ids_bt)
+    prefix_kv = None
+    if prefix is not None:
+      seen = jnp.broadcast_to(prefix.valid[:, None, None, None, :],
+                              mask.shape[:-1] + prefix.valid.shape[-1:])
+      mask = jnp.concatenate([seen, mask], axis=-1)
+      prefix_kv = (prefix.k, prefix.v)
+    x, kv = self.layers(x, jnp.sin(freqs), jnp.cos(freqs), mask, prefix_kv)
+    return (self.final_norm(x), kv) if self.collect_kv else self.final_norm(x)
 
   def logits(self, hidden_xd):
     """Vocabulary logits [..., vocab] in fp32, for the rows the caller chose."""

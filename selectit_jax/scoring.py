@@ -29,8 +29,9 @@ class Summary:
   skipped_rows: int = 0      # already in the store (resume)
   rejected: int = 0
   truncated_rows: int = 0
-  tokens: int = 0
-  padded_tokens: int = 0
+  tokens: int = 0             # tokens of the rated texts
+  row_tokens: int = 0         # of them in the batch rows (not in a shared prefix)
+  padded_tokens: int = 0      # row slots, padding included
   wall_seconds: float = 0.0
   loop_seconds: float = 0.0  # the rating loop alone (no loading, no tokenization)
   compile_seconds: float = 0.0
@@ -46,7 +47,8 @@ class Summary:
            f"incl. compile {self.compile_seconds:.1f}s, {self.compiled_shapes} shapes); "
            f"{self.tokens / max(self.loop_seconds, 1e-9):.0f} tok/s overall, "
            f"{self.tokens / steady:.0f} tok/s steady; padding "
-           f"{1 - self.tokens / max(self.padded_tokens, 1):.1%}"]
+           f"{1 - self.row_tokens / max(self.padded_tokens, 1):.1%}, "
+           f"{1 - self.row_tokens / max(self.tokens, 1):.1%} of the tokens in shared prefixes"]
     if self.rated_rows:
       out.append(f"digit mass (P(1..5) summed): mean {self.digit_mass_mean:.3f}, "
                  f"min {self.digit_mass_min:.3g}")
@@ -127,9 +129,8 @@ def run(config) -> Summary:
     logging.warning("nothing to score")
     return summary
 
-  buckets = engine.choose_buckets((len(it.ids) for it in items), config.engine.max_shapes,
-                                  config.engine.bucket_multiple, config.engine.max_tokens)
-  batches = engine.plan_batches(items, config.engine.batch_size, buckets)
+  plan = engine.plan(items, config.engine)
+  batches = plan.batches
   stored = store.stored_keys()
   pending = np.array([any((it.content_hash, model_key, it.prompt_hash) not in stored
                           for it in b.items) for b in batches])
@@ -140,18 +141,20 @@ def run(config) -> Summary:
   todo = [b for b, p in zip(batches, pending) if p]
   summary.skipped_rows = sum((it.content_hash, model_key, it.prompt_hash) in stored
                              for it in items)
-  logging.info("%d texts in %d batches (buckets %s); %d batches to run", len(items),
-               len(batches), buckets, len(todo))
+  logging.info("%d texts in %d batches (buckets %s, shared prefixes %s tokens); %d batches "
+               "to run", len(items), len(batches), plan.buckets,
+               [len(p) for p in plan.prefixes], len(todo))
 
   rating_ids = rating_token_ids(tokenizer, prompts_lib.build_text(prompts[0], "", "", template))
-  scorer = engine.Scorer(model.config, model.params, rating_ids, mesh, config.engine.batch_size)
+  scorer = engine.Scorer(model.config, model.params, rating_ids, mesh, config.engine.batch_size,
+                         plan.prefixes)
   owned = scorer.owned_rows()
   rows, masses = [], []
   loop_start = time.perf_counter()
   bar = tqdm(todo, desc="scoring", unit="batch", disable=jax.process_index() != 0)
   for batch in bar:
-    tokens, lengths = engine.pad_batch(batch, config.engine.batch_size, tokenizer.pad_id)
-    probs, lse = scorer(tokens, lengths)
+    tokens, lengths, prompt = engine.pad_batch(batch, config.engine.batch_size, tokenizer.pad_id)
+    probs, lse = scorer(tokens, lengths, prompt)
     for r, it in enumerate(batch.items):
       masses.append(probs[r].sum())
       if not owned[r] or (it.content_hash, model_key, it.prompt_hash) in stored:
@@ -164,6 +167,7 @@ def run(config) -> Summary:
                        num_tokens=len(it.ids)))
     summary.rated_rows += len(batch.items)
     summary.tokens += batch.real_tokens
+    summary.row_tokens += batch.row_tokens
     summary.padded_tokens += tokens.size
     # Whole batches only: a resumed run then replays exactly the batches not yet stored.
     if len(rows) >= config.engine.shard_rows:

@@ -20,37 +20,63 @@ def tiny(tiny_checkpoint):
   return checkpoints.load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
 
 
-def _score(model, tok, items, batch_size, buckets):
+def _score(model, tok, items, batch_size, buckets, prefixes=()):
   mesh = sharding.make_mesh(ONE_DEVICE, jax.devices()[:1])
   digits = rating_token_ids(tok, prompts.build_text(prompts.default_prompts()[0], "", ""))
-  scorer = engine.Scorer(model.config, model.params, digits, mesh, batch_size)
+  scorer = engine.Scorer(model.config, model.params, digits, mesh, batch_size, prefixes)
   out = {}
-  for batch in engine.plan_batches(items, batch_size, buckets):
+  for batch in engine.plan_batches(items, batch_size, buckets, prefixes):
     probs, lse = scorer(*engine.pad_batch(batch, batch_size, tok.pad_id))
     for r, it in enumerate(batch.items):
       out[(it.sample_index, it.prompt_index)] = (probs[r], lse[r])
   return out, scorer
 
 
-def test_probs_do_not_depend_on_batch_size_or_padding(tiny):
-  model, tok = tiny
+def _random_items(tok, num_records, num_prompts=3):
   rng = np.random.default_rng(0)
   words = "the sea is wide and deep poem write about waves sugar plants light".split()
   recs = [_record(i, " ".join(rng.choice(words, rng.integers(2, 30))),
-                  " ".join(rng.choice(words, rng.integers(1, 60)))) for i in range(9)]
-  items, rejects = engine.prepare(recs, prompts.default_prompts()[:3], prompts.DEFAULT_TEMPLATE,
-                                  tok, max_tokens=512)
-  assert not rejects and len({len(it.ids) for it in items}) > 10
+                  " ".join(rng.choice(words, rng.integers(1, 60)))) for i in range(num_records)]
+  items, rejects = engine.prepare(recs, prompts.default_prompts()[:num_prompts],
+                                  prompts.DEFAULT_TEMPLATE, tok, max_tokens=512)
+  assert not rejects
+  return items
+
+
+def test_probs_do_not_depend_on_batch_size_padding_or_prefix_cache(tiny):
+  """Batch sizes and buckets, with and without each prompt's shared prefix computed once
+  (prompts of different prefix lengths share batches)."""
+  model, tok = tiny
+  items = _random_items(tok, 9)
+  assert len({len(it.ids) for it in items}) > 10
+  prefixes = engine.shared_prefixes(items)
+  assert len({len(p) for p in prefixes}) == 3 and min(map(len, prefixes)) > 10
   results = {}
-  for batch_size, buckets in ((1, [512]), (8, [64, 128, 256, 512]), (13, [80, 512])):
-    results[batch_size], scorer = _score(model, tok, items, batch_size, buckets)
+  for batch_size, buckets, prefix in ((1, [512], ()), (8, [64, 128, 256, 512], ()),
+                                      (13, [80, 512], ()), (1, [512], prefixes),
+                                      (8, [48, 96, 512], prefixes)):
+    key = (batch_size, bool(prefix))
+    results[key], scorer = _score(model, tok, items, batch_size, buckets, prefix)
     assert {s[1] for s in scorer.compiled_shapes} <= set(buckets)
-  for key, (p1, l1) in results[1].items():
-    for other in (8, 13):
+  for key, (p1, l1) in results[(1, False)].items():
+    for other in ((8, False), (13, False), (1, True), (8, True)):
       p, l = results[other][key]
       np.testing.assert_allclose(p, p1, atol=1e-6, rtol=0)
       np.testing.assert_allclose(l, l1, atol=1e-5, rtol=0)
-  assert all(0 < p.sum() <= 1 for p, _ in results[1].values())
+  assert all(0 < p.sum() <= 1 for p, _ in results[(1, False)].values())
+
+
+def test_shared_prefixes_are_exact_and_leave_the_last_token():
+  item = lambda k, ids: engine.WorkItem(0, "r", "c", k, "h", tuple(ids))
+  items = [item(0, [5, 6, 7, 8]), item(0, [5, 6, 9]), item(1, [5, 6, 7]), item(2, [1, 2]),
+           item(2, [1, 2, 3])]
+  assert engine.shared_prefixes(items) == ((5, 6), (5, 6), (1,))
+  assert engine.shared_prefixes([item(1, [4])]) == ((), ())
+  batches = engine.plan_batches(items, 2, [4], engine.shared_prefixes(items))
+  rows = [engine.pad_batch(b, 2, 0) for b in batches]
+  assert [r[0][:, :2].tolist() for r in rows] == [[[9, 0], [7, 0]], [[2, 0], [7, 8]],
+                                                  [[2, 3], [0, 0]]]
+  assert [r[2].tolist() for r in rows] == [[0, 1], [2, 0], [2, 0]]
 
 
 def _brute_force_padding(lengths, max_shapes, multiple, max_tokens):

@@ -1,14 +1,16 @@
 """Our Flax LLaMA vs HF transformers (PyTorch, fp32) on the same files."""
+import dataclasses
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import torch
 import transformers
 
 from conftest import REFERENCE_PROMPTS, sharegpt_records, write_tiny_checkpoint
-from selectit_jax import assets, checkpoints, engine, prompts
+from selectit_jax import assets, checkpoints, engine, prompts, sharding
 from selectit_jax.model import Llama
 from selectit_jax.tokenizer import load_tokenizer, rating_token_ids
 
@@ -136,15 +138,23 @@ def test_gguf_rating_probs_match_transformers(smollm2):
   out as rating prompts with the released prompt file, vs transformers (gguf_file=) fp32."""
   path, model, tok = smollm2
   prompt = prompts.load_prompts(REFERENCE_PROMPTS)[0]
-  recs = sharegpt_records(3)
-  texts = [prompts.build_text(prompt, r.instruction[:400], r.response[:400]) for r in recs]
-  seqs = tok.encode_batch(texts)
-  digits = rating_token_ids(tok, texts[0])
+  recs = [dataclasses.replace(r, instruction=r.instruction[:400], response=r.response[:400])
+          for r in sharegpt_records(3)]
+  seqs = [tok.encode(prompts.build_text(prompt, r.instruction, r.response)) for r in recs]
+  digits = rating_token_ids(tok, prompts.build_text(prompt, "", ""))
 
-  tokens, _, segments = _right_padded(seqs)
-  step = jax.jit(engine.rating_probs_fn(Llama(model.config), digits))
-  rating_logits, lse = step(model.params, tokens, segments.sum(1).astype(np.int32))
-  ours = np.exp(np.asarray(rating_logits, np.float64) - np.asarray(lse, np.float64)[:, None])
+  # The engine's path: the prompt's shared prefix computed once, rows continue it.
+  items, _ = engine.prepare(recs, [prompt], prompts.DEFAULT_TEMPLATE, tok, max_tokens=1024)
+  plan = engine.plan(items, ml_collections.ConfigDict(dict(
+      prefix_cache=True, max_shapes=2, bucket_multiple=16, max_tokens=1024, batch_size=2)))
+  assert len(plan.prefixes[0]) > 20
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  scorer = engine.Scorer(model.config, model.params, digits, mesh, 2, plan.prefixes)
+  ours = {}
+  for batch in plan.batches:
+    probs, _ = scorer(*engine.pad_batch(batch, 2, tok.pad_id))
+    ours.update({it.sample_index: p for it, p in zip(batch.items, probs)})
+  ours = np.stack([ours[r.index] for r in recs])
 
   ref_model = transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)

@@ -54,9 +54,13 @@ def _forward(model, mesh, tokens, lengths):
   return np.asarray(out)
 
 
+# Two prompts' shared prefixes of different lengths; rows alternate between them.
+PREFIXES = (tuple(range(20, 27)), tuple(range(40, 52)))
+
+
 def _probs(model, mesh, tokens, lengths):
-  scorer = engine.Scorer(model.config, model.params, np.arange(10, 15), mesh, BATCH)
-  return scorer(tokens, lengths)
+  scorer = engine.Scorer(model.config, model.params, np.arange(10, 15), mesh, BATCH, PREFIXES)
+  return scorer(tokens, lengths, (np.arange(BATCH) % 2).astype(np.int32))
 
 
 @pytest.fixture(scope="module")
