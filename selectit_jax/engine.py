@@ -227,7 +227,7 @@ def rating_probs_fn(model: Llama, rating_ids: np.ndarray) -> Callable:
   logsumexp [b]), fp32.
 
   The prefix table (`Scorer.prefill`) holds each prompt's shared-prefix keys and values
-  [layers, prompts, p, kv, hd]; row r continues prompt[r]'s prefix.
+  [layers, prompts, kv, p, hd]; row r continues prompt[r]'s prefix.
   """
   rating_ids = jnp.asarray(rating_ids)
 
@@ -277,7 +277,7 @@ class Scorer:
     self.compile_seconds = 0.0
 
   def _prefill(self, cfg: LlamaConfig, prefixes: Sequence[Sequence[int]]) -> Prefix:
-    """Keys and values of every prompt's shared prefix, replicated: [layers, prompts, p, kv, hd]
+    """Keys and values of every prompt's shared prefix, replicated: [layers, prompts, kv, p, hd]
     (p = 0 without prefixes: rows then hold whole texts)."""
     start = time.perf_counter()
     n, p = max(len(prefixes), 1), max((len(x) for x in prefixes), default=0)
@@ -286,7 +286,7 @@ class Scorer:
       valid[k, :len(ids)] = True
     replicated = sharding.replicated(self.mesh)
     if p == 0:
-      kv = jnp.zeros((cfg.num_layers, n, 0, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
+      kv = jnp.zeros((cfg.num_layers, n, cfg.num_kv_heads, 0, cfg.head_dim), cfg.dtype)
       return jax.device_put(Prefix(kv, kv, jnp.asarray(valid)), replicated)
     tokens = np.zeros((n, p), np.int32)
     for k, ids in enumerate(prefixes):
