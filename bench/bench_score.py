@@ -137,7 +137,7 @@ def _row(name, r, data, roof_gflops):
       steady_s=r["steady_s"], compile_s=r.get("compile_s", 0.0), shapes=r.get("shapes", "-"),
       padding=r.get("padding", 0.0), rss=r["peak_rss_mib"], runs=r.get("runs", [r["steady_s"]]),
       load=r.get("loads", []), host_s=r.get("host_s", 0.0), prefixes=r.get("prefixes", []),
-      prefix_share=r.get("prefix_share", 0.0),
+      prefix_share=r.get("prefix_share", 0.0), rows=r.get("rows"),
       tokens=tokens, texts=len(lengths), mean_len=float(np.mean(lengths)))
 
 
@@ -185,6 +185,9 @@ def _report(data, rows, roof, dp, machine, extra) -> str:
              f"{ours['host_s'] / ours['steady_s']:.2%}; tokenization of these texts "
              f"{data['tokenize_s']:.2f} s = {data['tokenize_s'] / ours['steady_s']:.1%} of the "
              "steady pass (both are what prefetching could overlap).")
+  if ours["rows"]:
+    out.append(f"Packing: our {r0['texts']} texts ran in {ours['rows']} rows (texts of one prompt "
+               "share a row where they fit; the padding column counts the rest).")
   if ours["prefixes"]:
     out.append(f"Shared prefixes (computed once per prompt, in the compile column): "
                f"{ours['prefixes']} tokens, {ours['prefix_share']:.1%} of all tokens.")
@@ -350,32 +353,34 @@ def part_ours(workdir):
   scorer = engine.Scorer(model.config, model.params, data["rating_ids"], mesh, e.batch_size,
                          plan.prefixes)
   for length in plan.buckets:
-    scorer(*engine.pad_batch(engine.Batch((), length, ()), e.batch_size, data["pad_id"]))
+    scorer(engine.pad_batch(engine.Batch((), length, ()), e.batch_size, e.max_segments,
+                            data["pad_id"]))
   compile_s = time.perf_counter() - start  # the prefixes' prefill (once per run) included
   index = {(it.sample_index, it.prompt_index): i for i, it in enumerate(items)}
   probs = np.zeros((len(items), 5))
-  padded, skips, padded_tokens, row_tokens = [], [], 0, 0
+  padded, skips, padded_tokens, row_tokens, rows = [], [], 0, 0, 0
   start = time.perf_counter()
   host_s = 0.0  # host work between steps (padding): the most that prefetching could hide
   for batch in plan.batches:
     t = time.perf_counter()
-    tokens, lengths, prompt = engine.pad_batch(batch, e.batch_size, data["pad_id"])
+    batch_rows = engine.pad_batch(batch, e.batch_size, e.max_segments, data["pad_id"])
     host_s += time.perf_counter() - t
-    p, _ = scorer(tokens, lengths, prompt)
+    p, _ = scorer(batch_rows)
     for r, it in enumerate(batch.items):
       probs[index[(it.sample_index, it.prompt_index)]] = p[r]
     padded += [batch.length] * e.batch_size
-    skips += list(batch.skips) + [0] * (e.batch_size - len(batch.items))
-    padded_tokens += tokens.size
+    skips += list(batch.skips) + [0] * (e.batch_size - len(batch.rows))
+    padded_tokens += batch_rows.tokens.size
     row_tokens += batch.row_tokens
+    rows += len(batch.rows)
   steady = time.perf_counter() - start
   prefix_lengths = [len(x) for x in plan.prefixes]
   _write(workdir, "ours", dict(
       steady_s=steady, compile_s=compile_s, shapes=len(scorer.compiled_shapes),
-      buckets=plan.buckets, prefixes=prefix_lengths, padding=1 - row_tokens / padded_tokens,
+      buckets=plan.buckets, prefixes=prefix_lengths, rows=rows, padding=1 - row_tokens / padded_tokens,
       prefix_share=1 - row_tokens / sum(len(it.ids) for it in items), probs=probs.tolist(),
       host_s=host_s,
-      executed_flops=common.executed_flops(padded, model.config, 1, full_square=True,
+      executed_flops=common.executed_flops(padded, model.config, e.max_segments, full_square=True,
                                            prefix_lengths=skips)))
 
 

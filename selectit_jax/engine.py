@@ -1,16 +1,19 @@
-"""The rating engine: rating texts -> token ids -> length buckets -> one jit'd step per batch
--> P("1".."5") and the full-vocabulary logsumexp per text.
+"""The rating engine: rating texts -> token ids -> shared prefixes, packed rows, length
+buckets -> one jit'd step per batch -> P("1".."5") and the full-vocabulary logsumexp per text.
 
-The step computes the head only at each row's last real token and never materialises
-[batch, seq, vocab]. Batches are planned once from all work (sorted by length, padded to at
-most `max_shapes` bucket lengths), so a resumed run recomputes exactly the batches an
+Each rating prompt's leading tokens, common to all its texts, are run once; their keys and
+values serve every row. A row holds the rest of one or more texts of one prompt (segments,
+masked from each other), padded to one of at most `max_shapes` bucket lengths. The step
+computes the head only at each text's last token and never materialises [batch, seq, vocab].
+Batches are planned once from all work, so a resumed run recomputes exactly the batches an
 uninterrupted run would, and its probabilities are bit-identical.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -163,9 +166,15 @@ def shared_prefixes(items: Sequence[WorkItem]) -> tuple[tuple[int, ...], ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
-  items: tuple[WorkItem, ...]
-  length: int  # padded length of the rows (the tokens after each item's shared prefix)
-  skips: tuple[int, ...]  # per item, the shared-prefix tokens its row leaves out
+  """Rows of one padded length; a row packs one or more texts of one prompt (segments), each
+  text's tokens after that prompt's shared prefix."""
+  rows: tuple[tuple[WorkItem, ...], ...]
+  length: int
+  skips: tuple[int, ...]  # per row, the shared-prefix tokens its texts leave out
+
+  @property
+  def items(self) -> tuple[WorkItem, ...]:
+    return tuple(it for row in self.rows for it in row)
 
   @property
   def real_tokens(self) -> int:
@@ -173,21 +182,55 @@ class Batch:
 
   @property
   def row_tokens(self) -> int:
-    return self.real_tokens - sum(self.skips)
+    return sum(len(it.ids) - skip for row, skip in zip(self.rows, self.skips) for it in row)
+
+
+def pack_rows(items: Sequence[WorkItem], buckets: Sequence[int], prefixes: Sequence[Sequence[int]],
+              max_segments: int) -> list[tuple[int, tuple[WorkItem, ...]]]:
+  """(bucket, texts) rows: best-fit decreasing within each prompt.
+
+  Longest texts first; each goes into the open row of its prompt with the least room that
+  still fits it (at most `max_segments` texts a row), else opens a row of the smallest bucket
+  that holds it. Short texts then fill the padding that long ones leave, instead of each
+  padding a row of its own. Deterministic: texts are ordered by (length, sample).
+  """
+  skip = lambda it: len(prefixes[it.prompt_index]) if prefixes else 0
+  by_prompt: dict[int, list[WorkItem]] = {}
+  for it in items:
+    by_prompt.setdefault(it.prompt_index, []).append(it)
+  out = []
+  for k in sorted(by_prompt):
+    rows: list[tuple[int, list[WorkItem]]] = []   # (bucket, texts)
+    room: list[tuple[int, int]] = []  # sorted (free tokens, row number) of rows with a free slot
+    for it in sorted(by_prompt[k], key=lambda it: (-(len(it.ids) - skip(it)), it.sample_index)):
+      n = len(it.ids) - skip(it)
+      at = bisect.bisect_left(room, (n, -1))
+      if at < len(room):
+        free, r = room.pop(at)
+      else:
+        r, free = len(rows), next(b for b in buckets if b >= n)
+        rows.append((free, []))
+      rows[r][1].append(it)
+      if len(rows[r][1]) < max_segments and free > n:
+        bisect.insort(room, (free - n, r))
+    out += [(bucket, tuple(row)) for bucket, row in rows]
+  return out
 
 
 def plan_batches(items: Sequence[WorkItem], batch_size: int, buckets: Sequence[int],
-                 prefixes: Sequence[Sequence[int]] = ()) -> list[Batch]:
-  """Items sorted by (row length, sample, prompt), cut into batches, each padded to its
-  bucket; a row holds an item's tokens after its prompt's shared prefix (if any)."""
-  skip = lambda it: len(prefixes[it.prompt_index]) if prefixes else 0
-  order = sorted(items, key=lambda it: (len(it.ids) - skip(it), it.sample_index, it.prompt_index))
+                 prefixes: Sequence[Sequence[int]] = (), max_segments: int = 1) -> list[Batch]:
+  """Rows (`pack_rows`) ordered by (bucket, tokens, first text's sample and prompt), cut into
+  batches of `batch_size` rows, each padded to the smallest bucket that holds its rows."""
+  skip = lambda row: len(prefixes[row[0].prompt_index]) if prefixes else 0
+  rows = sorted(((bucket, sum(len(it.ids) for it in row) - len(row) * skip(row),
+                  row[0].sample_index, row[0].prompt_index, row)
+                 for bucket, row in pack_rows(items, buckets, prefixes, max_segments)),
+                key=lambda r: r[:4])
   batches = []
-  for start in range(0, len(order), batch_size):
-    chunk = tuple(order[start:start + batch_size])
-    skips = tuple(skip(it) for it in chunk)
-    longest = max(len(it.ids) - s for it, s in zip(chunk, skips))
-    batches.append(Batch(chunk, next(b for b in buckets if b >= longest), skips))
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    length = next(b for b in buckets if b >= max(r[1] for r in chunk))
+    batches.append(Batch(tuple(r[-1] for r in chunk), length, tuple(skip(r[-1]) for r in chunk)))
   return batches
 
 
@@ -200,49 +243,73 @@ class Plan:
 
 def plan(items: Sequence[WorkItem], engine_cfg) -> Plan:
   """The whole run's batches from `config.engine`: shared prefixes (if `prefix_cache`), at
-  most `max_shapes` row lengths, batches of `batch_size`."""
+  most `max_shapes` row lengths, up to `max_segments` texts packed per row, batches of
+  `batch_size` rows."""
   prefixes = shared_prefixes(items) if engine_cfg.prefix_cache else ()
   lengths = [len(it.ids) - (len(prefixes[it.prompt_index]) if prefixes else 0) for it in items]
   buckets = choose_buckets(lengths, engine_cfg.max_shapes, engine_cfg.bucket_multiple,
                            engine_cfg.max_tokens)
-  return Plan(prefixes, buckets, plan_batches(items, engine_cfg.batch_size, buckets, prefixes))
+  return Plan(prefixes, buckets, plan_batches(items, engine_cfg.batch_size, buckets, prefixes,
+                                              engine_cfg.max_segments))
 
 
-def pad_batch(batch: Batch, batch_size: int, pad_id: int
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Right-padded rows [batch_size, length], their lengths, and their prompt indices (which
-  shared prefix each row continues); missing rows are length 1."""
+class Rows(NamedTuple):
+  """A batch as arrays: tokens, segment ids (1.. per text, 0 = padding) and positions within
+  each text [batch_size, length]; the prompt each row continues [batch_size]; the index of
+  each segment's last token [batch_size, max_segments]; and, per text of `Batch.items`, its
+  row and its flat (row × max_segments + segment) slot."""
+  tokens: np.ndarray
+  segments: np.ndarray
+  positions: np.ndarray
+  prompt: np.ndarray
+  last: np.ndarray
+  item_row: np.ndarray
+  item_slot: np.ndarray
+
+
+def pad_batch(batch: Batch, batch_size: int, max_segments: int, pad_id: int) -> Rows:
+  """The batch's rows, right-padded to its length; missing rows are all padding."""
   tokens = np.full((batch_size, batch.length), pad_id, np.int32)
-  lengths = np.ones((batch_size,), np.int32)
+  segments = np.zeros((batch_size, batch.length), np.int32)
+  positions = np.zeros((batch_size, batch.length), np.int32)
   prompt = np.zeros((batch_size,), np.int32)
-  for r, (it, skip) in enumerate(zip(batch.items, batch.skips)):
-    tokens[r, :len(it.ids) - skip] = it.ids[skip:]
-    lengths[r] = len(it.ids) - skip
-    prompt[r] = it.prompt_index
-  return tokens, lengths, prompt
+  last = np.zeros((batch_size, max_segments), np.int32)
+  item_row, item_slot = [], []
+  for r, (row, skip) in enumerate(zip(batch.rows, batch.skips)):
+    start = 0
+    for s, it in enumerate(row):
+      n = len(it.ids) - skip
+      tokens[r, start:start + n] = it.ids[skip:]
+      segments[r, start:start + n] = s + 1
+      positions[r, start:start + n] = np.arange(n)
+      last[r, s] = start + n - 1
+      item_row.append(r)
+      item_slot.append(r * max_segments + s)
+      start += n
+    prompt[r] = row[0].prompt_index
+  return Rows(tokens, segments, positions, prompt, last, np.asarray(item_row, np.int64),
+              np.asarray(item_slot, np.int64))
 
 
 def rating_probs_fn(model: Llama, rating_ids: np.ndarray) -> Callable:
-  """(params, prefix table, tokens [b,t], lengths [b], prompt [b]) -> (rating logits [b,5],
-  logsumexp [b]), fp32.
+  """(params, prefix table, tokens, segments, positions [b,t], prompt [b], last [b,s]) ->
+  (rating logits [b,s,5], logsumexp [b,s]) at each segment's last token, fp32.
 
-  The prefix table (`Scorer.prefill`) holds each prompt's shared-prefix keys and values
+  The prefix table (`Scorer`) holds each prompt's shared-prefix keys and values
   [layers, prompts, kv, p, hd]; row r continues prompt[r]'s prefix.
   """
   rating_ids = jnp.asarray(rating_ids)
 
-  def step(params, table: Prefix, tokens_bt, lengths_b, prompt_b):
-    b, t = tokens_bt.shape
+  def step(params, table: Prefix, tokens_bt, segments_bt, positions_bt, prompt_b, last_bs):
     valid_bp = table.valid[prompt_b]
-    positions = valid_bp.sum(-1, dtype=jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)
-    segment_ids = (jnp.arange(t)[None] < lengths_b[:, None]).astype(jnp.int32)
+    positions = valid_bp.sum(-1, dtype=jnp.int32)[:, None] + positions_bt
     prefix = Prefix(*(nn.with_logical_constraint(
         jnp.take(x, prompt_b, axis=1), (None, "activation_batch", None, None, None))
         for x in (table.k, table.v)), valid_bp)
-    hidden_btd = model.apply({"params": params}, tokens_bt, positions, segment_ids, prefix)
-    last_bd = jnp.take_along_axis(hidden_btd, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
-    logits_bv = model.apply({"params": params}, last_bd, method=Llama.logits)
-    return logits_bv[:, rating_ids], jax.nn.logsumexp(logits_bv, axis=-1)
+    hidden_btd = model.apply({"params": params}, tokens_bt, positions, segments_bt, prefix)
+    last_bsd = jnp.take_along_axis(hidden_btd, last_bs[..., None], axis=1)
+    logits_bsv = model.apply({"params": params}, last_bsd, method=Llama.logits)
+    return logits_bsv[..., rating_ids], jax.nn.logsumexp(logits_bsv, axis=-1)
 
   return step
 
@@ -271,9 +338,9 @@ class Scorer:
     self._table = self._prefill(cfg, prefixes)
     step = rating_probs_fn(Llama(cfg), rating_ids)
     param_sh = jax.tree.map(lambda x: x.sharding, params)
-    self._step = jax.jit(step, in_shardings=(param_sh, out_sharding) + (self._batch_sharding,) * 3,
+    self._step = jax.jit(step, in_shardings=(param_sh, out_sharding) + (self._batch_sharding,) * 5,
                          out_shardings=(out_sharding, out_sharding))
-    self.compiled_shapes: set[tuple[int, int]] = set()
+    self.compiled_shapes: set[tuple[int, int, int]] = set()  # (rows, length, segments)
     self.compile_seconds = 0.0
 
   def _prefill(self, cfg: LlamaConfig, prefixes: Sequence[Sequence[int]]) -> Prefix:
@@ -317,16 +384,16 @@ class Scorer:
       owner[rows] = np.minimum(owner[rows], device.process_index)
     return owner == jax.process_index()
 
-  def __call__(self, tokens: np.ndarray, lengths: np.ndarray, prompt: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities of "1".."5" [b,5] (float64) and logsumexp [b] of the global batch:
-    `pad_batch`'s rows, lengths and prompt indices."""
-    shape = tokens.shape
+  def __call__(self, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities of "1".."5" [n, 5] (float64) and logsumexp [n] of the batch's n texts
+    (`pad_batch`'s global batch), in `Batch.items` order."""
+    shape = rows.tokens.shape + rows.last.shape[1:]
     start = time.perf_counter()
     with self.mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-      args = (sharding.global_array(x, self._batch_sharding) for x in (tokens, lengths, prompt))
+      args = (sharding.global_array(x, self._batch_sharding) for x in rows[:5])
       rating_logits, lse = self._step(self.params, self._table, *args)
-      rating_logits, lse = np.asarray(rating_logits, np.float64), np.asarray(lse, np.float64)
+      rating_logits = np.asarray(rating_logits, np.float64).reshape(-1, 5)[rows.item_slot]
+      lse = np.asarray(lse, np.float64).reshape(-1)[rows.item_slot]
     if shape not in self.compiled_shapes:
       self.compiled_shapes.add(shape)
       self.compile_seconds += time.perf_counter() - start

@@ -91,7 +91,7 @@ def _bytes(dtype) -> int:
 
 
 def estimate(cfg: LlamaConfig, mesh_sizes: dict[str, int], batch_size: int,
-             length: int) -> Estimate:
+             length: int, segments: int = 1) -> Estimate:
   """Per-device bytes for one rating step of [batch_size, length] on a mesh of these sizes.
   Raises the sharding module's error when a weight does not divide the mesh."""
   abstract = checkpoints.param_shapes(cfg)["params"]
@@ -118,7 +118,8 @@ def estimate(cfg: LlamaConfig, mesh_sizes: dict[str, int], batch_size: int,
   gathered = 2 * layer * ab if (fsdp > 1 or pb != ab) else 0
   # Residual + normed + attention out + mlp out (d), q/k/v, gate/up/product (f), fp32 RoPE.
   per_token = (4 * d + (h + 2 * kv) * hd // tp + 3 * f // tp) * ab + 2 * (h + kv) * hd // tp * 4
-  activations = b * t * per_token + b * cfg.vocab_size // tp * 4 * 2  # + last-row logits
+  # + fp32 logits at each packed text's last token (`segments` per row).
+  activations = b * t * per_token + b * segments * cfg.vocab_size // tp * 4 * 2
   # fp32 scores and masked scores, probabilities in the compute dtype, bool mask.
   attention = b * (h // tp) * t * t * (4 + 4 + ab) + b * t * t
   return Estimate(params, gathered, activations, attention, b, t)
@@ -146,9 +147,10 @@ def max_length(config) -> int:
 
 
 def report(cfg: LlamaConfig, mesh_sizes: dict[str, int], batch_size: int, length: int,
-           device: str, local_devices: int = 1, headroom: float = 0.9) -> tuple[bool, list[str]]:
+           device: str, local_devices: int = 1, headroom: float = 0.9,
+           segments: int = 1) -> tuple[bool, list[str]]:
   """(fits, lines) for the worst-case step; lines say what to change when it does not fit."""
-  est = estimate(cfg, mesh_sizes, batch_size, length)
+  est = estimate(cfg, mesh_sizes, batch_size, length, segments)
   cap, desc = device_capacity(device, local_devices)
   budget = int(cap * headroom)
   fits = est.total <= budget
@@ -193,7 +195,7 @@ def check_config(config, model_path: str, mesh) -> None:
   device = config.memory.device or detect_device(mesh.devices.flat[0])
   local = sum(d.process_index == mesh.devices.flat[0].process_index for d in mesh.devices.flat)
   fits, lines = report(cfg, dict(mesh.shape), config.engine.batch_size, max_length(config),
-                       device, local, config.memory.headroom)
+                       device, local, config.memory.headroom, config.engine.max_segments)
   for line in lines:
     logging.info("memory: %s", line)
   if not fits:
@@ -211,4 +213,4 @@ def plan(config) -> tuple[bool, list[str]]:
   device = config.memory.device or detect_device(jax.devices()[0])
   local = 1 if device != "cpu" else jax.local_device_count()
   return report(cfg, sizes, config.engine.batch_size, max_length(config), device, local,
-                config.memory.headroom)
+                config.memory.headroom, config.engine.max_segments)

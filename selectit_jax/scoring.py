@@ -153,11 +153,13 @@ def run(config) -> Summary:
   loop_start = time.perf_counter()
   bar = tqdm(todo, desc="scoring", unit="batch", disable=jax.process_index() != 0)
   for batch in bar:
-    tokens, lengths, prompt = engine.pad_batch(batch, config.engine.batch_size, tokenizer.pad_id)
-    probs, lse = scorer(tokens, lengths, prompt)
+    batch_rows = engine.pad_batch(batch, config.engine.batch_size, config.engine.max_segments,
+                                  tokenizer.pad_id)
+    probs, lse = scorer(batch_rows)
     for r, it in enumerate(batch.items):
       masses.append(probs[r].sum())
-      if not owned[r] or (it.content_hash, model_key, it.prompt_hash) in stored:
+      if (not owned[batch_rows.item_row[r]]
+          or (it.content_hash, model_key, it.prompt_hash) in stored):
         continue
       summary.scored_rows += 1
       rows.append(dict(sample_id=it.sample_id, sample_index=it.sample_index,
@@ -168,7 +170,7 @@ def run(config) -> Summary:
     summary.rated_rows += len(batch.items)
     summary.tokens += batch.real_tokens
     summary.row_tokens += batch.row_tokens
-    summary.padded_tokens += tokens.size
+    summary.padded_tokens += batch_rows.tokens.size
     # Whole batches only: a resumed run then replays exactly the batches not yet stored.
     if len(rows) >= config.engine.shard_rows:
       store.write_shard(rows)

@@ -20,13 +20,13 @@ def tiny(tiny_checkpoint):
   return checkpoints.load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
 
 
-def _score(model, tok, items, batch_size, buckets, prefixes=()):
+def _score(model, tok, items, batch_size, buckets, prefixes=(), segments=1):
   mesh = sharding.make_mesh(ONE_DEVICE, jax.devices()[:1])
   digits = rating_token_ids(tok, prompts.build_text(prompts.default_prompts()[0], "", ""))
   scorer = engine.Scorer(model.config, model.params, digits, mesh, batch_size, prefixes)
   out = {}
-  for batch in engine.plan_batches(items, batch_size, buckets, prefixes):
-    probs, lse = scorer(*engine.pad_batch(batch, batch_size, tok.pad_id))
+  for batch in engine.plan_batches(items, batch_size, buckets, prefixes, segments):
+    probs, lse = scorer(engine.pad_batch(batch, batch_size, segments, tok.pad_id))
     for r, it in enumerate(batch.items):
       out[(it.sample_index, it.prompt_index)] = (probs[r], lse[r])
   return out, scorer
@@ -43,27 +43,30 @@ def _random_items(tok, num_records, num_prompts=3):
   return items
 
 
-def test_probs_do_not_depend_on_batch_size_padding_or_prefix_cache(tiny):
-  """Batch sizes and buckets, with and without each prompt's shared prefix computed once
-  (prompts of different prefix lengths share batches)."""
+def test_probs_do_not_depend_on_batching_packing_or_prefix_cache(tiny):
+  """Batch sizes and buckets, texts packed several to a row or not, with and without each
+  prompt's shared prefix computed once (prompts of different prefix lengths share batches)."""
   model, tok = tiny
   items = _random_items(tok, 9)
   assert len({len(it.ids) for it in items}) > 10
   prefixes = engine.shared_prefixes(items)
   assert len({len(p) for p in prefixes}) == 3 and min(map(len, prefixes)) > 10
   results = {}
-  for batch_size, buckets, prefix in ((1, [512], ()), (8, [64, 128, 256, 512], ()),
-                                      (13, [80, 512], ()), (1, [512], prefixes),
-                                      (8, [48, 96, 512], prefixes)):
-    key = (batch_size, bool(prefix))
-    results[key], scorer = _score(model, tok, items, batch_size, buckets, prefix)
+  for batch_size, buckets, prefix, segments in (
+      (1, [512], (), 1), (8, [64, 128, 256, 512], (), 1), (13, [80, 512], (), 1),
+      (1, [512], prefixes, 1), (8, [48, 96, 512], prefixes, 1), (2, [96, 512], prefixes, 4),
+      (3, [512], (), 8)):
+    key = (batch_size, bool(prefix), segments)
+    results[key], scorer = _score(model, tok, items, batch_size, buckets, prefix, segments)
     assert {s[1] for s in scorer.compiled_shapes} <= set(buckets)
-  for key, (p1, l1) in results[(1, False)].items():
-    for other in ((8, False), (13, False), (1, True), (8, True)):
+    assert len(results[key]) == len(items)
+  assert max(len(row) for b in engine.plan_batches(items, 3, [512], (), 8) for row in b.rows) >= 3
+  for key, (p1, l1) in results[(1, False, 1)].items():
+    for other in results:
       p, l = results[other][key]
       np.testing.assert_allclose(p, p1, atol=1e-6, rtol=0)
       np.testing.assert_allclose(l, l1, atol=1e-5, rtol=0)
-  assert all(0 < p.sum() <= 1 for p, _ in results[(1, False)].values())
+  assert all(0 < p.sum() <= 1 for p, _ in results[(1, False, 1)].values())
 
 
 def test_shared_prefixes_are_exact_and_leave_the_last_token():
@@ -73,10 +76,27 @@ def test_shared_prefixes_are_exact_and_leave_the_last_token():
   assert engine.shared_prefixes(items) == ((5, 6), (5, 6), (1,))
   assert engine.shared_prefixes([item(1, [4])]) == ((), ())
   batches = engine.plan_batches(items, 2, [4], engine.shared_prefixes(items))
-  rows = [engine.pad_batch(b, 2, 0) for b in batches]
-  assert [r[0][:, :2].tolist() for r in rows] == [[[9, 0], [7, 0]], [[2, 0], [7, 8]],
-                                                  [[2, 3], [0, 0]]]
-  assert [r[2].tolist() for r in rows] == [[0, 1], [2, 0], [2, 0]]
+  rows = [engine.pad_batch(b, 2, 1, 0) for b in batches]
+  assert [r.tokens[:, :2].tolist() for r in rows] == [[[9, 0], [7, 0]], [[2, 0], [7, 8]],
+                                                      [[2, 3], [0, 0]]]
+  assert [r.prompt.tolist() for r in rows] == [[0, 1], [2, 0], [2, 0]]
+
+
+def test_packing_fills_rows_best_fit_and_lays_out_segments():
+  item = lambda i, k, n: engine.WorkItem(i, f"r{i}", f"c{i}", k, "h", tuple(range(10, 10 + n)))
+  items = [item(0, 0, 9), item(1, 0, 5), item(2, 0, 4), item(3, 0, 3), item(4, 1, 2),
+           item(5, 0, 2)]
+  rows = engine.pack_rows(items, [8, 16], (), max_segments=3)
+  # Longest first: 9 opens a 16-row (7 free), 5 joins it (2 free); 4 opens an 8-row, 3 takes
+  # its best fit (the 8-row, 4 free); 2 fills the 16-row; prompt 1's text gets its own row.
+  layout = {(b, tuple(it.sample_index for it in row)) for b, row in rows}
+  assert layout == {(16, (0, 1, 5)), (8, (2, 3)), (8, (4,))}
+  batch = engine.plan_batches(items, 2, [8, 16], (), max_segments=3)[1]
+  r = engine.pad_batch(batch, 2, 3, pad_id=0)
+  assert r.tokens.shape == (2, 16) and r.last.shape == (2, 3)
+  assert r.segments[0].tolist() == [1] * 9 + [2] * 5 + [3] * 2
+  assert r.positions[0].tolist() == list(range(9)) + list(range(5)) + list(range(2))
+  assert r.last[0].tolist() == [8, 13, 15] and r.item_slot.tolist() == [0, 1, 2]
 
 
 def _brute_force_padding(lengths, max_shapes, multiple, max_tokens):

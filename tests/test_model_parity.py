@@ -146,13 +146,14 @@ def test_gguf_rating_probs_match_transformers(smollm2):
   # The engine's path: the prompt's shared prefix computed once, rows continue it.
   items, _ = engine.prepare(recs, [prompt], prompts.DEFAULT_TEMPLATE, tok, max_tokens=1024)
   plan = engine.plan(items, ml_collections.ConfigDict(dict(
-      prefix_cache=True, max_shapes=2, bucket_multiple=16, max_tokens=1024, batch_size=2)))
+      prefix_cache=True, max_shapes=2, bucket_multiple=16, max_tokens=1024, batch_size=2,
+      max_segments=2)))
   assert len(plan.prefixes[0]) > 20
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   scorer = engine.Scorer(model.config, model.params, digits, mesh, 2, plan.prefixes)
   ours = {}
   for batch in plan.batches:
-    probs, _ = scorer(*engine.pad_batch(batch, 2, tok.pad_id))
+    probs, _ = scorer(engine.pad_batch(batch, 2, 2, tok.pad_id))
     ours.update({it.sample_index: p for it, p in zip(batch.items, probs)})
   ours = np.stack([ours[r.index] for r in recs])
 

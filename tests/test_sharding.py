@@ -60,7 +60,10 @@ PREFIXES = (tuple(range(20, 27)), tuple(range(40, 52)))
 
 def _probs(model, mesh, tokens, lengths):
   scorer = engine.Scorer(model.config, model.params, np.arange(10, 15), mesh, BATCH, PREFIXES)
-  return scorer(tokens, lengths, (np.arange(BATCH) % 2).astype(np.int32))
+  pos = np.broadcast_to(np.arange(LENGTH, dtype=np.int32), tokens.shape)
+  rows = np.arange(BATCH)
+  return scorer(engine.Rows(tokens, (pos < lengths[:, None]).astype(np.int32), pos,
+                            (rows % 2).astype(np.int32), (lengths - 1)[:, None], rows, rows))
 
 
 @pytest.fixture(scope="module")
