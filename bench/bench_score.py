@@ -36,8 +36,9 @@ _NUM_RECORDS = flags.DEFINE_integer(
     "documented setting is 64; 16 keeps the default run near 5 minutes on 2 cores.")
 _K = flags.DEFINE_integer("k", 5, "Rating prompts per record.")
 _PROMPTS_FILE = flags.DEFINE_string(
-    "prompts_file", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                 "..", "shared", "reference", "rating_prompt.txt"),
+    "prompts_file", os.path.normpath(os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "reference",
+        "rating_prompt.txt")),
     "Prompt file (released layout); '' = our own default prompts with the same template.")
 _CONFIG = flags.DEFINE_string("config", "configs/smollm2_135m.py", "Scoring config (model, engine).")
 _OVERRIDES = flags.DEFINE_list("engine", [], "Config overrides for ours: engine keys or section.key, e.g. batch_size=1,model.dtype=bfloat16.")
