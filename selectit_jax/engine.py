@@ -185,6 +185,11 @@ class Batch:
     return sum(len(it.ids) - skip for row, skip in zip(self.rows, self.skips) for it in row)
 
 
+def row_length(it: WorkItem, prefixes: Sequence[Sequence[int]]) -> int:
+  """Tokens of a text that go into a row: those after its prompt's shared prefix."""
+  return len(it.ids) - (len(prefixes[it.prompt_index]) if prefixes else 0)
+
+
 def pack_rows(items: Sequence[WorkItem], buckets: Sequence[int], prefixes: Sequence[Sequence[int]],
               max_segments: int) -> list[tuple[int, tuple[WorkItem, ...]]]:
   """(bucket, texts) rows: best-fit decreasing within each prompt.
@@ -194,7 +199,6 @@ def pack_rows(items: Sequence[WorkItem], buckets: Sequence[int], prefixes: Seque
   that holds it. Short texts then fill the padding that long ones leave, instead of each
   padding a row of its own. Deterministic: texts are ordered by (length, sample).
   """
-  skip = lambda it: len(prefixes[it.prompt_index]) if prefixes else 0
   by_prompt: dict[int, list[WorkItem]] = {}
   for it in items:
     by_prompt.setdefault(it.prompt_index, []).append(it)
@@ -202,8 +206,8 @@ def pack_rows(items: Sequence[WorkItem], buckets: Sequence[int], prefixes: Seque
   for k in sorted(by_prompt):
     rows: list[tuple[int, list[WorkItem]]] = []   # (bucket, texts)
     room: list[tuple[int, int]] = []  # sorted (free tokens, row number) of rows with a free slot
-    for it in sorted(by_prompt[k], key=lambda it: (-(len(it.ids) - skip(it)), it.sample_index)):
-      n = len(it.ids) - skip(it)
+    for it in sorted(by_prompt[k], key=lambda it: (-row_length(it, prefixes), it.sample_index)):
+      n = row_length(it, prefixes)
       at = bisect.bisect_left(room, (n, -1))
       if at < len(room):
         free, r = room.pop(at)
@@ -221,8 +225,8 @@ def plan_batches(items: Sequence[WorkItem], batch_size: int, buckets: Sequence[i
                  prefixes: Sequence[Sequence[int]] = (), max_segments: int = 1) -> list[Batch]:
   """Rows (`pack_rows`) ordered by (bucket, tokens, first text's sample and prompt), cut into
   batches of `batch_size` rows, each padded to the smallest bucket that holds its rows."""
-  skip = lambda row: len(prefixes[row[0].prompt_index]) if prefixes else 0
-  rows = sorted(((bucket, sum(len(it.ids) for it in row) - len(row) * skip(row),
+  skip = lambda row: len(row[0].ids) - row_length(row[0], prefixes)
+  rows = sorted(((bucket, sum(row_length(it, prefixes) for it in row),
                   row[0].sample_index, row[0].prompt_index, row)
                  for bucket, row in pack_rows(items, buckets, prefixes, max_segments)),
                 key=lambda r: r[:4])
@@ -246,9 +250,8 @@ def plan(items: Sequence[WorkItem], engine_cfg) -> Plan:
   most `max_shapes` row lengths, up to `max_segments` texts packed per row, batches of
   `batch_size` rows."""
   prefixes = shared_prefixes(items) if engine_cfg.prefix_cache else ()
-  lengths = [len(it.ids) - (len(prefixes[it.prompt_index]) if prefixes else 0) for it in items]
-  buckets = choose_buckets(lengths, engine_cfg.max_shapes, engine_cfg.bucket_multiple,
-                           engine_cfg.max_tokens)
+  buckets = choose_buckets([row_length(it, prefixes) for it in items], engine_cfg.max_shapes,
+                           engine_cfg.bucket_multiple, engine_cfg.max_tokens)
   return Plan(prefixes, buckets, plan_batches(items, engine_cfg.batch_size, buckets, prefixes,
                                               engine_cfg.max_segments))
 
