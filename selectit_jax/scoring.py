@@ -148,6 +148,7 @@ def run(config) -> Summary:
   rating_ids = rating_token_ids(tokenizer, prompts_lib.build_text(prompts[0], "", "", template))
   scorer = engine.Scorer(model.config, model.params, rating_ids, mesh, config.engine.batch_size,
                          plan.prefixes)
+  logging.info("shared prefixes prefilled in %.1fs (compile included)", scorer.prefill_seconds)
   owned = scorer.owned_rows()
   rows, masses = [], []
   loop_start = time.perf_counter()
