@@ -185,9 +185,14 @@ class Batch:
     return sum(len(it.ids) - skip for row, skip in zip(self.rows, self.skips) for it in row)
 
 
+def prefix_length(prompt_index: int, prefixes: Sequence[Sequence[int]]) -> int:
+  """Tokens of a prompt's shared prefix (0 without the prefix cache)."""
+  return len(prefixes[prompt_index]) if prefixes else 0
+
+
 def row_length(it: WorkItem, prefixes: Sequence[Sequence[int]]) -> int:
   """Tokens of a text that go into a row: those after its prompt's shared prefix."""
-  return len(it.ids) - (len(prefixes[it.prompt_index]) if prefixes else 0)
+  return len(it.ids) - prefix_length(it.prompt_index, prefixes)
 
 
 def pack_rows(items: Sequence[WorkItem], buckets: Sequence[int], prefixes: Sequence[Sequence[int]],
@@ -225,7 +230,6 @@ def plan_batches(items: Sequence[WorkItem], batch_size: int, buckets: Sequence[i
                  prefixes: Sequence[Sequence[int]] = (), max_segments: int = 1) -> list[Batch]:
   """Rows (`pack_rows`) ordered by (bucket, tokens, first text's sample and prompt), cut into
   batches of `batch_size` rows, each padded to the smallest bucket that holds its rows."""
-  skip = lambda row: len(row[0].ids) - row_length(row[0], prefixes)
   rows = sorted(((bucket, sum(row_length(it, prefixes) for it in row),
                   row[0].sample_index, row[0].prompt_index, row)
                  for bucket, row in pack_rows(items, buckets, prefixes, max_segments)),
@@ -234,7 +238,8 @@ def plan_batches(items: Sequence[WorkItem], batch_size: int, buckets: Sequence[i
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
     length = next(b for b in buckets if b >= max(r[1] for r in chunk))
-    batches.append(Batch(tuple(r[-1] for r in chunk), length, tuple(skip(r[-1]) for r in chunk)))
+    batches.append(Batch(tuple(r[-1] for r in chunk), length,
+                         tuple(prefix_length(r[3], prefixes) for r in chunk)))
   return batches
 
 
@@ -260,14 +265,18 @@ class Rows(NamedTuple):
   """A batch as arrays: tokens, segment ids (1.. per text, 0 = padding) and positions within
   each text [batch_size, length]; the prompt each row continues [batch_size]; the index of
   each segment's last token [batch_size, max_segments]; and, per text of `Batch.items`, its
-  row and its flat (row × max_segments + segment) slot."""
+  flat (row × max_segments + segment) slot."""
   tokens: np.ndarray
   segments: np.ndarray
   positions: np.ndarray
   prompt: np.ndarray
   last: np.ndarray
-  item_row: np.ndarray
   item_slot: np.ndarray
+
+  @property
+  def item_row(self) -> np.ndarray:
+    """Per text of `Batch.items`, its row."""
+    return self.item_slot // self.last.shape[1]
 
 
 def pad_batch(batch: Batch, batch_size: int, max_segments: int, pad_id: int) -> Rows:
@@ -277,7 +286,7 @@ def pad_batch(batch: Batch, batch_size: int, max_segments: int, pad_id: int) -> 
   positions = np.zeros((batch_size, batch.length), np.int32)
   prompt = np.zeros((batch_size,), np.int32)
   last = np.zeros((batch_size, max_segments), np.int32)
-  item_row, item_slot = [], []
+  item_slot = []
   for r, (row, skip) in enumerate(zip(batch.rows, batch.skips)):
     start = 0
     for s, it in enumerate(row):
@@ -286,12 +295,10 @@ def pad_batch(batch: Batch, batch_size: int, max_segments: int, pad_id: int) -> 
       segments[r, start:start + n] = s + 1
       positions[r, start:start + n] = np.arange(n)
       last[r, s] = start + n - 1
-      item_row.append(r)
       item_slot.append(r * max_segments + s)
       start += n
     prompt[r] = row[0].prompt_index
-  return Rows(tokens, segments, positions, prompt, last, np.asarray(item_row, np.int64),
-              np.asarray(item_slot, np.int64))
+  return Rows(tokens, segments, positions, prompt, last, np.asarray(item_slot, np.int64))
 
 
 def rating_probs_fn(model: Llama, rating_ids: np.ndarray) -> Callable:

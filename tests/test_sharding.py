@@ -63,7 +63,7 @@ def _probs(model, mesh, tokens, lengths):
   pos = np.broadcast_to(np.arange(LENGTH, dtype=np.int32), tokens.shape)
   rows = np.arange(BATCH)
   return scorer(engine.Rows(tokens, (pos < lengths[:, None]).astype(np.int32), pos,
-                            (rows % 2).astype(np.int32), (lengths - 1)[:, None], rows, rows))
+                            (rows % 2).astype(np.int32), (lengths - 1)[:, None], rows))
 
 
 @pytest.fixture(scope="module")
