@@ -349,7 +349,7 @@ def part_ours(workdir):
   model = checkpoints.load_model(data["model_path"], mesh, dtype=config.model.dtype,
                                  param_dtype=config.model.param_dtype)
   items = data["items"]
-  plan = engine.plan(items, e)
+  plan = engine.plan(items, e, model.config)
   start = time.perf_counter()
   scorer = engine.Scorer(model.config, model.params, data["rating_ids"], mesh, e.batch_size,
                          plan.prefixes)

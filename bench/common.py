@@ -30,12 +30,6 @@ def model_flops(lengths, num_params: int, cfg) -> float:
   return float(np.sum(2.0 * num_params * lengths + attn))
 
 
-def non_embedding_params(cfg) -> int:
-  """Parameters of the decoder blocks (the matmuls every token goes through)."""
-  d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  return cfg.num_layers * (d * hd * (2 * h + 2 * kv) + 3 * d * cfg.intermediate_size)
-
-
 def executed_flops(padded_lengths, cfg, head_rows_per_text, full_square: bool,
                    prefix_lengths=0) -> float:
   """Matmul FLOPs a method actually runs: blocks over every (padded) position, the head on
@@ -47,7 +41,7 @@ def executed_flops(padded_lengths, cfg, head_rows_per_text, full_square: bool,
   pairs = padded * padded if full_square else padded * (padded + 1) / 2
   pairs = pairs + padded * np.asarray(prefix_lengths, np.float64)
   attn = cfg.num_layers * 4 * cfg.num_heads * cfg.head_dim * pairs
-  return float(np.sum(2.0 * non_embedding_params(cfg) * padded
+  return float(np.sum(2.0 * cfg.matmul_params * padded
                       + 2.0 * cfg.hidden_size * cfg.vocab_size * head_rows + attn))
 
 

@@ -32,6 +32,7 @@ def score_config() -> ml_collections.ConfigDict:
       bucket_multiple=16,
       prefix_cache=True,   # each prompt's shared leading tokens computed once, not per row
       max_segments=8,      # texts packed into one row (of one prompt) where they fit; 1 = none
+      fit_buckets=True,    # with packing: shapes minimising the model's FLOPs, not padding
       shard_rows=256,      # rows per Parquet shard (the unit of resume)
   ))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 = the rest

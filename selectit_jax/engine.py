@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import time
 from typing import Callable, Iterable, NamedTuple, Sequence
 
@@ -243,6 +244,42 @@ def plan_batches(items: Sequence[WorkItem], batch_size: int, buckets: Sequence[i
   return batches
 
 
+def fit_buckets(items: Sequence[WorkItem], buckets: Sequence[int], batch_size: int,
+                prefixes: Sequence[Sequence[int]], max_segments: int, multiple: int,
+                row_cost: Callable[[int, int], float], max_items: int = 2048) -> list[int]:
+  """Buckets that minimise the planned work *after* packing: Σ over batches of
+  batch_size · row_cost(length, prefix).
+
+  `choose_buckets` fits the texts' own lengths, but packed rows fill buckets with several
+  texts, so fewer, longer shapes often waste less (on 64 ShareGPT records: padding 9.7 % →
+  1.7 %). Coordinate descent from `buckets`: each shape but the largest (which must hold the
+  longest text) moves to every multiple of `multiple` below it while the work falls. Runs on
+  at most `max_items` texts (every k-th sample, all its prompts), so planning stays seconds.
+  """
+  samples = sorted({it.sample_index for it in items})
+  stride = -(-len(items) // max_items)
+  keep = set(samples[::stride])
+  items = [it for it in items if it.sample_index in keep]
+  cost = functools.lru_cache(maxsize=None)(row_cost)
+
+  def work(trial):
+    return sum(batch_size * cost(b.length, max(b.skips))
+               for b in plan_batches(items, batch_size, trial, prefixes, max_segments))
+
+  top = buckets[-1]
+  best, best_work = list(buckets), work(buckets)
+  improved = True
+  while improved:
+    improved = False
+    for i in range(len(best) - 1):
+      for length in range(multiple, top, multiple):
+        trial = sorted({*best[:i], length, *best[i + 1:], top})
+        trial_work = work(trial)
+        if trial_work < best_work:
+          best, best_work, improved = trial, trial_work, True
+  return best
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   prefixes: tuple[tuple[int, ...], ...]  # per prompt index; () without the prefix cache
@@ -250,13 +287,18 @@ class Plan:
   batches: list[Batch]
 
 
-def plan(items: Sequence[WorkItem], engine_cfg) -> Plan:
+def plan(items: Sequence[WorkItem], engine_cfg, model_cfg: LlamaConfig | None = None) -> Plan:
   """The whole run's batches from `config.engine`: shared prefixes (if `prefix_cache`), at
   most `max_shapes` row lengths, up to `max_segments` texts packed per row, batches of
-  `batch_size` rows."""
+  `batch_size` rows. With `model_cfg` (and `fit_buckets`), the shapes minimise the model's
+  FLOPs over the packed rows rather than the texts' padding."""
   prefixes = shared_prefixes(items) if engine_cfg.prefix_cache else ()
   buckets = choose_buckets([row_length(it, prefixes) for it in items], engine_cfg.max_shapes,
                            engine_cfg.bucket_multiple, engine_cfg.max_tokens)
+  if model_cfg is not None and engine_cfg.fit_buckets and engine_cfg.max_segments > 1:
+    buckets = fit_buckets(items, buckets, engine_cfg.batch_size, prefixes,
+                          engine_cfg.max_segments, engine_cfg.bucket_multiple,
+                          model_cfg.row_flops)
   return Plan(prefixes, buckets, plan_batches(items, engine_cfg.batch_size, buckets, prefixes,
                                               engine_cfg.max_segments))
 

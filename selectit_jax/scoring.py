@@ -129,7 +129,7 @@ def run(config) -> Summary:
     logging.warning("nothing to score")
     return summary
 
-  plan = engine.plan(items, config.engine)
+  plan = engine.plan(items, config.engine, model.config)
   batches = plan.batches
   stored = store.stored_keys()
   pending = np.array([any((it.content_hash, model_key, it.prompt_hash) not in stored

@@ -1,4 +1,5 @@
 """The rating engine: batching, buckets, truncation; probabilities independent of batching."""
+import dataclasses
 import itertools
 
 import jax
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from selectit_jax import checkpoints, engine, prompts, records, sharding
+from selectit_jax import model as model_lib
 from selectit_jax.tokenizer import load_tokenizer, rating_token_ids
 
 ONE_DEVICE = dict(data=1, fsdp=1, tensor=1)
@@ -97,6 +99,33 @@ def test_packing_fills_rows_best_fit_and_lays_out_segments():
   assert r.segments[0].tolist() == [1] * 9 + [2] * 5 + [3] * 2
   assert r.positions[0].tolist() == list(range(9)) + list(range(5)) + list(range(2))
   assert r.last[0].tolist() == [8, 13, 15] and r.item_slot.tolist() == [0, 1, 2]
+
+
+def test_fit_buckets_chooses_shapes_for_packed_rows():
+  """Texts of 100, 50, 50, 40, 40 tokens in two shapes. Fitting the texts gives {50, 100}:
+  the 40s each pad a 50-row (300 tokens planned). Fitting the packed rows finds {40, 100}:
+  the two 50s share a 100-row, no padding at all (280)."""
+  item = lambda i, n: engine.WorkItem(i, f"r{i}", f"c{i}", 0, "h", tuple(range(n)))
+  items = [item(i, n) for i, n in enumerate([100, 50, 50, 40, 40])]
+  start = engine.choose_buckets([len(it.ids) for it in items], 2, 10, 100)
+  assert start == [50, 100]
+  tokens = lambda length, prefix: length
+  planned = lambda buckets: sum(b.length for b in engine.plan_batches(items, 1, buckets, (), 8))
+  assert planned(start) == 300
+  fitted = engine.fit_buckets(items, start, 1, (), 8, 10, tokens)
+  assert fitted == [40, 100] and planned(fitted) == 280
+  # Subsampled search (every other sample) still keeps the largest shape for the longest text.
+  assert engine.fit_buckets(items, start, 1, (), 8, 10, tokens, max_items=3)[-1] == 100
+
+
+def test_row_flops_counts_blocks_as_attention_runs_them():
+  cfg = model_lib.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                              num_heads=4, num_kv_heads=2, head_dim=8, attention_block=128)
+  assert cfg.matmul_params == 2 * (32 * 8 * (2 * 4 + 2 * 2) + 3 * 32 * 48)
+  pairs = 128 * (10 + 128) + 128 * (10 + 256) + 44 * (10 + 300)
+  assert cfg.row_flops(300, prefix=10) == 2 * cfg.matmul_params * 300 + 4 * 2 * 4 * 8 * pairs
+  square = dataclasses.replace(cfg, attention_block=0)
+  assert square.row_flops(300) == 2 * cfg.matmul_params * 300 + 4 * 2 * 4 * 8 * 300 * 300
 
 
 def _brute_force_padding(lengths, max_shapes, multiple, max_tokens):
