@@ -358,8 +358,8 @@ def rating_probs_fn(model: Llama, rating_ids: np.ndarray) -> Callable:
     prefix = Prefix(*(nn.with_logical_constraint(
         jnp.take(x, prompt_b, axis=1), (None, "activation_batch", None, None, None))
         for x in (table.k, table.v)), valid_bp)
-    hidden_btd = model.apply({"params": params}, tokens_bt, positions, segments_bt, prefix)
-    last_bsd = jnp.take_along_axis(hidden_btd, last_bs[..., None], axis=1)
+    last_bsd = model.apply({"params": params}, tokens_bt, positions, segments_bt, prefix,
+                           readout=last_bs)
     logits_bsv = model.apply({"params": params}, last_bsd, method=Llama.logits)
     return logits_bsv[..., rating_ids], jax.nn.logsumexp(logits_bsv, axis=-1)
 

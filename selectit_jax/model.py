@@ -193,37 +193,44 @@ class Attention(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, x_btd, sin, cos, mask, prefix_kv=None):
+  def __call__(self, x_btd, sin, cos, mask, prefix_kv=None, queries=None):
     """`prefix_kv`: keys and values [b, kv, p, hd] of earlier positions (already rotated)
-    that every row attends to first; `mask` is then [b, 1, 1, t, p + t]. Returns the
-    output and this call's own (k, v)."""
+    that every row attends to first; `mask` is then [b, 1, 1, t, p + t]. `queries` [b, s]:
+    only these positions query (output [b, s, d]); all t still give keys and values.
+    Returns the output and this call's own (k, v)."""
     c = self.cfg
     d, h, kv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
     wq = _weight(self, "q", (d, h, hd), ("embed", "heads", "head_dim"), d)
     wk = _weight(self, "k", (d, kv, hd), ("embed", "kv_heads", "head_dim"), d)
     wv = _weight(self, "v", (d, kv, hd), ("embed", "kv_heads", "head_dim"), d)
     wo = _weight(self, "o", (h, hd, d), ("heads", "head_dim", "embed"), h * hd)
-    q = apply_rope(jnp.einsum("btd,dnh->bnth", x_btd, wq), sin, cos)
     k = apply_rope(jnp.einsum("btd,dnh->bnth", x_btd, wk), sin, cos)
     v = jnp.einsum("btd,dnh->bnth", x_btd, wv)
     own_kv = (k, v)
     if prefix_kv is not None:
       k, v = (jnp.concatenate([cached.astype(new.dtype), new], axis=2)
               for cached, new in zip(prefix_kv, own_kv))
+    if queries is not None:
+      x_btd, sin, cos = (jnp.take_along_axis(a, queries[..., None], axis=1)
+                         for a in (x_btd, sin, cos))
+      mask = jnp.take_along_axis(mask, queries[:, None, None, :, None], axis=3)
+    q = apply_rope(jnp.einsum("btd,dnh->bnth", x_btd, wq), sin, cos)
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_heads", "activation_length", None))
     b, t = x_btd.shape[:2]
     # Query head n uses kv head n // (h // kv), as HF's repeat_kv.
     q = q.reshape(b, kv, h // kv, t, hd)
-    block = c.attention_block or t
-    p = k.shape[2] - t
-    # Causal: rows [start, end) attend to keys [0, p + end) only; the mask handles the rest
-    # (segments, padding, the diagonal block's upper half). Static slices, unrolled in the
-    # scan body.
-    outs = [_attend(q[:, :, :, start:start + block], k[:, :, :p + start + block],
-                    v[:, :, :p + start + block], mask[..., start:start + block, :p + start + block],
-                    hd ** -0.5)
-            for start in range(0, t, block)]
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    if queries is not None:  # anywhere in the row: one block against all keys
+      out = _attend(q, k, v, mask, hd ** -0.5)
+    else:
+      # Causal: rows [start, end) attend to keys [0, p + end) only; the mask handles the
+      # rest (segments, padding, the diagonal block's upper half). Static slices, unrolled
+      # in the scan body.
+      block, p = c.attention_block or t, k.shape[2] - t
+      out = jnp.concatenate(
+          [_attend(q[:, :, :, start:start + block], k[:, :, :p + start + block],
+                   v[:, :, :p + start + block],
+                   mask[..., start:start + block, :p + start + block], hd ** -0.5)
+           for start in range(0, t, block)], axis=3)
     out = out.reshape(b, h, t, hd).astype(v.dtype)
     return jnp.einsum("bnth,nhd->btd", out, wo), own_kv
 
@@ -262,15 +269,31 @@ class Block(nn.Module):
   cfg: LlamaConfig
   collect_kv: bool = False
 
-  @nn.compact
-  def __call__(self, x, sin, cos, mask, prefix_kv):
-    c = self.cfg
-    norm = lambda name: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)
-    attn, kv = Attention(c, name="attn")(norm("attn_norm")(x), sin, cos, mask, prefix_kv)
-    x = x + attn
-    x = x + Mlp(c, name="mlp")(norm("mlp_norm")(x))
+  def setup(self):
+    norm = lambda: RMSNorm(self.cfg.rms_norm_eps, self.cfg.dtype, self.cfg.param_dtype)
+    self.attn_norm, self.attn = norm(), Attention(self.cfg)
+    self.mlp_norm, self.mlp = norm(), Mlp(self.cfg)
+
+  def __call__(self, x, sin, cos, mask, prefix_kv, readout=None, is_last=None):
+    """`readout` [b, s]: the positions read after the last layer (`is_last`, per scanned
+    layer); that layer computes only their rows, the others keep stale values."""
+    if readout is None:
+      out = self._layer(x, sin, cos, mask, prefix_kv)
+    else:
+      out = nn.cond(is_last, lambda m, *a: m._layer(*a, readout=readout),
+                    lambda m, *a: m._layer(*a), self, x, sin, cos, mask, prefix_kv)
+    x, kv = out
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     return x, (kv if self.collect_kv else None)
+
+  def _layer(self, x, sin, cos, mask, prefix_kv, readout=None):
+    attn, kv = self.attn(self.attn_norm(x), sin, cos, mask, prefix_kv, queries=readout)
+    if readout is None:
+      x = x + attn
+      return x + self.mlp(self.mlp_norm(x)), kv
+    rows = jnp.take_along_axis(x, readout[..., None], axis=1) + attn
+    rows = rows + self.mlp(self.mlp_norm(rows))
+    return x.at[jnp.arange(x.shape[0])[:, None], readout].set(rows), kv
 
 
 class Prefix(NamedTuple):
@@ -301,7 +324,7 @@ class Llama(nn.Module):
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
         length=c.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(c, self.collect_kv, name="layers")
@@ -313,9 +336,11 @@ class Llama(nn.Module):
                                        ("embed", "vocab")),
           (c.hidden_size, c.vocab_size), c.param_dtype)
 
-  def __call__(self, tokens_bt, positions_bt, segment_ids_bt, prefix: Prefix | None = None):
+  def __call__(self, tokens_bt, positions_bt, segment_ids_bt, prefix: Prefix | None = None,
+               readout=None):
     """Tokens after an optional `prefix` (positions continue from it; every real query sees
-    the prefix's valid positions, then the causal mask within its segment)."""
+    the prefix's valid positions, then the causal mask within its segment). `readout` [b, s]:
+    return only these positions' states [b, s, d], and run the last layer for them alone."""
     c = self.cfg
     x = jnp.take(self.embedding, tokens_bt, axis=0).astype(c.dtype)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
@@ -327,7 +352,10 @@ class Llama(nn.Module):
                               mask.shape[:-1] + prefix.valid.shape[-1:])
       mask = jnp.concatenate([seen, mask], axis=-1)
       prefix_kv = (prefix.k, prefix.v)
-    x, kv = self.layers(x, jnp.sin(freqs), jnp.cos(freqs), mask, prefix_kv)
+    is_last = None if readout is None else jnp.arange(c.num_layers) == c.num_layers - 1
+    x, kv = self.layers(x, jnp.sin(freqs), jnp.cos(freqs), mask, prefix_kv, readout, is_last)
+    if readout is not None:
+      x = jnp.take_along_axis(x, readout[..., None], axis=1)
     return (self.final_norm(x), kv) if self.collect_kv else self.final_norm(x)
 
   def logits(self, hidden_xd):

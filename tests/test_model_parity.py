@@ -55,6 +55,22 @@ def test_tiny_checkpoint_logits_match_transformers(tmp_path, tied, sharded):
     np.testing.assert_allclose(ours[i, :len(s)], ref[i, :len(s)], atol=1e-4, rtol=0)
 
 
+def test_readout_gives_the_full_states_at_those_positions(tiny_checkpoint):
+  """`readout` runs the last layer for the chosen positions only: packed segments, padding,
+  a position chosen twice."""
+  model = checkpoints.load_model(tiny_checkpoint)
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(0, model.config.vocab_size, (2, 24)).astype(np.int32)
+  segments = np.array([[1] * 10 + [2] * 9 + [0] * 5, [1] * 24], np.int32)
+  positions = np.array([list(range(10)) + list(range(9)) + [0] * 5, list(range(24))], np.int32)
+  readout = np.array([[9, 18, 0], [23, 5, 5]], np.int32)
+  llama = Llama(model.config)
+  full = np.asarray(llama.apply({"params": model.params}, tokens, positions, segments))
+  chosen = llama.apply({"params": model.params}, tokens, positions, segments, readout=readout)
+  np.testing.assert_allclose(chosen, np.take_along_axis(full, readout[..., None], axis=1),
+                             atol=1e-6, rtol=0)
+
+
 def test_missing_tensor_is_named(tmp_path):
   write_tiny_checkpoint(str(tmp_path), tokenizer=False)
   from safetensors.numpy import load_file, save_file
