@@ -3,8 +3,9 @@ buckets -> one jit'd step per batch -> P("1".."5") and the full-vocabulary logsu
 
 Each rating prompt's leading tokens, common to all its texts, are run once; their keys and
 values serve every row. A row holds the rest of one or more texts of one prompt (segments,
-masked from each other), padded to one of at most `max_shapes` bucket lengths. The step
-computes the head only at each text's last token and never materialises [batch, seq, vocab].
+masked from each other), padded to one of at most `max_shapes` bucket lengths, chosen for
+the packed rows. The step runs the last layer and the head only at each text's last token
+and never materialises [batch, seq, vocab].
 Batches are planned once from all work, so a resumed run recomputes exactly the batches an
 uninterrupted run would, and its probabilities are bit-identical.
 """
