@@ -30,19 +30,15 @@ def model_flops(lengths, num_params: int, cfg) -> float:
   return float(np.sum(2.0 * num_params * lengths + attn))
 
 
-def executed_flops(padded_lengths, cfg, head_rows_per_text, full_square: bool,
-                   prefix_lengths=0) -> float:
-  """Matmul FLOPs a method actually runs: blocks over every (padded) position, the head on
-  `head_rows_per_text` rows (1: last token only; L: every position), attention over the full
-  L² (`full_square`) or the causal half, plus every query against its row's
-  `prefix_lengths` cached keys (a shared prefix computed elsewhere)."""
-  padded = np.asarray(padded_lengths, np.float64)
-  head_rows = np.asarray(head_rows_per_text, np.float64)
-  pairs = padded * padded if full_square else padded * (padded + 1) / 2
-  pairs = pairs + padded * np.asarray(prefix_lengths, np.float64)
-  attn = cfg.num_layers * 4 * cfg.num_heads * cfg.head_dim * pairs
-  return float(np.sum(2.0 * cfg.matmul_params * padded
-                      + 2.0 * cfg.hidden_size * cfg.vocab_size * head_rows + attn))
+def executed_flops(padded_lengths, cfg, head_rows_per_text, prefix_lengths=0) -> float:
+  """Matmul FLOPs a method actually runs: `cfg.row_flops` per (padded) row (every block
+  weight at every position; attention in `cfg.attention_block` query blocks, 0 = the full L²
+  square, plus each query against its row's `prefix_lengths` cached keys) and the head on
+  `head_rows_per_text` rows (1: last token only; L: every position). Our last layer runs at
+  the read-out tokens only but is counted in full (≤ 1/num_layers of the blocks' work)."""
+  lengths, prefixes = np.broadcast_arrays(padded_lengths, prefix_lengths)
+  body = sum(cfg.row_flops(int(n), int(p)) for n, p in zip(lengths, prefixes))
+  return float(body + 2.0 * cfg.hidden_size * cfg.vocab_size * np.sum(head_rows_per_text))
 
 
 def peak_rss_mib() -> float:

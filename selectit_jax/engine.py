@@ -296,7 +296,8 @@ def plan(items: Sequence[WorkItem], engine_cfg, model_cfg: LlamaConfig | None = 
   prefixes = shared_prefixes(items) if engine_cfg.prefix_cache else ()
   buckets = choose_buckets([row_length(it, prefixes) for it in items], engine_cfg.max_shapes,
                            engine_cfg.bucket_multiple, engine_cfg.max_tokens)
-  if model_cfg is not None and engine_cfg.fit_buckets and engine_cfg.max_segments > 1:
+  fit = model_cfg is not None and engine_cfg.fit_buckets and engine_cfg.max_segments > 1
+  if buckets and fit:
     buckets = fit_buckets(items, buckets, engine_cfg.batch_size, prefixes,
                           engine_cfg.max_segments, engine_cfg.bucket_multiple,
                           model_cfg.row_flops)
