@@ -114,7 +114,8 @@ class LlamaConfig:
     block = self.attention_block or length
     pairs = sum(min(block, length - start) * (prefix + min(start + block, length))
                 for start in range(0, length, block))
-    return 2 * self.matmul_params * length + 4 * self.num_layers * self.num_heads * self.head_dim * pairs
+    attention = 4 * self.num_layers * self.num_heads * self.head_dim * pairs
+    return 2 * self.matmul_params * length + attention
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
