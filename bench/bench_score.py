@@ -360,7 +360,7 @@ def part_ours(workdir):
   compile_s = time.perf_counter() - start  # the prefixes' prefill (once per run) included
   index = {(it.sample_index, it.prompt_index): i for i, it in enumerate(items)}
   probs = np.zeros((len(items), 5))
-  padded, skips, padded_tokens, row_tokens, rows = [], [], 0, 0, 0
+  padded, skips, row_tokens, rows = [], [], 0, 0
   start = time.perf_counter()
   host_s = 0.0  # host work between steps (padding): the most that prefetching could hide
   for batch in plan.batches:
@@ -372,14 +372,13 @@ def part_ours(workdir):
       probs[index[(it.sample_index, it.prompt_index)]] = p[r]
     padded += [batch.length] * e.batch_size
     skips += list(batch.skips) + [0] * (e.batch_size - len(batch.rows))
-    padded_tokens += batch_rows.tokens.size
     row_tokens += batch.row_tokens
     rows += len(batch.rows)
   steady = time.perf_counter() - start
   prefix_lengths = [len(x) for x in plan.prefixes]
   _write(workdir, "ours", dict(
       steady_s=steady, compile_s=compile_s, shapes=len(scorer.compiled_shapes),
-      buckets=plan.buckets, prefixes=prefix_lengths, rows=rows, padding=1 - row_tokens / padded_tokens,
+      buckets=plan.buckets, prefixes=prefix_lengths, rows=rows, padding=1 - row_tokens / sum(padded),
       prefix_share=1 - row_tokens / sum(len(it.ids) for it in items), probs=probs.tolist(),
       host_s=host_s,
       executed_flops=common.executed_flops(padded, model.config, e.max_segments,

@@ -28,11 +28,11 @@ def score_config() -> ml_collections.ConfigDict:
       batch_size=4,        # rows per step; a multiple of mesh data×fsdp
       max_tokens=2048,     # longer texts: see too_long
       too_long="truncate",  # truncate the response (closing line kept) | reject the record
-      max_shapes=5,        # compiled sequence lengths (buckets chosen to minimise padding)
+      max_shapes=5,        # compiled sequence lengths (buckets: see fit_buckets)
       bucket_multiple=16,
       prefix_cache=True,   # each prompt's shared leading tokens computed once, not per row
       max_segments=8,      # texts packed into one row (of one prompt) where they fit; 1 = none
-      fit_buckets=True,    # with packing: shapes minimising the model's FLOPs, not padding
+      fit_buckets=True,    # with packing: shapes minimising the model's FLOPs, else padding
       shard_rows=256,      # rows per Parquet shard (the unit of resume)
   ))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 = the rest

