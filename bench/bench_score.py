@@ -7,7 +7,7 @@ In one process tree, on the same token ids (first `num_records` usable ShareGPT 
 K prompts, the released layout), each part in its own child process so that peak RSS is its own:
   1. reference: HF transformers + torch fp32, batch 1, logits at every position, softmax over
      the full vocabulary at the last one (what the released code does, on CPU);
-  2. ours: selectit_jax.engine with the config's engine settings (configs/smollm2_135m.py);
+  2. ours: selectit_jax.scoring.engine with the config's engine settings (configs/smollm2_135m.py);
   3. roofline: a jit'd large fp32 matmul.
 Checks max |Δp| ≤ --tolerance between 1 and 2, prints the table and writes BENCHMARKS.md
 (--output). Reference and ours alternate `--repeats` times; the table keeps each one's best
@@ -75,10 +75,13 @@ def _load_config():
 
 def _prepare(workdir: str) -> dict:
   """Tokenizes the bench texts once; writes the ids and an HF copy of the same weights."""
-  from selectit_jax import assets, checkpoints, engine, prompts as prompts_lib
-  from selectit_jax import records as records_lib
+  from selectit_jax import assets
+  from selectit_jax import checkpoints
+  from selectit_jax.scoring import engine
+  from selectit_jax.data import prompts as prompts_lib
+  from selectit_jax.data import records as records_lib
   from selectit_jax.checkpoints import hf
-  from selectit_jax.tokenizer import load_tokenizer, rating_token_ids
+  from selectit_jax.checkpoints.tokenizer import load_tokenizer, rating_token_ids
 
   config = _load_config()
   model_path = config.model.path or assets.default_gguf_path()
@@ -342,7 +345,9 @@ def part_reference(workdir):
 def part_ours(workdir):
   """Our engine: plan (buckets, batches), compile every bucket shape, then the timed pass."""
   import numpy as np
-  from selectit_jax import checkpoints, engine, sharding
+  from selectit_jax import checkpoints
+  from selectit_jax.scoring import engine
+  from selectit_jax.parallel import sharding
   data = _load_data(workdir)
   config = _load_config()
   e = config.engine
@@ -429,7 +434,8 @@ def part_train_ours(workdir):
   """Our trainer's jit'd step (selectit_jax.training.step), one micro-batch per step."""
   import importlib.util
   import jax
-  from selectit_jax import checkpoints, sharding
+  from selectit_jax import checkpoints
+  from selectit_jax.parallel import sharding
   from selectit_jax.training import step as step_lib
   data = _load_data(workdir)
   rows = _train_rows(data)

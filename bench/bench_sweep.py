@@ -3,7 +3,7 @@
 python bench/bench_sweep.py [--samples 100000] [--models 1] [--prompts 5]
 
 Writes an Alpaca JSONL file and one score dir per model (ScoreStore, as the
-scorer writes them) in a temp dir, then times selectit_jax.sweeping: loading
+scorer writes them) in a temp dir, then times selectit_jax.sweeps.runner: loading
 (Parquet + records + alignment), the sweep itself, and the written outputs.
 Prints the timings; saves nothing in the repo.
 """
@@ -18,10 +18,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 from configs import sweep as sweep_config
-from selectit_jax import prompts as prompts_lib
-from selectit_jax import records as records_lib
-from selectit_jax import store as store_lib
-from selectit_jax import sweeping  # noqa: E402
+from selectit_jax.data import prompts as prompts_lib
+from selectit_jax.data import records as records_lib
+from selectit_jax.scoring import store as store_lib
+from selectit_jax.sweeps import runner as sweeping  # noqa: E402
 
 
 def make_data(tmp: str, n: int, k: int, num_models: int, seed: int = 0) -> list:

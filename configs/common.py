@@ -1,7 +1,7 @@
 """Shared defaults of the scoring configs; each model file overrides what differs."""
 import ml_collections
 
-from selectit_jax import prompts
+from selectit_jax.data import prompts
 
 
 def score_config() -> ml_collections.ConfigDict:

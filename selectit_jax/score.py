@@ -7,8 +7,8 @@
 from absl import app
 from ml_collections import config_flags
 
-from selectit_jax import distributed
-from selectit_jax import scoring
+from selectit_jax.parallel import distributed
+from selectit_jax.scoring import runner as scoring
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Scoring config file.",
                                           lock_config=True)

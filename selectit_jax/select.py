@@ -9,7 +9,7 @@ python -m selectit_jax.select --config=configs/select.py \
 from absl import app
 from ml_collections import config_flags
 
-from selectit_jax import selection
+from selectit_jax.selection import runner as selection
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Selection config file (configs/select.py).', lock_config=True)

@@ -9,7 +9,7 @@ python -m selectit_jax.sweep --config=configs/sweep.py \
 from absl import app
 from ml_collections import config_flags
 
-from selectit_jax import sweeping
+from selectit_jax.sweeps import runner as sweeping
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Sweep config file (configs/sweep.py).', lock_config=True)

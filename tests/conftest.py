@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from selectit_jax.checkpoints import hf  # noqa: E402
-from selectit_jax.model import LlamaConfig  # noqa: E402
+from selectit_jax.models.llama import LlamaConfig  # noqa: E402
 
 TINY_VOCAB = 400
 # The released code's rating prompts, a read-only fixture beside the checkout (../shared).
@@ -103,7 +103,8 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 def sharegpt_records(n: int):
   """The first `n` usable records of the embedded ShareGPT file."""
   import ml_collections
-  from selectit_jax import assets, records
+  from selectit_jax import assets
+  from selectit_jax.data import records
   cfg = ml_collections.ConfigDict(dict(path=assets.default_sharegpt_path(), format="sharegpt",
                                        limit=4 * n + 20, turns="first"))
   recs, _, _ = records.read_records(cfg)

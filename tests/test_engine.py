@@ -6,9 +6,13 @@ import jax
 import numpy as np
 import pytest
 
-from selectit_jax import checkpoints, engine, prompts, records, sharding
-from selectit_jax import model as model_lib
-from selectit_jax.tokenizer import load_tokenizer, rating_token_ids
+from selectit_jax import checkpoints
+from selectit_jax.scoring import engine
+from selectit_jax.data import prompts
+from selectit_jax.data import records
+from selectit_jax.parallel import sharding
+from selectit_jax.models import llama as model_lib
+from selectit_jax.checkpoints.tokenizer import load_tokenizer, rating_token_ids
 
 ONE_DEVICE = dict(data=1, fsdp=1, tensor=1)
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from selectit_jax import formulas
+from selectit_jax.selection import formulas
 
 
 # ---- hand-written references (plain python/numpy, one vector at a time) ----

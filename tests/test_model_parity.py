@@ -10,9 +10,13 @@ import torch
 import transformers
 
 from conftest import REFERENCE_PROMPTS, sharegpt_records, write_tiny_checkpoint
-from selectit_jax import assets, checkpoints, engine, prompts, sharding
-from selectit_jax.model import Llama
-from selectit_jax.tokenizer import load_tokenizer, rating_token_ids
+from selectit_jax import assets
+from selectit_jax import checkpoints
+from selectit_jax.scoring import engine
+from selectit_jax.data import prompts
+from selectit_jax.parallel import sharding
+from selectit_jax.models.llama import Llama
+from selectit_jax.checkpoints.tokenizer import load_tokenizer, rating_token_ids
 
 
 
@@ -201,7 +205,8 @@ def test_scoring_path_does_not_import_torch():
   """torch is a test-only extra: loading the default model and tokenizer must not need it."""
   import subprocess
   import sys
-  code = ("import sys; from selectit_jax import assets, checkpoints, scoring, tokenizer; "
+  code = ("import sys; from selectit_jax import assets, checkpoints; "
+          "from selectit_jax.scoring import runner; from selectit_jax.checkpoints import tokenizer; "
           "p = assets.default_gguf_path(); tokenizer.load_tokenizer(p); "
           "checkpoints.tensor_source(p); assert 'torch' not in sys.modules, 'torch imported'")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

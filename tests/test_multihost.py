@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from selectit_jax import store as store_lib
+from selectit_jax.scoring import store as store_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config.data.limit=10", "--config.prompts.k=2", "--config.engine.batch_size=8",

@@ -1,11 +1,11 @@
-"""Tests for selectit_jax.prompts."""
+"""Tests for selectit_jax.data.prompts."""
 import os
 
 import ml_collections
 import pytest
 
 from conftest import REFERENCE_PROMPTS
-from selectit_jax import prompts as P
+from selectit_jax.data import prompts as P
 
 RELEASED = REFERENCE_PROMPTS
 

@@ -1,4 +1,4 @@
-"""Tests for selectit_jax.records: formats, streaming, rejects, writing back."""
+"""Tests for selectit_jax.data.records: formats, streaming, rejects, writing back."""
 import importlib.util
 import json
 import os
@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from selectit_jax import records as R
+from selectit_jax.data import records as R
 
 
 def sg(id_, *turns):

@@ -10,7 +10,7 @@ import time
 import pyarrow.compute as pc
 import pytest
 
-from selectit_jax import store as store_lib
+from selectit_jax.scoring import store as store_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.data.limit=6", "--config.prompts.k=2", "--config.engine.batch_size=2",

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from selectit_jax import selection
+from selectit_jax.selection import runner as selection
 
 # ---------------------------------------------------------------- pure parts
 
@@ -54,9 +54,9 @@ def test_rank_order_random_against_python_sort():
 
 # ------------------------------------------------------------- end to end
 
-from selectit_jax import prompts as prompts_lib  # noqa: E402
-from selectit_jax import records as records_lib  # noqa: E402
-from selectit_jax import store as store_lib  # noqa: E402
+from selectit_jax.data import prompts as prompts_lib  # noqa: E402
+from selectit_jax.data import records as records_lib  # noqa: E402
+from selectit_jax.scoring import store as store_lib  # noqa: E402
 from tests.test_formulas import ref_sentence, ref_token_code, ref_token_paper  # noqa: E402
 
 from configs import select as select_config  # noqa: E402
@@ -292,8 +292,8 @@ def test_cli_subprocess(tmp_path, data_path):
   assert os.path.exists(os.path.join(out, 'report.md'))
   # The selection step must not load (or even import) a model.
   probe = ('import sys, selectit_jax.select; '
-           'bad = [m for m in sys.modules if m.startswith(("selectit_jax.model", '
-           '"selectit_jax.checkpoints", "selectit_jax.tokenizer", "torch", "transformers"))]; '
+           'bad = [m for m in sys.modules if m.startswith(("selectit_jax.models.llama", '
+           '"selectit_jax.checkpoints", "selectit_jax.checkpoints.tokenizer", "torch", "transformers"))]; '
            'assert not bad, bad')
   res = subprocess.run([sys.executable, '-c', probe], cwd=repo, env=env, capture_output=True,
                        text=True, timeout=300)

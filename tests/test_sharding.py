@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import write_tiny_checkpoint
-from selectit_jax import checkpoints, distributed, engine, memory, sharding
-from selectit_jax.model import Llama
+from selectit_jax import checkpoints
+from selectit_jax.parallel import distributed
+from selectit_jax.scoring import engine
+from selectit_jax.parallel import memory
+from selectit_jax.parallel import sharding
+from selectit_jax.models.llama import Llama
 
 MESHES = [(8, 1, 1), (2, 4, 1), (1, 2, 4), (1, 8, 1), (2, 1, 4)]
 BATCH, LENGTH = 8, 24

@@ -1,4 +1,4 @@
-"""Tests for selectit_jax.store: shards, atomicity, resume keys, de-dup, dense probs."""
+"""Tests for selectit_jax.scoring.store: shards, atomicity, resume keys, de-dup, dense probs."""
 import json
 import os
 import random
@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from selectit_jax import records as R
-from selectit_jax import store as S
+from selectit_jax.data import records as R
+from selectit_jax.scoring import store as S
 
 PH = ["ph0", "ph1", "ph2"]
 
@@ -198,7 +198,7 @@ def test_manifest_and_rejects(tmp_path):
 
 def test_scores_dir_refuses_other_input_data(tmp_path):
   import ml_collections
-  from selectit_jax import scoring
+  from selectit_jax.scoring import runner as scoring
   st = S.ScoreStore(str(tmp_path))
   data = dict(path="/data/a.json", format="sharegpt", limit=10, turns="first",
               alpaca_input_sep="\n\n")

@@ -10,8 +10,8 @@ import pytest
 from scipy import stats
 
 from configs import sweep as sweep_config
-from selectit_jax import selection
-from selectit_jax import sweeping
+from selectit_jax.selection import runner as selection
+from selectit_jax.sweeps import runner as sweeping
 from tests.test_selection import _config as select_cfg
 from tests.test_selection import _read_jsonl, _write_store
 from tests.test_selection import data_path  # noqa: F401  (pytest fixture)

@@ -15,14 +15,14 @@ import pytest
 
 from configs import train_tiny
 from selectit_jax import checkpoints
-from selectit_jax.model import Llama
-from selectit_jax.records import Record
-from selectit_jax.tokenizer import load_tokenizer
+from selectit_jax.models.llama import Llama
+from selectit_jax.data.records import Record
+from selectit_jax.checkpoints.tokenizer import load_tokenizer
 from selectit_jax.training import data as data_lib
 from selectit_jax.training import perf
 from selectit_jax.training import step as step_lib
 from selectit_jax.training import trainer
-from selectit_jax import sharding
+from selectit_jax.parallel import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WORDS = ("the sea is wide and deep waves roll in plants use light water and carbon "

@@ -13,8 +13,8 @@ import numpy as np
 
 from selectit_jax.checkpoints import gguf as gguf_lib
 from selectit_jax.checkpoints import hf
-from selectit_jax import sharding
-from selectit_jax.model import Llama, LlamaConfig
+from selectit_jax.parallel import sharding
+from selectit_jax.models.llama import Llama, LlamaConfig
 
 # Hash whole files up to this size; above it, hash sizes, headers and tails (fast on 70B).
 _FULL_HASH_BYTES = 2 << 30

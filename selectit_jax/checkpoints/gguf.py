@@ -10,7 +10,7 @@ import re
 import gguf
 import numpy as np
 
-from selectit_jax.model import LlamaConfig
+from selectit_jax.models.llama import LlamaConfig
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",

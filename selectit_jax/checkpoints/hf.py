@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
-from selectit_jax.model import LlamaConfig
+from selectit_jax.models.llama import LlamaConfig
 
 
 class TensorSource(Protocol):

@@ -19,7 +19,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from selectit_jax.records import Record
+from selectit_jax.data.records import Record
 
 FIELDS = ("inputs", "targets", "weights", "positions", "segment_ids")
 TOO_LONG = ("truncate", "drop")

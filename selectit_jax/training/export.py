@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from selectit_jax.checkpoints import hf
-from selectit_jax.model import LlamaConfig
+from selectit_jax.models.llama import LlamaConfig
 
 
 def export_hf(directory: str, cfg: LlamaConfig, params, tokenizer) -> str:

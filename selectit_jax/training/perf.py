@@ -14,7 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from selectit_jax.model import LlamaConfig
+from selectit_jax.models.llama import LlamaConfig
 
 # Dense bf16 peak FLOP/s per device, by substring of jax's device_kind (lower case), first
 # match wins: v5p reports "TPU v5", v5e "TPU v5 lite"; H100 is SXM (PCIe: 756e12).

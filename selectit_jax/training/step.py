@@ -15,8 +15,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from selectit_jax import checkpoints
-from selectit_jax import sharding
-from selectit_jax.model import Llama, LlamaConfig
+from selectit_jax.parallel import sharding
+from selectit_jax.models.llama import Llama, LlamaConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
 

@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 from selectit_jax import assets
 from selectit_jax import checkpoints
-from selectit_jax import records as records_lib
-from selectit_jax import sharding
-from selectit_jax.tokenizer import load_tokenizer
+from selectit_jax.data import records as records_lib
+from selectit_jax.parallel import sharding
+from selectit_jax.checkpoints.tokenizer import load_tokenizer
 from selectit_jax.training import checkpointing
 from selectit_jax.training import data as data_lib
 from selectit_jax.training import export as export_lib

@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selectit_jax import prompts as prompts_lib
-from selectit_jax import records as records_lib
-from selectit_jax import sharding
-from selectit_jax.model import Llama, LlamaConfig, Prefix
-from selectit_jax.tokenizer import Tokenizer
+from selectit_jax.data import prompts as prompts_lib
+from selectit_jax.data import records as records_lib
+from selectit_jax.parallel import sharding
+from selectit_jax.models.llama import Llama, LlamaConfig, Prefix
+from selectit_jax.checkpoints.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)

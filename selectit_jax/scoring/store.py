@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from selectit_jax import records as records_lib
+from selectit_jax.data import records as records_lib
 
 NUM_RATINGS = 5
 KEY_COLUMNS = ("content_hash", "model", "prompt_hash")

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 
 from selectit_jax import assets
 from selectit_jax import checkpoints
-from selectit_jax import sharding
-from selectit_jax.model import LlamaConfig
+from selectit_jax.parallel import sharding
+from selectit_jax.models.llama import LlamaConfig
 
 GiB = 1 << 30
 

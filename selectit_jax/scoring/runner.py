@@ -12,14 +12,14 @@ from tqdm import tqdm
 
 from selectit_jax import assets
 from selectit_jax import checkpoints
-from selectit_jax import engine
-from selectit_jax import memory
-from selectit_jax import prompts as prompts_lib
-from selectit_jax import records as records_lib
-from selectit_jax import report
-from selectit_jax import sharding
-from selectit_jax import store as store_lib
-from selectit_jax.tokenizer import load_tokenizer, rating_token_ids
+from selectit_jax.scoring import engine
+from selectit_jax.parallel import memory
+from selectit_jax.data import prompts as prompts_lib
+from selectit_jax.data import records as records_lib
+from selectit_jax.selection import report
+from selectit_jax.parallel import sharding
+from selectit_jax.scoring import store as store_lib
+from selectit_jax.checkpoints.tokenizer import load_tokenizer, rating_token_ids
 
 
 @dataclasses.dataclass

@@ -34,11 +34,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from selectit_jax import formulas
-from selectit_jax import prompts as prompts_lib
-from selectit_jax import records as records_lib
-from selectit_jax import report as report_lib
-from selectit_jax import store as store_lib
+from selectit_jax.selection import formulas
+from selectit_jax.data import prompts as prompts_lib
+from selectit_jax.data import records as records_lib
+from selectit_jax.selection import report as report_lib
+from selectit_jax.scoring import store as store_lib
 
 # A (sample, model, prompt) cell the level needs has no stored row: never
 # scored, or its text changed since (cells are matched by content hash).

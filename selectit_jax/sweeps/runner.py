@@ -44,8 +44,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy import stats
 
-from selectit_jax import formulas
-from selectit_jax import selection
+from selectit_jax.selection import formulas
+from selectit_jax.selection import runner as selection
 
 NO_ALPHA = float('nan')
 
