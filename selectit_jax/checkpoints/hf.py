@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
+from selectit_jax import fileio
 from selectit_jax.models.llama import LlamaConfig
 
 
@@ -268,8 +269,7 @@ def hf_tensors(cfg: LlamaConfig, params) -> Iterator[tuple[str, np.ndarray]]:
 def save_hf(directory: str, cfg: LlamaConfig, params, max_shard_bytes: int = 2 << 30) -> None:
   """Writes config.json and (sharded) safetensors that `transformers` loads."""
   os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(cfg.to_hf(), f, indent=2)
+  fileio.write_json(os.path.join(directory, "config.json"), cfg.to_hf(), indent=2)
   shards, current, size = [], {}, 0
   for name, w in hf_tensors(cfg, params):
     if current and size + w.nbytes > max_shard_bytes:
@@ -287,5 +287,5 @@ def save_hf(directory: str, cfg: LlamaConfig, params, max_shard_bytes: int = 2 <
     fname = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
     safetensors.numpy.save_file(shard, os.path.join(directory, fname), metadata={"format": "pt"})
     weight_map.update({k: fname for k in shard})
-  with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-    json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+  fileio.write_json(os.path.join(directory, "model.safetensors.index.json"),
+                    {"metadata": {}, "weight_map": weight_map}, indent=2)

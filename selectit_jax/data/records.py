@@ -33,6 +33,8 @@ from typing import Any
 
 from absl import logging
 
+from selectit_jax import fileio
+
 USER_ROLES = frozenset({"human", "user"})
 ASSISTANT_ROLES = frozenset({"gpt", "chatgpt", "assistant", "bing", "bard"})
 SYSTEM_ROLES = frozenset({"system"})
@@ -510,53 +512,21 @@ def read_records(cfg_data) -> tuple[list[Record], list[Reject], ReadInfo]:
 
 # --------------------------------------------------------------------------- writing
 
-def atomic_write(path, write_fn, mode="wb"):
-  """Writes through a hidden temp file in the same directory, fsync, rename: readers see the
-  old file or the whole new one, never a part (what makes killed runs resumable)."""
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  tmp = os.path.join(d, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-  try:
-    with open(tmp, mode) as f:
-      write_fn(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(d)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def _fsync_dir(d):
-  """Makes the rename durable; some filesystems cannot fsync a directory."""
-  try:
-    fd = os.open(d, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
-
 def reject_dict(r: Reject) -> dict:
   return {"index": r.index, "id": r.id, "reason": r.reason}
 
 
 def write_rejects(path: str, rejects, append: bool = False) -> None:
   """JSONL {index, id, reason}; overwrites atomically unless append."""
-  lines = "".join(json.dumps(reject_dict(r), ensure_ascii=False) + "\n" for r in rejects)
   if append:
+    lines = "".join(json.dumps(reject_dict(r), ensure_ascii=False) + "\n" for r in rejects)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
       f.write(lines)
       f.flush()
       os.fsync(f.fileno())
   else:
-    atomic_write(path, lambda f: f.write(lines), mode="w")
+    fileio.write_jsonl(path, map(reject_dict, rejects))
 
 
 def write_records(path: str, records, fmt: str) -> None:
@@ -568,14 +538,11 @@ def write_records(path: str, records, fmt: str) -> None:
       for i, r in enumerate(records):
         f.write(("," if i else "") + "\n  " + json.dumps(r.raw, ensure_ascii=False))
       f.write("\n]\n")
-    atomic_write(path, w, mode="w")
+    fileio.atomic_write(path, w, mode="w")
   elif fmt in ("jsonl", "tfds"):
-    atomic_write(path, lambda f: f.writelines(
-        json.dumps(r.raw, ensure_ascii=False) + "\n" for r in records), mode="w")
+    fileio.write_jsonl(path, (r.raw for r in records))
   elif fmt == "parquet":
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    table = pa.Table.from_pylist([r.raw for r in records])
-    atomic_write(path, lambda f: pq.write_table(table, f))
+    fileio.write_parquet(path, pa.Table.from_pylist([r.raw for r in records]))
   else:
     raise ValueError(f"write_records: fmt={fmt!r}; expected json, jsonl or parquet")

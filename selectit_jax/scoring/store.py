@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from selectit_jax import fileio
 from selectit_jax.data import records as records_lib
 
 NUM_RATINGS = 5
@@ -59,8 +60,7 @@ class ScoreStore:
 
   # -- manifest
   def write_manifest(self, d: dict) -> None:
-    text = json.dumps(d, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    records_lib.atomic_write(self.manifest_path, lambda f: f.write(text), "w")
+    fileio.write_json(self.manifest_path, d, indent=2, sort_keys=True)
 
   def read_manifest(self) -> dict | None:
     if not os.path.exists(self.manifest_path):
@@ -120,7 +120,7 @@ class ScoreStore:
       path = os.path.join(self.shards_dir, name)
       if not os.path.exists(path):
         break
-    records_lib.atomic_write(path, lambda f: pq.write_table(table, f), "wb")
+    fileio.write_parquet(path, table)
     return path
 
   def stored_keys(self) -> set:

@@ -6,6 +6,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from selectit_jax import fileio
+
 # Mean digit mass below this means the model rarely answers with a digit, so
 # scores rest on tiny probabilities; worth a warning, not a failure.
 LOW_MASS_WARN = 0.5
@@ -73,7 +75,7 @@ def _plots(out_dir: str, d: ReportData) -> list:
     ax.set_ylabel('samples')
     ax.set_title('Score histogram')
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, 'score_hist.png'), dpi=100)
+    fileio.save_figure(fig, os.path.join(out_dir, 'score_hist.png'))
     plt.close(fig)
     made.append('score_hist.png')
   if s.size and d.instruction is not None:
@@ -88,7 +90,7 @@ def _plots(out_dir: str, d: ReportData) -> list:
     ax.set_title('Length vs score')
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, 'length_vs_score.png'), dpi=100)
+    fileio.save_figure(fig, os.path.join(out_dir, 'length_vs_score.png'))
     plt.close(fig)
     made.append('length_vs_score.png')
   return made
@@ -166,6 +168,4 @@ def write_report(out_dir: str, d: ReportData) -> str:
     L.append('| - | none | 0 |')
   L.append('')
   path = os.path.join(out_dir, 'report.md')
-  with open(path, 'w', encoding='utf-8') as f:
-    f.write('\n'.join(L))
-  return path
+  return fileio.write_text(path, '\n'.join(L))

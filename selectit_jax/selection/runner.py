@@ -24,7 +24,6 @@ Decisions (see also formulas.py):
 """
 import dataclasses
 import fractions
-import json
 import math
 import os
 from typing import Optional, Sequence
@@ -34,6 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from selectit_jax import fileio
 from selectit_jax.selection import formulas
 from selectit_jax.data import prompts as prompts_lib
 from selectit_jax.data import records as records_lib
@@ -307,26 +307,27 @@ def run_selection(config) -> dict:
 
   outputs = {}
   scores_path = os.path.join(out_dir, 'scores.jsonl')
-  with open(scores_path, 'w', encoding='utf-8') as f:
-    for i in list(order) + [i for i in range(n) if not valid[i]]:
-      tok = sc['token'][i]
-      row = {'sample_id': loaded.sample_id[i], 'sample_index': int(loaded.sample_index[i])}
-      if m == 1:
-        row['token_scores'] = [_finite(x) for x in tok[0]]
-        row['sentence_score'] = _finite(sc['sentence'][i, 0])
-      else:
-        row['token_scores'] = {name: [_finite(x) for x in tok[j]]
+  score_rows = []
+  for i in list(order) + [i for i in range(n) if not valid[i]]:
+    tok = sc['token'][i]
+    row = {'sample_id': loaded.sample_id[i], 'sample_index': int(loaded.sample_index[i])}
+    if m == 1:
+      row['token_scores'] = [_finite(x) for x in tok[0]]
+      row['sentence_score'] = _finite(sc['sentence'][i, 0])
+    else:
+      row['token_scores'] = {name: [_finite(x) for x in tok[j]]
+                             for j, name in enumerate(loaded.models)}
+      row['sentence_score'] = {name: _finite(sc['sentence'][i, j])
                                for j, name in enumerate(loaded.models)}
-        row['sentence_score'] = {name: _finite(sc['sentence'][i, j])
-                                 for j, name in enumerate(loaded.models)}
-      if 'model' in sc:
-        row['model_score'] = _finite(sc['model'][i])
-      row['score'] = _finite(score[i])
-      row['rank'] = int(rank[i]) if valid[i] else None
-      row['selected'] = bool(selected[i])
-      if not valid[i]:
-        row['reject_reason'] = reasons[i]
-      f.write(json.dumps(row, ensure_ascii=False) + '\n')
+    if 'model' in sc:
+      row['model_score'] = _finite(sc['model'][i])
+    row['score'] = _finite(score[i])
+    row['rank'] = int(rank[i]) if valid[i] else None
+    row['selected'] = bool(selected[i])
+    if not valid[i]:
+      row['reject_reason'] = reasons[i]
+    score_rows.append(row)
+  fileio.write_jsonl(scores_path, score_rows)
   outputs['scores'] = scores_path
 
   instruction = response = None
@@ -347,8 +348,7 @@ def run_selection(config) -> dict:
   summary = dict(params, num_samples=n, num_ranked=int(valid.sum()),
                  num_selection_rejects=len(sel_rejects),
                  num_store_rejects=len(loaded.store_rejects), outputs=outputs, notes=notes)
-  with open(os.path.join(out_dir, 'summary.json'), 'w', encoding='utf-8') as f:
-    json.dump(summary, f, indent=1, ensure_ascii=False)
+  fileio.write_json(os.path.join(out_dir, 'summary.json'), summary)
 
   rep = report_lib.ReportData(
       params=params, score=score, sample_index=loaded.sample_index,

@@ -30,7 +30,6 @@ in missing.jsonl and the report, never dropped silently.
 """
 import dataclasses
 import itertools
-import json
 import math
 import os
 import time
@@ -41,9 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from scipy import stats
 
+from selectit_jax import fileio
 from selectit_jax.selection import formulas
 from selectit_jax.selection import runner as selection
 
@@ -534,7 +533,7 @@ def sweep(inputs: Inputs, config) -> SweepResult:
 
 def write_parquet(path: str, rows: list) -> None:
   cols = {key: [r[key] for r in rows] for key in rows[0]}
-  pq.write_table(pa.Table.from_pydict(cols), path)
+  fileio.write_parquet(path, pa.Table.from_pydict(cols))
 
 
 def _fmt(x) -> str:
@@ -667,7 +666,7 @@ def write_plots(out_dir: str, res: SweepResult) -> list:
         if np.isfinite(v):
           ax.text(j, i, f'{v:.2f}', ha='center', va='center', fontsize=7, color='w')
     fig.colorbar(im, ax=axes[0].tolist())
-    fig.savefig(os.path.join(out_dir, 'overlap_alpha_proportion.png'), dpi=100)
+    fileio.save_figure(fig, os.path.join(out_dir, 'overlap_alpha_proportion.png'))
     plt.close(fig)
     made.append('overlap_alpha_proportion.png')
   # 2. Prompt sensitivity: Spearman between prompts' token scores.
@@ -683,7 +682,7 @@ def write_plots(out_dir: str, res: SweepResult) -> list:
       if np.isfinite(v):
         ax.text(j, i, f'{v:.2f}', ha='center', va='center', fontsize=7)
   fig.colorbar(im, ax=axes[0].tolist())
-  fig.savefig(os.path.join(out_dir, 'prompt_sensitivity.png'), dpi=100)
+  fileio.save_figure(fig, os.path.join(out_dir, 'prompt_sensitivity.png'))
   plt.close(fig)
   made.append('prompt_sensitivity.png')
   # 3. Score distributions per mode (default level/prompts/alpha).
@@ -696,7 +695,7 @@ def write_plots(out_dir: str, res: SweepResult) -> list:
     ax.set_xlabel('score')
     ax.set_ylabel('samples')
   fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, 'score_distributions.png'), dpi=100)
+  fileio.save_figure(fig, os.path.join(out_dir, 'score_distributions.png'))
   plt.close(fig)
   made.append('score_distributions.png')
   return made
@@ -716,15 +715,12 @@ def run_sweep(config) -> dict:
              'markdown': os.path.join(out_dir, 'sweep.md'),
              'missing': os.path.join(out_dir, 'missing.jsonl')}
   write_parquet(outputs['parquet'], res.rows)
-  with open(outputs['missing'], 'w', encoding='utf-8') as f:
-    for r in res.missing:
-      f.write(json.dumps(r, ensure_ascii=False) + '\n')
+  fileio.write_jsonl(outputs['missing'], res.missing)
   if res.selections is not None:
     outputs['selections'] = os.path.join(out_dir, 'selections.parquet')
     ids = sorted(res.selections)
-    pq.write_table(pa.Table.from_pydict(
-        {'setting_id': ids, 'selected_sample_index': [res.selections[i] for i in ids]}),
-        outputs['selections'])
+    fileio.write_parquet(outputs['selections'], pa.Table.from_pydict(
+        {'setting_id': ids, 'selected_sample_index': [res.selections[i] for i in ids]}))
   plots = write_plots(out_dir, res) if config.plots else []
   write_markdown(outputs['markdown'], res, dirs, inputs.loaded.models, plots,
                  int(config.max_table_rows))
@@ -734,8 +730,7 @@ def run_sweep(config) -> dict:
              'num_prompts': int(inputs.loaded.probs.shape[2]),
              'default': res.default, 'timing': res.timing, 'notes': res.notes,
              'num_missing': len(res.missing), 'outputs': outputs, 'plots': plots}
-  with open(os.path.join(out_dir, 'summary.json'), 'w', encoding='utf-8') as f:
-    json.dump(summary, f, indent=1, ensure_ascii=False, default=float)
+  fileio.write_json(os.path.join(out_dir, 'summary.json'), summary, default=float)
   logging.info('%d settings (%d score vectors) over %d samples in %.2f s -> %s',
                res.timing['settings'], res.timing['score_vectors'],
                inputs.loaded.sample_index.size, res.timing['written_s'], out_dir)

@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from selectit_jax import fileio
 from selectit_jax import assets
 from selectit_jax import checkpoints
 from selectit_jax.data import records as records_lib
@@ -264,7 +265,6 @@ def run(config) -> dict:
     summary["export_dir"] = export_lib.export_hf(os.path.join(out, "hf"), cfg,
                                                  state["params"], tokenizer)
   if jax.process_index() == 0:
-    with open(os.path.join(out, "train_summary.json"), "w") as f:
-      json.dump(summary, f, indent=2, default=str)
+    fileio.write_json(os.path.join(out, "train_summary.json"), summary, indent=2, default=str)
   logging.info("done: step %d, %s", step, json.dumps(last_eval))
   return summary
