@@ -77,7 +77,7 @@ def _prepare(workdir: str) -> dict:
   """Tokenizes the bench texts once; writes the ids and an HF copy of the same weights."""
   from selectit_jax import assets
   from selectit_jax import checkpoints
-  from selectit_jax.scoring import engine
+  from selectit_jax.scoring import batching
   from selectit_jax.data import prompts as prompts_lib
   from selectit_jax.data import records as records_lib
   from selectit_jax.checkpoints import hf
@@ -94,7 +94,7 @@ def _prepare(workdir: str) -> dict:
              else prompts_lib.default_prompts())[:_K.value]
   tokenizer = load_tokenizer(model_path)
   start = time.perf_counter()
-  items, _ = engine.prepare(records, prompts, template, tokenizer, config.engine.max_tokens,
+  items, _ = batching.prepare(records, prompts, template, tokenizer, config.engine.max_tokens,
                             too_long="reject")
   tokenize_s = time.perf_counter() - start
   all_items = len(items)
@@ -346,6 +346,7 @@ def part_ours(workdir):
   """Our engine: plan (buckets, batches), compile every bucket shape, then the timed pass."""
   import numpy as np
   from selectit_jax import checkpoints
+  from selectit_jax.scoring import batching
   from selectit_jax.scoring import engine
   from selectit_jax.parallel import sharding
   data = _load_data(workdir)
@@ -355,26 +356,22 @@ def part_ours(workdir):
   model = checkpoints.load_model(data["model_path"], mesh, dtype=config.model.dtype,
                                  param_dtype=config.model.param_dtype)
   items = data["items"]
-  plan = engine.plan(items, e, model.config)
+  plan = batching.make_plan(items, e, model.config)
   start = time.perf_counter()
   scorer = engine.Scorer(model.config, model.params, data["rating_ids"], mesh, e.batch_size,
-                         plan.prefixes)
-  for length in plan.buckets:
-    scorer(engine.pad_batch(engine.Batch((), length, ()), e.batch_size, e.max_segments,
-                            data["pad_id"]))
+                         plan.prefixes, e.max_segments, data["pad_id"])
+  scorer.compile(plan.buckets)
   compile_s = time.perf_counter() - start  # the prefixes' prefill (once per run) included
   index = {(it.sample_index, it.prompt_index): i for i, it in enumerate(items)}
   probs = np.zeros((len(items), 5))
   padded, skips, row_tokens, rows = [], [], 0, 0
   start = time.perf_counter()
   host_s = 0.0  # host work between steps (padding): the most that prefetching could hide
-  for batch in plan.batches:
-    t = time.perf_counter()
-    batch_rows = engine.pad_batch(batch, e.batch_size, e.max_segments, data["pad_id"])
-    host_s += time.perf_counter() - t
-    p, _ = scorer(batch_rows)
-    for r, it in enumerate(batch.items):
-      probs[index[(it.sample_index, it.prompt_index)]] = p[r]
+  for rated in scorer.rate(plan.batches):
+    batch = rated.batch
+    host_s += rated.host_seconds
+    for it, p in zip(batch.items, rated.probs):
+      probs[index[(it.sample_index, it.prompt_index)]] = p
     padded += [batch.length] * e.batch_size
     skips += list(batch.skips) + [0] * (e.batch_size - len(batch.rows))
     row_tokens += batch.row_tokens

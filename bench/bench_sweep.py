@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from configs import sweep as sweep_config
 from selectit_jax.data import prompts as prompts_lib
 from selectit_jax.data import records as records_lib
+from selectit_jax.scoring import manifest as manifest_lib
 from selectit_jax.scoring import store as store_lib
 from selectit_jax.sweeps import runner as sweeping  # noqa: E402
 
@@ -44,10 +45,11 @@ def make_data(tmp: str, n: int, k: int, num_models: int, seed: int = 0) -> list:
     d = os.path.join(tmp, name)
     st = store_lib.ScoreStore(d)
     nparams = [135_000_000, 360_000_000, 1_700_000_000][j % 3]
-    st.write_manifest({'config': {'data': {'path': data, 'format': 'alpaca'}},
-                       'model': {'name': name, 'num_params': nparams}, 'prompts': prompts,
-                       'template': prompts_lib.DEFAULT_TEMPLATE,
-                       'data': {'path': data, 'format': 'alpaca'}})
+    st.write_manifest(manifest_lib.Manifest(
+        data={'path': data, 'format': 'alpaca'}, template=prompts_lib.DEFAULT_TEMPLATE,
+        prompts=dict(zip(phash, prompts)),
+        models=[manifest_lib.ModelEntry(name, name, '', '', nparams)],
+        runs=[manifest_lib.RunEntry(name, tuple(phash), 0, n)]))
     p = base + rng.gamma(0.7, size=(n, k, 5))
     p = p / p.sum(-1, keepdims=True) * rng.uniform(0.05, 0.9, size=(n, k, 1))
     for lo in range(0, n, 20000):

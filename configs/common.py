@@ -9,6 +9,7 @@ def score_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       name="",             # key of this model's rows in the store (with the weights' hash)
       path="",             # GGUF file or HF checkpoint directory
+      embedded="",         # with path '': the embedded model of this name (assets.py)
       dtype="float32",     # activations; bf16 on accelerators
       param_dtype="float32",
   ))

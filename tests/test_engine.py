@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from selectit_jax import checkpoints
+from selectit_jax.scoring import batching
 from selectit_jax.scoring import engine
 from selectit_jax.data import prompts
 from selectit_jax.data import records
@@ -29,12 +30,12 @@ def tiny(tiny_checkpoint):
 def _score(model, tok, items, batch_size, buckets, prefixes=(), segments=1):
   mesh = sharding.make_mesh(ONE_DEVICE, jax.devices()[:1])
   digits = rating_token_ids(tok, prompts.build_text(prompts.default_prompts()[0], "", ""))
-  scorer = engine.Scorer(model.config, model.params, digits, mesh, batch_size, prefixes)
+  scorer = engine.Scorer(model.config, model.params, digits, mesh, batch_size, prefixes,
+                         segments, tok.pad_id)
   out = {}
-  for batch in engine.plan_batches(items, batch_size, buckets, prefixes, segments):
-    probs, lse = scorer(engine.pad_batch(batch, batch_size, segments, tok.pad_id))
-    for r, it in enumerate(batch.items):
-      out[(it.sample_index, it.prompt_index)] = (probs[r], lse[r])
+  for rated in scorer.rate(batching.plan_batches(items, batch_size, buckets, prefixes, segments)):
+    for it, p, lse in zip(rated.batch.items, rated.probs, rated.logsumexp):
+      out[(it.sample_index, it.prompt_index)] = (p, lse)
   return out, scorer
 
 
@@ -43,7 +44,7 @@ def _random_items(tok, num_records, num_prompts=3):
   words = "the sea is wide and deep poem write about waves sugar plants light".split()
   recs = [_record(i, " ".join(rng.choice(words, rng.integers(2, 30))),
                   " ".join(rng.choice(words, rng.integers(1, 60)))) for i in range(num_records)]
-  items, rejects = engine.prepare(recs, prompts.default_prompts()[:num_prompts],
+  items, rejects = batching.prepare(recs, prompts.default_prompts()[:num_prompts],
                                   prompts.DEFAULT_TEMPLATE, tok, max_tokens=512)
   assert not rejects
   return items
@@ -55,7 +56,7 @@ def test_probs_do_not_depend_on_batching_packing_or_prefix_cache(tiny):
   model, tok = tiny
   items = _random_items(tok, 9)
   assert len({len(it.ids) for it in items}) > 10
-  prefixes = engine.shared_prefixes(items)
+  prefixes = batching.shared_prefixes(items)
   assert len({len(p) for p in prefixes}) == 3 and min(map(len, prefixes)) > 10
   results = {}
   for batch_size, buckets, prefix, segments in (
@@ -66,7 +67,7 @@ def test_probs_do_not_depend_on_batching_packing_or_prefix_cache(tiny):
     results[key], scorer = _score(model, tok, items, batch_size, buckets, prefix, segments)
     assert {s[1] for s in scorer.compiled_shapes} <= set(buckets)
     assert len(results[key]) == len(items)
-  assert max(len(row) for b in engine.plan_batches(items, 3, [512], (), 8) for row in b.rows) >= 3
+  assert max(len(row) for b in batching.plan_batches(items, 3, [512], (), 8) for row in b.rows) >= 3
   for key, (p1, l1) in results[(1, False, 1)].items():
     for other in results:
       p, l = results[other][key]
@@ -76,12 +77,12 @@ def test_probs_do_not_depend_on_batching_packing_or_prefix_cache(tiny):
 
 
 def test_shared_prefixes_are_exact_and_leave_the_last_token():
-  item = lambda k, ids: engine.WorkItem(0, "r", "c", k, "h", tuple(ids))
+  item = lambda k, ids: batching.WorkItem(0, "r", "c", k, "h", tuple(ids))
   items = [item(0, [5, 6, 7, 8]), item(0, [5, 6, 9]), item(1, [5, 6, 7]), item(2, [1, 2]),
            item(2, [1, 2, 3])]
-  assert engine.shared_prefixes(items) == ((5, 6), (5, 6), (1,))
-  assert engine.shared_prefixes([item(1, [4])]) == ((), ())
-  batches = engine.plan_batches(items, 2, [4], engine.shared_prefixes(items))
+  assert batching.shared_prefixes(items) == ((5, 6), (5, 6), (1,))
+  assert batching.shared_prefixes([item(1, [4])]) == ((), ())
+  batches = batching.plan_batches(items, 2, [4], batching.shared_prefixes(items))
   rows = [engine.pad_batch(b, 2, 1, 0) for b in batches]
   assert [r.tokens[:, :2].tolist() for r in rows] == [[[9, 0], [7, 0]], [[2, 0], [7, 8]],
                                                       [[2, 3], [0, 0]]]
@@ -89,15 +90,15 @@ def test_shared_prefixes_are_exact_and_leave_the_last_token():
 
 
 def test_packing_fills_rows_best_fit_and_lays_out_segments():
-  item = lambda i, k, n: engine.WorkItem(i, f"r{i}", f"c{i}", k, "h", tuple(range(10, 10 + n)))
+  item = lambda i, k, n: batching.WorkItem(i, f"r{i}", f"c{i}", k, "h", tuple(range(10, 10 + n)))
   items = [item(0, 0, 9), item(1, 0, 5), item(2, 0, 4), item(3, 0, 3), item(4, 1, 2),
            item(5, 0, 2)]
-  rows = engine.pack_rows(items, [8, 16], (), max_segments=3)
+  rows = batching.pack_rows(items, [8, 16], (), max_segments=3)
   # Longest first: 9 opens a 16-row (7 free), 5 joins it (2 free); 4 opens an 8-row, 3 takes
   # its best fit (the 8-row, 4 free); 2 fills the 16-row; prompt 1's text gets its own row.
   layout = {(b, tuple(it.sample_index for it in row)) for b, row in rows}
   assert layout == {(16, (0, 1, 5)), (8, (2, 3)), (8, (4,))}
-  batch = engine.plan_batches(items, 2, [8, 16], (), max_segments=3)[1]
+  batch = batching.plan_batches(items, 2, [8, 16], (), max_segments=3)[1]
   r = engine.pad_batch(batch, 2, 3, pad_id=0)
   assert r.tokens.shape == (2, 16) and r.last.shape == (2, 3)
   assert r.segments[0].tolist() == [1] * 9 + [2] * 5 + [3] * 2
@@ -109,17 +110,17 @@ def test_fit_buckets_chooses_shapes_for_packed_rows():
   """Texts of 100, 50, 50, 40, 40 tokens in two shapes. Fitting the texts gives {50, 100}:
   the 40s each pad a 50-row (300 tokens planned). Fitting the packed rows finds {40, 100}:
   the two 50s share a 100-row, no padding at all (280)."""
-  item = lambda i, n: engine.WorkItem(i, f"r{i}", f"c{i}", 0, "h", tuple(range(n)))
+  item = lambda i, n: batching.WorkItem(i, f"r{i}", f"c{i}", 0, "h", tuple(range(n)))
   items = [item(i, n) for i, n in enumerate([100, 50, 50, 40, 40])]
-  start = engine.choose_buckets([len(it.ids) for it in items], 2, 10, 100)
+  start = batching.choose_buckets([len(it.ids) for it in items], 2, 10, 100)
   assert start == [50, 100]
   tokens = lambda length, prefix: length
-  planned = lambda buckets: sum(b.length for b in engine.plan_batches(items, 1, buckets, (), 8))
+  planned = lambda buckets: sum(b.length for b in batching.plan_batches(items, 1, buckets, (), 8))
   assert planned(start) == 300
-  fitted = engine.fit_buckets(items, start, 1, (), 8, 10, tokens)
+  fitted = batching.fit_buckets(items, start, 1, (), 8, 10, tokens)
   assert fitted == [40, 100] and planned(fitted) == 280
   # Subsampled search (every other sample) still keeps the largest shape for the longest text.
-  assert engine.fit_buckets(items, start, 1, (), 8, 10, tokens, max_items=3)[-1] == 100
+  assert batching.fit_buckets(items, start, 1, (), 8, 10, tokens, max_items=3)[-1] == 100
 
 
 def test_row_flops_counts_blocks_as_attention_runs_them():
@@ -148,7 +149,7 @@ def _brute_force_padding(lengths, max_shapes, multiple, max_tokens):
 def test_choose_buckets_minimises_padding(seed):
   rng = np.random.default_rng(seed)
   lengths = rng.integers(5, 300, 40).tolist()
-  buckets = engine.choose_buckets(lengths, max_shapes=3, multiple=16, max_tokens=320)
+  buckets = batching.choose_buckets(lengths, max_shapes=3, multiple=16, max_tokens=320)
   assert len(buckets) <= 3 and buckets[-1] >= max(lengths)
   pad = sum(next(b for b in buckets if b >= n) - n for n in lengths)
   assert pad == _brute_force_padding(lengths, 3, 16, 320)
@@ -158,7 +159,7 @@ def test_truncation_keeps_the_closing_line(tiny):
   _, tok = tiny
   prompt = prompts.default_prompts()[0]
   long = _record(0, "Write a poem about the sea.", "The sea is wide and deep. " * 200)
-  items, rejects = engine.prepare([long], [prompt], prompts.DEFAULT_TEMPLATE, tok, max_tokens=120)
+  items, rejects = batching.prepare([long], [prompt], prompts.DEFAULT_TEMPLATE, tok, max_tokens=120)
   assert not rejects and len(items) == 1 and items[0].truncated
   assert 100 < len(items[0].ids) <= 120
   text = tok.decode(items[0].ids)
@@ -170,10 +171,10 @@ def test_too_long_records_are_rejected_whole(tiny):
   recs = [_record(0, "short", "fine"), _record(1, "Explain. " * 300, "ok"),
           _record(2, "short", "long answer " * 300)]
   ps = prompts.default_prompts()[:2]
-  items, rejects = engine.prepare(recs, ps, prompts.DEFAULT_TEMPLATE, tok, max_tokens=150)
+  items, rejects = batching.prepare(recs, ps, prompts.DEFAULT_TEMPLATE, tok, max_tokens=150)
   assert {it.sample_index for it in items} == {0, 2}
   assert [(r.index, "alone exceed" in r.reason) for r in rejects] == [(1, True)]
-  items, rejects = engine.prepare(recs, ps, prompts.DEFAULT_TEMPLATE, tok, max_tokens=150,
+  items, rejects = batching.prepare(recs, ps, prompts.DEFAULT_TEMPLATE, tok, max_tokens=150,
                                   too_long="reject")
   assert {it.sample_index for it in items} == {0}
   assert [r.index for r in rejects] == [1, 2] and "engine.max_tokens=150" in rejects[1].reason
@@ -190,7 +191,7 @@ def test_repeated_texts_are_rated_once_and_share_rejects(tiny):
   _, tok = tiny
   recs = [_record(0, "short", "fine"), _record(1, "Explain. " * 300, "ok"),
           _record(2, "short", "fine"), _record(3, "Explain. " * 300, "ok")]
-  items, rejects = engine.prepare(recs, prompts.default_prompts()[:2], prompts.DEFAULT_TEMPLATE,
+  items, rejects = batching.prepare(recs, prompts.default_prompts()[:2], prompts.DEFAULT_TEMPLATE,
                                   tok, max_tokens=150)
   assert [(it.sample_index, it.prompt_index) for it in items] == [(0, 0), (0, 1)]
   assert [r.index for r in rejects] == [1, 3] and rejects[0].reason == rejects[1].reason

@@ -12,6 +12,7 @@ import transformers
 from conftest import REFERENCE_PROMPTS, sharegpt_records, write_tiny_checkpoint
 from selectit_jax import assets
 from selectit_jax import checkpoints
+from selectit_jax.scoring import batching
 from selectit_jax.scoring import engine
 from selectit_jax.data import prompts
 from selectit_jax.parallel import sharding
@@ -164,17 +165,16 @@ def test_gguf_rating_probs_match_transformers(smollm2):
   digits = rating_token_ids(tok, prompts.build_text(prompt, "", ""))
 
   # The engine's path: the prompt's shared prefix computed once, rows continue it.
-  items, _ = engine.prepare(recs, [prompt], prompts.DEFAULT_TEMPLATE, tok, max_tokens=1024)
-  plan = engine.plan(items, ml_collections.ConfigDict(dict(
+  items, _ = batching.prepare(recs, [prompt], prompts.DEFAULT_TEMPLATE, tok, max_tokens=1024)
+  plan = batching.make_plan(items, ml_collections.ConfigDict(dict(
       prefix_cache=True, max_shapes=2, bucket_multiple=16, max_tokens=1024, batch_size=2,
       max_segments=2)))
   assert len(plan.prefixes[0]) > 20
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-  scorer = engine.Scorer(model.config, model.params, digits, mesh, 2, plan.prefixes)
-  ours = {}
-  for batch in plan.batches:
-    probs, _ = scorer(engine.pad_batch(batch, 2, 2, tok.pad_id))
-    ours.update({it.sample_index: p for it, p in zip(batch.items, probs)})
+  scorer = engine.Scorer(model.config, model.params, digits, mesh, 2, plan.prefixes, 2,
+                         tok.pad_id)
+  ours = {it.sample_index: p for rated in scorer.rate(plan.batches)
+          for it, p in zip(rated.batch.items, rated.probs)}
   ours = np.stack([ours[r.index] for r in recs])
 
   ref_model = transformers.AutoModelForCausalLM.from_pretrained(

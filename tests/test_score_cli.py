@@ -101,7 +101,7 @@ def test_score_select_report(uninterrupted, tmp_path):
   report = open(os.path.join(sel, "report.md")).read()
   assert "score_hist.png" in report and os.path.exists(os.path.join(sel, "score_hist.png"))
   manifest = store_lib.ScoreStore(uninterrupted).read_manifest()
-  assert manifest["model"]["num_params"] == 134_515_008
+  assert [m.num_params for m in manifest.models] == [134_515_008]
   table = store_lib.ScoreStore(uninterrupted).read_table()
   mass = pc.list_value_length(table.column("probs"))
   assert set(mass.to_pylist()) == {5}

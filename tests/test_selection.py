@@ -56,6 +56,7 @@ def test_rank_order_random_against_python_sort():
 
 from selectit_jax.data import prompts as prompts_lib  # noqa: E402
 from selectit_jax.data import records as records_lib  # noqa: E402
+from selectit_jax.scoring import manifest as manifest_lib  # noqa: E402
 from selectit_jax.scoring import store as store_lib  # noqa: E402
 from tests.test_formulas import ref_sentence, ref_token_code, ref_token_paper  # noqa: E402
 
@@ -98,12 +99,12 @@ def _probs_for(i, model_shift=0.0):
 def _write_store(tmp_path, name, data_path, num_params, skip=(), model_shift=0.0):
   d = str(tmp_path / name)
   st = store_lib.ScoreStore(d)
-  st.write_manifest({
-      'config': {'data': {'path': data_path, 'format': 'sharegpt', 'limit': 0,
-                          'turns': 'first'}},
-      'model': {'name': name, 'key': name, 'file_sha256': '0' * 64, 'num_params': num_params},
-      'prompts': PROMPTS, 'template': prompts_lib.DEFAULT_TEMPLATE,
-      'data': {'path': data_path, 'format': 'sharegpt'}})
+  hashes = tuple(prompts_lib.prompt_hash(p) for p in PROMPTS)
+  st.write_manifest(manifest_lib.Manifest(
+      data={'path': data_path, 'format': 'sharegpt', 'turns': 'first'},
+      template=prompts_lib.DEFAULT_TEMPLATE, prompts=dict(zip(hashes, PROMPTS)),
+      models=[manifest_lib.ModelEntry(name, name, '', '0' * 16, num_params)],
+      runs=[manifest_lib.RunEntry(name, hashes, 0, 0)]))
   recs, rejects, _ = records_lib.read_records({'path': data_path, 'format': 'sharegpt'})
   st.append_rejects(rejects)
   rows, seen = [], set()

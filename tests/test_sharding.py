@@ -66,7 +66,7 @@ def _probs(model, mesh, tokens, lengths):
   scorer = engine.Scorer(model.config, model.params, np.arange(10, 15), mesh, BATCH, PREFIXES)
   pos = np.broadcast_to(np.arange(LENGTH, dtype=np.int32), tokens.shape)
   rows = np.arange(BATCH)
-  return scorer(engine.Rows(tokens, (pos < lengths[:, None]).astype(np.int32), pos,
+  return scorer(engine.BatchArrays(tokens, (pos < lengths[:, None]).astype(np.int32), pos,
                             (rows % 2).astype(np.int32), (lengths - 1)[:, None], rows))
 
 

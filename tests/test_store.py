@@ -1,4 +1,5 @@
 """Tests for selectit_jax.scoring.store: shards, atomicity, resume keys, de-dup, dense probs."""
+import dataclasses
 import json
 import os
 import random
@@ -9,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from selectit_jax.data import records as R
+from selectit_jax.scoring import manifest as M
 from selectit_jax.scoring import store as S
 
 PH = ["ph0", "ph1", "ph2"]
@@ -179,12 +181,13 @@ def test_probs_array_errors(tmp_path):
 def test_manifest_and_rejects(tmp_path):
   st = S.ScoreStore(str(tmp_path))
   assert st.read_manifest() is None
-  m = {"config": {"a": 1}, "model": {"name": "m", "file_sha256": "x", "num_params": 3},
-       "prompts": ["p\n"], "template": "t", "data": {"path": "d", "format": "sharegpt"}}
+  m = M.Manifest(data={"path": "d", "format": "sharegpt"}, template="t", prompts={"h": "p\n"},
+                 models=[M.ModelEntry("m@x", "m", "path", "x", 3)],
+                 runs=[M.RunEntry("m@x", ("h",), 0, 1)])
   st.write_manifest(m)
   assert st.read_manifest() == m
-  st.write_manifest({**m, "template": "u"})
-  assert st.read_manifest()["template"] == "u"
+  st.write_manifest(dataclasses.replace(m, template="u"))
+  assert st.read_manifest().template == "u"
   assert sorted(os.listdir(tmp_path)) == ["manifest.json", "shards"]
   rej = [R.Reject(1, "x", "empty response"), R.Reject(4, None, "too long")]
   assert st.append_rejects(rej) == 2
@@ -196,13 +199,3 @@ def test_manifest_and_rejects(tmp_path):
     assert all(json.loads(line) for line in f)
 
 
-def test_scores_dir_refuses_other_input_data(tmp_path):
-  import ml_collections
-  from selectit_jax.scoring import runner as scoring
-  st = S.ScoreStore(str(tmp_path))
-  data = dict(path="/data/a.json", format="sharegpt", limit=10, turns="first",
-              alpaca_input_sep="\n\n")
-  st.write_manifest({"config": {"data": dict(data, path="")}, "data": {"path": "/data/a.json"}})
-  scoring.check_same_input(st, ml_collections.ConfigDict(dict(data, limit=50)))  # limit may grow
-  with pytest.raises(ValueError, match=r"path: '/data/a.json' -> '/data/b.json'.*new output_dir"):
-    scoring.check_same_input(st, ml_collections.ConfigDict(dict(data, path="/data/b.json")))

@@ -448,7 +448,7 @@ def read_records(cfg_data) -> tuple[list[Record], list[Reject], ReadInfo]:
   else:
     if not path:
       from selectit_jax import assets  # pylint: disable=g-import-not-at-top
-      path = assets.default_sharegpt_path()
+      path = assets.data_path(cfg_data)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"data.path: no such file: {path}")
     ext = os.path.splitext(path)[1].lower()

@@ -132,7 +132,7 @@ def arch(config, model_path: str = "") -> LlamaConfig:
   overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
   path = model_path or config.model.path
   if not path and not config.model.get("arch"):
-    path = assets.default_gguf_path()
+    path = assets.model_path(config.model)
   if path and os.path.exists(path):
     _, cfg = checkpoints.tensor_source(path)
     return dataclasses.replace(cfg, **overrides)

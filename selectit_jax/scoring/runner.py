@@ -12,14 +12,16 @@ from tqdm import tqdm
 
 from selectit_jax import assets
 from selectit_jax import checkpoints
-from selectit_jax.scoring import engine
-from selectit_jax.parallel import memory
+from selectit_jax.checkpoints.tokenizer import load_tokenizer, rating_token_ids
 from selectit_jax.data import prompts as prompts_lib
 from selectit_jax.data import records as records_lib
-from selectit_jax.selection import report
+from selectit_jax.parallel import memory
 from selectit_jax.parallel import sharding
+from selectit_jax.scoring import batching
+from selectit_jax.scoring import engine
+from selectit_jax.scoring import manifest as manifest_lib
 from selectit_jax.scoring import store as store_lib
-from selectit_jax.checkpoints.tokenizer import load_tokenizer, rating_token_ids
+from selectit_jax.selection import report
 
 
 @dataclasses.dataclass
@@ -55,28 +57,52 @@ class Summary:
     return out
 
 
-def resolve_paths(config):
-  """Fills the embedded defaults for an empty model or data path."""
-  model_path = config.model.path or assets.default_gguf_path()
-  data_path = config.data.path or assets.default_sharegpt_path()
-  return model_path, data_path
+def model_settings(config) -> dict:
+  """The settings besides the weights that change a stored probability: a dir's rows of one
+  model key must all be made with the same ones (`Manifest.check_compatible`)."""
+  e = config.engine
+  return {"model.dtype": config.model.dtype, "model.param_dtype": config.model.param_dtype,
+          "engine.max_tokens": int(e.max_tokens), "engine.too_long": e.too_long}
 
 
-def check_same_input(store: store_lib.ScoreStore, data_cfg) -> None:
-  """A scores dir holds the scores of one input: `select` re-reads the input its manifest
-  names, so scoring other data into it would silently hide the earlier samples. Only
-  `limit` may change (to extend or shorten a run over the same file)."""
-  previous = store.read_manifest()
-  if previous is None:
-    return
-  before = dict(previous["config"]["data"], path=previous["data"]["path"])
-  now = data_cfg.to_dict()
-  changed = sorted(k for k in set(before) | set(now)
-                   if k != "limit" and before.get(k) != now.get(k))
-  if changed:
-    diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
-    raise ValueError(f"{store.dir} holds scores of other input data ({diff}); "
-                     "score it into a new output_dir")
+def run_manifest(config, data_cfg, info: records_lib.ReadInfo, model_key: str,
+                 model: checkpoints.LoadedModel, model_path: str, prompts, template
+                 ) -> manifest_lib.Manifest:
+  """This run's manifest: what its rows will mean."""
+  hashes = [prompts_lib.prompt_hash(p, template) for p in prompts]
+  data = {k: data_cfg.get(k) for k in manifest_lib.DATA_KEYS if k in data_cfg}
+  data.update(shape=info.format or data_cfg.format, container=info.container)
+  entry = manifest_lib.ModelEntry(key=model_key, name=config.model.name, path=model_path,
+                                  fingerprint=model.fingerprint, num_params=model.num_params,
+                                  settings=model_settings(config))
+  run_entry = manifest_lib.RunEntry(model=model_key, prompt_hashes=tuple(hashes),
+                                    limit=int(data_cfg.limit), num_read=info.num_read,
+                                    truncated_at=info.truncated_at)
+  return manifest_lib.Manifest(data=data, template=template, prompts=dict(zip(hashes, prompts)),
+                               models=[entry], runs=[run_entry])
+
+
+def read_input(config):
+  """(data config with the path resolved, records, rejects, ReadInfo)."""
+  data_cfg = config.data.copy_and_resolve_references()
+  with data_cfg.unlocked():
+    data_cfg.path = assets.data_path(config.data)
+  records, rejects, info = records_lib.read_records(data_cfg)
+  logging.info("read %d records from %s (%d rejected%s)", info.num_read, data_cfg.path,
+               info.num_rejected,
+               f", incomplete tail at byte {info.truncated_at}" if info.truncated_at else "")
+  return data_cfg, records, rejects, info
+
+
+def pending_batches(plan: batching.Plan, stored: set, model_key: str) -> list[batching.Batch]:
+  """The plan's batches with a text not yet stored. Multi-process: every process must run
+  the same steps, so process 0's view of the shared store decides, read before anyone
+  writes (the broadcast is a barrier)."""
+  pending = np.array([any(it.key(model_key) not in stored for it in b.items)
+                      for b in plan.batches])
+  if jax.process_count() > 1:
+    pending = np.asarray(multihost_utils.broadcast_one_to_all(pending))
+  return [b for b, p in zip(plan.batches, pending) if p]
 
 
 def run(config) -> Summary:
@@ -84,18 +110,11 @@ def run(config) -> Summary:
   if not config.output_dir:
     raise ValueError("set --config.output_dir")
   start = time.perf_counter()
-  model_path, data_path = resolve_paths(config)
-  data_cfg = config.data.copy_and_resolve_references()
-  with data_cfg.unlocked():
-    data_cfg.path = data_path
-  records, rejects, info = records_lib.read_records(data_cfg)
-  logging.info("read %d records from %s (%d rejected%s)", info.num_read, data_path,
-               info.num_rejected,
-               f", incomplete tail at byte {info.truncated_at}" if info.truncated_at else "")
+  model_path = assets.model_path(config.model)
+  data_cfg, records, rejects, info = read_input(config)
   template = prompts_lib.template_from_config(config.prompts)
   prompts = prompts_lib.prompts_from_config(config.prompts)
   store = store_lib.ScoreStore(config.output_dir, jax.process_index())
-  check_same_input(store, data_cfg)
 
   mesh = sharding.make_mesh(config.mesh)
   # Refuse a run that cannot fit before reading any weights.
@@ -105,91 +124,77 @@ def run(config) -> Summary:
   tokenizer = load_tokenizer(model_path)
   model_key = f"{config.model.name}@{model.fingerprint}"
   logging.info("model %s: %s, θ=%d", model_key, model_path, model.num_params)
+  this_run = run_manifest(config, data_cfg, info, model_key, model, model_path, prompts, template)
+  stored_manifest = store.read_manifest()
+  manifest = stored_manifest.merged(this_run) if stored_manifest else this_run
 
-  items, too_long = engine.prepare(records, prompts, template, tokenizer,
-                                   config.engine.max_tokens, config.engine.too_long)
+  items, too_long = batching.prepare(records, prompts, template, tokenizer,
+                                     config.engine.max_tokens, config.engine.too_long)
   rejects = list(rejects) + too_long
-  lead = jax.process_index() == 0  # shared files (rejects, manifest) have one writer
-  if lead:
+  if jax.process_index() == 0:  # shared files (rejects, manifest) have one writer
     store.append_rejects(rejects)
-  manifest = {
-      "config": config.to_dict(),
-      "data": {"path": data_path, "format": info.format or config.data.format,
-               "container": info.container, "num_read": info.num_read,
-               "truncated_at": info.truncated_at},
-      "model": {"name": config.model.name, "key": model_key, "path": model_path,
-                "fingerprint": model.fingerprint, "num_params": model.num_params},
-      "prompts": prompts, "prompt_hashes": [prompts_lib.prompt_hash(p, template) for p in prompts],
-      "template": template,
-  }
-  if lead:
     store.write_manifest(manifest)
   summary = Summary(rejected=len(rejects), truncated_rows=sum(it.truncated for it in items))
   if not items:
     logging.warning("nothing to score")
     return summary
 
-  plan = engine.plan(items, config.engine, model.config)
-  batches = plan.batches
+  plan = batching.make_plan(items, config.engine, model.config)
   stored = store.stored_keys()
-  pending = np.array([any((it.content_hash, model_key, it.prompt_hash) not in stored
-                          for it in b.items) for b in batches])
-  if jax.process_count() > 1:
-    # Every process must run the same steps: process 0's view of the shared store decides,
-    # read before anyone writes (the broadcast is a barrier).
-    pending = np.asarray(multihost_utils.broadcast_one_to_all(pending))
-  todo = [b for b, p in zip(batches, pending) if p]
-  summary.skipped_rows = sum((it.content_hash, model_key, it.prompt_hash) in stored
-                             for it in items)
+  todo = pending_batches(plan, stored, model_key)
+  summary.skipped_rows = sum(it.key(model_key) in stored for it in items)
   logging.info("%d texts in %d batches (buckets %s, shared prefixes %s tokens); %d batches "
-               "to run", len(items), len(batches), plan.buckets,
+               "to run", len(items), len(plan.batches), plan.buckets,
                [len(p) for p in plan.prefixes], len(todo))
 
   rating_ids = rating_token_ids(tokenizer, prompts_lib.build_text(prompts[0], "", "", template))
   scorer = engine.Scorer(model.config, model.params, rating_ids, mesh, config.engine.batch_size,
-                         plan.prefixes)
+                         plan.prefixes, config.engine.max_segments, tokenizer.pad_id)
   logging.info("shared prefixes prefilled in %.1fs (compile included)", scorer.prefill_seconds)
+  rate_into_store(scorer, todo, store, stored, model_key, model.num_params,
+                  config.engine.shard_rows, summary)
+  summary.wall_seconds = time.perf_counter() - start
+  if summary.rated_rows and summary.digit_mass_mean < report.LOW_MASS_WARN:
+    logging.warning("mean digit mass %.3f is low: the model mostly does not answer with a "
+                    "digit, so its ratings carry little signal", summary.digit_mass_mean)
+  for line in summary.lines():
+    logging.info("%s", line)
+  return summary
+
+
+def rate_into_store(scorer: engine.Scorer, batches, store: store_lib.ScoreStore, stored: set,
+                    model_key: str, num_params: int, shard_rows: int, summary: Summary) -> None:
+  """Rates the batches, writing this process's new rows in whole-batch shards (a resumed
+  run then replays exactly the batches not yet stored)."""
   owned = scorer.owned_rows()
   rows, masses = [], []
   loop_start = time.perf_counter()
-  bar = tqdm(todo, desc="scoring", unit="batch", disable=jax.process_index() != 0)
-  for batch in bar:
-    batch_rows = engine.pad_batch(batch, config.engine.batch_size, config.engine.max_segments,
-                                  tokenizer.pad_id)
-    probs, lse = scorer(batch_rows)
+  bar = tqdm(batches, desc="scoring", unit="batch", disable=jax.process_index() != 0)
+  for out in scorer.rate(bar):
+    batch = out.batch
     for r, it in enumerate(batch.items):
-      masses.append(probs[r].sum())
-      if (not owned[batch_rows.item_row[r]]
-          or (it.content_hash, model_key, it.prompt_hash) in stored):
+      masses.append(out.probs[r].sum())
+      if not owned[out.arrays.item_row[r]] or it.key(model_key) in stored:
         continue
-      summary.scored_rows += 1
       rows.append(dict(sample_id=it.sample_id, sample_index=it.sample_index,
-                       content_hash=it.content_hash, model=model_key,
-                       num_params=model.num_params, prompt_index=it.prompt_index,
-                       prompt_hash=it.prompt_hash, probs=probs[r], logsumexp=lse[r],
-                       num_tokens=len(it.ids)))
+                       content_hash=it.content_hash, model=model_key, num_params=num_params,
+                       prompt_index=it.prompt_index, prompt_hash=it.prompt_hash,
+                       probs=out.probs[r], logsumexp=out.logsumexp[r], num_tokens=len(it.ids)))
     summary.rated_rows += len(batch.items)
     summary.tokens += batch.real_tokens
     summary.row_tokens += batch.row_tokens
-    summary.padded_tokens += batch_rows.tokens.size
-    # Whole batches only: a resumed run then replays exactly the batches not yet stored.
-    if len(rows) >= config.engine.shard_rows:
+    summary.padded_tokens += out.arrays.tokens.size
+    if len(rows) >= shard_rows:
+      summary.scored_rows += len(rows)
       store.write_shard(rows)
       rows = []
     elapsed = bar.format_dict["elapsed"] or 1e-9
     bar.set_postfix(samples_s=f"{summary.rated_rows / elapsed:.1f}",
                     tok_s=f"{summary.tokens / elapsed:.0f}")
+  summary.scored_rows += len(rows)
   store.write_shard(rows)
-
   summary.loop_seconds = time.perf_counter() - loop_start
-  summary.wall_seconds = time.perf_counter() - start
   summary.compile_seconds = scorer.compile_seconds
   summary.compiled_shapes = len(scorer.compiled_shapes)
   if masses:
     summary.digit_mass_mean, summary.digit_mass_min = float(np.mean(masses)), float(np.min(masses))
-    if summary.digit_mass_mean < report.LOW_MASS_WARN:
-      logging.warning("mean digit mass %.3f is low: the model mostly does not answer with a "
-                      "digit, so its ratings carry little signal", summary.digit_mass_mean)
-  for line in summary.lines():
-    logging.info("%s", line)
-  return summary

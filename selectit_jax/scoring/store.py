@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from selectit_jax import fileio
 from selectit_jax.data import records as records_lib
+from selectit_jax.scoring import manifest as manifest_lib
 
 NUM_RATINGS = 5
 KEY_COLUMNS = ("content_hash", "model", "prompt_hash")
@@ -51,22 +52,15 @@ class ScoreStore:
     self._seq = max(mine) + 1 if mine else 0
 
   @property
-  def manifest_path(self):
-    return os.path.join(self.dir, "manifest.json")
-
-  @property
   def rejects_path(self):
     return os.path.join(self.dir, "rejects.jsonl")
 
   # -- manifest
-  def write_manifest(self, d: dict) -> None:
-    fileio.write_json(self.manifest_path, d, indent=2, sort_keys=True)
+  def write_manifest(self, m: manifest_lib.Manifest) -> None:
+    manifest_lib.write(self.dir, m)
 
-  def read_manifest(self) -> dict | None:
-    if not os.path.exists(self.manifest_path):
-      return None
-    with open(self.manifest_path, encoding="utf-8") as f:
-      return json.load(f)
+  def read_manifest(self) -> manifest_lib.Manifest | None:
+    return manifest_lib.read(self.dir)
 
   # -- rejects
   def append_rejects(self, rejects) -> int:

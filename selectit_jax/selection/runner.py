@@ -35,9 +35,9 @@ import numpy as np
 
 from selectit_jax import fileio
 from selectit_jax.selection import formulas
-from selectit_jax.data import prompts as prompts_lib
 from selectit_jax.data import records as records_lib
 from selectit_jax.selection import report as report_lib
+from selectit_jax.scoring import manifest as manifest_lib
 from selectit_jax.scoring import store as store_lib
 
 # A (sample, model, prompt) cell the level needs has no stored row: never
@@ -83,24 +83,13 @@ class Loaded:
   notes: list
 
 
-def _manifest_prompt_hashes(man: Optional[dict]):
-  """Prompt hashes in the manifest's prompt order (None: let the store decide)."""
-  if not man or not man.get('prompts'):
-    return None
-  return [prompts_lib.prompt_hash(p, man.get('template') or prompts_lib.DEFAULT_TEMPLATE)
-          for p in man['prompts']]
-
-
-def _manifest_models(man: Optional[dict], table, notes: list, d: str):
-  """The manifest's model if the store holds it, else every stored model."""
+def _stored_models(man: Optional[manifest_lib.Manifest], table, notes: list, d: str):
+  """The manifest's models that the store holds rows of, else every stored model."""
   stored = sorted(set(table.column('model').to_pylist()))
-  # Rows are keyed by name@weights-fingerprint: the manifest's `key`.
-  name = ((man or {}).get('model') or {}).get('key')
-  if name in stored:
-    return [name]
-  if name:
-    notes.append(f'{d}: manifest model {name!r} not among stored models {stored}; using all')
-  return stored
+  listed = [key for key in (man.model_keys if man else []) if key in stored]
+  if man and len(listed) < len(man.model_keys):
+    notes.append(f'{d}: manifest models {man.model_keys} not all among stored models {stored}')
+  return listed or stored
 
 
 def load_scores(scores_dirs: Sequence[str], k: int = 0, samples=None) -> Loaded:
@@ -120,8 +109,9 @@ def load_scores(scores_dirs: Sequence[str], k: int = 0, samples=None) -> Loaded:
     table = st.read_table()
     if table.num_rows == 0:
       raise ValueError(f'{d}: score store is empty')
-    pa_ = store_lib.probs_array(table, models=_manifest_models(man, table, notes, d),
-                                prompt_hashes=_manifest_prompt_hashes(man), samples=samples)
+    pa_ = store_lib.probs_array(table, models=_stored_models(man, table, notes, d),
+                                prompt_hashes=man.prompt_hashes if man else None,
+                                samples=samples)
     keys = set(zip(table.column('model').to_pylist(), table.column('prompt_hash').to_pylist(),
                    table.column('content_hash' if samples is not None else 'sample_index')
                    .to_pylist()))
@@ -208,21 +198,12 @@ def sample_reasons(loaded: Loaded, level: str, prompt_index: int) -> list:
 
 
 def _data_config(manifests: list, notes: list) -> Optional[dict]:
-  """The scoring run's data section (turn policy, limit, ...), so texts and
-  content hashes are read exactly as they were scored."""
-  datas = []
-  for man in manifests:
-    man = man or {}
-    cfg = man.get('config') or {}
-    data = dict((cfg.get('data') if isinstance(cfg, dict) else None) or {})
-    resolved = man.get('data') or {}
-    if resolved.get('path'):  # the path actually read ('' in config = default file)
-      data['path'] = resolved['path']
-    data.setdefault('format', resolved.get('format') or 'auto')
-    datas.append(data)
+  """The scored input's data config (turn policy, the records the runs covered...), so
+  texts and content hashes are read exactly as they were scored."""
+  datas = [m.data_config() for m in manifests if m is not None]
   if any(d != datas[0] for d in datas[1:]):
     notes.append(f'score dirs name different input data; using the first: {datas[0]}')
-  if not datas or not (datas[0].get('path') or str(datas[0]['format']).startswith('tfds:')):
+  if not datas or not (datas[0].get('path') or str(datas[0].get('format')).startswith('tfds:')):
     return None
   return datas[0]
 
@@ -230,8 +211,7 @@ def _data_config(manifests: list, notes: list) -> Optional[dict]:
 def load_input_records(scores_dirs: Sequence[str], notes: list):
   """The scored input records by index, re-read as the scoring run read them, and their
   container (json, jsonl, parquet, tfds); (None, None) with a note when unavailable."""
-  manifests = [store_lib.ScoreStore(d).read_manifest() if os.path.isdir(d) else None
-               for d in scores_dirs]
+  manifests = [manifest_lib.read(d) if os.path.isdir(d) else None for d in scores_dirs]
   data = _data_config(manifests, notes)
   if data is None:
     notes.append('manifest names no input data; selected records and lengths unavailable')

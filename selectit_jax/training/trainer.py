@@ -156,7 +156,7 @@ def run(config) -> dict:
                      f"data×fsdp={rows_per_shard}")
   accum = batch // micro
 
-  model_path = config.model.path or assets.default_gguf_path()
+  model_path = assets.model_path(config.model)
   tokenizer = load_tokenizer(model_path)
   train_rows, val_rows, rejects, data_report = load_data(config, tokenizer)
   if rejects and jax.process_index() == 0:
