@@ -1,4 +1,5 @@
-"""Tests for selectit_jax.data.records: formats, streaming, rejects, writing back."""
+"""Tests for selectit_jax.data.records and .containers: formats, streaming, rejects,
+writing back."""
 import importlib.util
 import json
 import os
@@ -7,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from selectit_jax.data import containers as C
 from selectit_jax.data import records as R
 
 
@@ -115,7 +117,7 @@ def test_parquet_shapes_and_write_back(tmp_path, shape):
   assert not rej and info.format == shape and info.container == "parquet"
   assert len(recs) == 2
   out = tmp_path / "sel.parquet"
-  R.write_records(str(out), recs[::-1], "parquet")
+  C.write_records(str(out), recs[::-1], "parquet")
   back, _, _ = read(out)
   assert [(r.instruction, r.response) for r in back] == [
       (r.instruction, r.response) for r in recs[::-1]]
@@ -124,16 +126,16 @@ def test_parquet_shapes_and_write_back(tmp_path, shape):
 def test_write_records_json_and_jsonl_roundtrip(tmp_path):
   recs, _, _ = read(write_json(tmp_path / "d.json", GOOD + [sg("c", ("human", "é—x"), ("gpt", "y"))]))
   sel = [recs[2], recs[0]]
-  R.write_records(str(tmp_path / "o.json"), sel, "json")
+  C.write_records(str(tmp_path / "o.json"), sel, "json")
   assert json.loads((tmp_path / "o.json").read_text(encoding="utf-8")) == [sel[0].raw, sel[1].raw]
-  R.write_records(str(tmp_path / "o.jsonl"), sel, "jsonl")
+  C.write_records(str(tmp_path / "o.jsonl"), sel, "jsonl")
   lines = (tmp_path / "o.jsonl").read_text(encoding="utf-8").splitlines()
   assert [json.loads(x) for x in lines] == [sel[0].raw, sel[1].raw]
-  R.write_records(str(tmp_path / "empty.json"), [], "json")
+  C.write_records(str(tmp_path / "empty.json"), [], "json")
   assert json.loads((tmp_path / "empty.json").read_text()) == []
   assert not [n for n in os.listdir(tmp_path) if ".tmp." in n]
   with pytest.raises(ValueError, match="fmt"):
-    R.write_records(str(tmp_path / "o.x"), sel, "xml")
+    C.write_records(str(tmp_path / "o.x"), sel, "xml")
 
 
 def test_every_reject_reason(tmp_path):
@@ -225,7 +227,7 @@ def test_json_array_bad_bytes_rejected_not_fatal(tmp_path):
 
 def test_truncated_json_array_keeps_complete_records(tmp_path, monkeypatch):
   # Small chunks so records and multi-byte characters straddle buffer boundaries.
-  monkeypatch.setattr(R, "_CHUNK", 7)
+  monkeypatch.setattr(C, "_CHUNK", 7)
   objs = [sg(f"r{i}", ("human", f"q{i} \u00e9\u2014"), ("gpt", f"a{i}")) for i in range(5)]
   full = json.dumps(objs, indent=2, ensure_ascii=False).encode()
   start4 = full.index(b'{\n    "id": "r4"')
@@ -266,7 +268,7 @@ def test_not_json_is_fatal_with_offset(tmp_path):
 
 @pytest.mark.parametrize("chunk", [5, 1 << 20])
 def test_syntax_error_inside_array_is_fatal_not_truncation(tmp_path, monkeypatch, chunk):
-  monkeypatch.setattr(R, "_CHUNK", chunk)
+  monkeypatch.setattr(C, "_CHUNK", chunk)
   good = json.dumps(GOOD[0])
   body = "[" + good + ',\n{"id": "x", "conversations": [}],\n' + json.dumps(GOOD[1]) + "]"
   p = tmp_path / "s.json"
