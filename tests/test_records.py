@@ -1,6 +1,7 @@
 """Tests for selectit_jax.data.records and .containers: formats, streaming, rejects,
 writing back."""
 import importlib.util
+import itertools
 import json
 import os
 
@@ -74,6 +75,49 @@ def test_released_turn_policy(tmp_path):
   recs, rej, _ = read(p, turns="first")
   assert [r.id for r in recs] == ["b"]
   assert reasons(rej) == {0: "first turn is from 'gpt', not the user"}
+
+
+def test_first_user_turn_policy(tmp_path):
+  objs = [sg("x", ("gpt", "I start"), ("human", "then me"), ("gpt", "answer")),  # 0
+          sg("s", ("system", "sys"), ("gpt", "hi"), ("system", "more"),
+             ("user", "q"), ("assistant", "a"), ("user", "q2"), ("gpt", "a2")),  # 1
+          GOOD[1],                                                                 # 2
+          sg("n", ("gpt", "only me"), ("human", "last word")),                     # 3
+          sg("u", ("gpt", "a"), ("human", "q1"), ("human", "q2"), ("gpt", "a2")),  # 4
+          sg("g", ("system", "s"), ("gpt", "a")),                                  # 5
+          {"id": "m", "messages": [{"role": "assistant", "content": "Hello!"},
+                                   {"role": "user", "content": "q"},
+                                   {"role": "assistant", "content": "a"}]}]
+  p = write_jsonl(tmp_path / "d.jsonl", objs[:6])
+  recs, rej, _ = read(p, turns="first_user")
+  assert [(r.id, r.instruction, r.response) for r in recs] == [
+      ("x", "then me", "answer"), ("s", "q", "a"), ("b", "2+2?", "4")]
+  # Every turn is kept for training; only the rated pair moves.
+  assert recs[1].turns[3:5] == (("user", "q"), ("assistant", "a")) and len(recs[1].turns) == 7
+  assert reasons(rej) == {
+      3: "conversations has no assistant turn after the first user turn",
+      4: "turn after the first user turn is from 'human', not the assistant",
+      5: "conversations has no user turn"}
+  recs, rej, _ = read(write_json(tmp_path / "m.json", objs[6:]), turns="first_user")
+  assert not rej and (recs[0].instruction, recs[0].response) == ("q", "a")
+  recs, rej, _ = read(p, turns="first")  # 'first' rejects what does not open with the user
+  assert [r.id for r in recs] == ["b"]
+  assert reasons(rej)[0] == "first turn is from 'gpt', not the user"
+
+
+def test_turn_policy_counts():
+  objs = [GOOD[0], GOOD[1],
+          sg("x", ("gpt", "I start"), ("human", "then me"), ("gpt", "answer")),
+          sg("n", ("gpt", "only me"), ("human", "last word")),
+          sg("e"), 5,
+          {"instruction": "Add", "input": "", "output": "5"}]
+  assert R.turn_policy_counts(objs) == {"first": 3, "first_user": 4, "released": 5}
+  assert R.turn_policy_counts(objs[:4], shape="sharegpt") == {
+      "first": 2, "first_user": 3, "released": 4}
+  assert R.turn_policy_counts([]) == dict.fromkeys(R.TURN_POLICIES, 0)
+  # Undecodable items from a container count as accepted by none.
+  assert R.turn_policy_counts([C.Bad("invalid UTF-8"), GOOD[0]]) == {
+      "first": 1, "first_user": 1, "released": 1}
 
 
 def test_alpaca_separator_and_formats(tmp_path):
@@ -344,3 +388,14 @@ def test_real_sharegpt_first_50():
   assert info.truncated_at is None and info.bytes_read < 1 << 20
   recs2, rej2, _ = R.read_records({"path": path, "limit": 50, "turns": "released"})
   assert len(recs2) >= len(recs)
+
+
+def test_real_sharegpt_turn_policy_counts():
+  # Split conversations: many chunks open with the assistant, which 'first' rejects.
+  path = _real_sharegpt()
+  objs = [obj for _, obj in itertools.islice(C.open_container(path), 64)]
+  counts = R.turn_policy_counts(objs)
+  for policy, n in counts.items():
+    recs, _, _ = R.read_records({"path": path, "limit": 64, "turns": policy})
+    assert len(recs) == n, policy
+  assert counts["first"] < counts["first_user"] <= counts["released"] <= 64

@@ -17,6 +17,8 @@ can be neither tokenized nor written back.
 Turn policies (data.turns) pick the (instruction, response) pair of a chat record:
   'first'       the conversation must open (after system turns) with a user turn
                 answered by an assistant turn; that pair. Else a Reject.
+  'first_user'  the first user turn, wherever it is (leading assistant and system
+                turns skipped), and the assistant turn right after it.
   'released'    turns 0 and 1 whoever speaks them, as the released code.
 
 Every record read gets an index (0-based position in the input, rejected ones
@@ -26,7 +28,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Iterable
 
 from absl import logging
 
@@ -38,7 +40,7 @@ USER_ROLES = frozenset({"human", "user"})
 ASSISTANT_ROLES = frozenset({"gpt", "chatgpt", "assistant", "bing", "bard"})
 SYSTEM_ROLES = frozenset({"system"})
 SHAPES = ("sharegpt", "alpaca", "messages")
-TURN_POLICIES = ("first", "released")
+TURN_POLICIES = ("first", "first_user", "released")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +149,10 @@ def _pair_start(turns, roles, list_key, policy) -> int:
       raise Bad(f"{list_key} has {len(turns)} turn(s), need 2")
     return 0
   j = 0
-  while j < len(turns) and turns[j][0] == "system":
+  # 'first' skips system turns only: an assistant-first record is rejected. 'first_user'
+  # also skips assistant turns, since split conversations resume mid-dialogue.
+  skip = ("system",) if policy == "first" else ("system", "assistant")
+  while j < len(turns) and turns[j][0] in skip:
     j += 1
   if j >= len(turns):
     raise Bad(f"{list_key} has no user turn")
@@ -156,6 +161,7 @@ def _pair_start(turns, roles, list_key, policy) -> int:
   if j + 1 >= len(turns):
     raise Bad(f"{list_key} has no assistant turn after the first user turn")
   if turns[j + 1][0] != "assistant":
+    # A later user turn is not taken: the answer would also answer the unanswered one.
     raise Bad(f"turn after the first user turn is from {roles[j + 1]!r}, not the assistant")
   return j
 
@@ -278,6 +284,26 @@ def read_records(cfg_data) -> tuple[list[Record], list[Reject], ReadInfo]:
   logging.info("read %s: %d records (%d ok, %d rejected) format=%s/%s",
                box.path, num_read, len(records), len(rejects), info.format, box.kind)
   return records, rejects, info
+
+
+def turn_policy_counts(objs: Iterable[Any], shape: str | None = None,
+                       sep: str = "\n\n") -> dict[str, int]:
+  """{policy: how many of the raw objects it accepts}, for every turn policy.
+
+  Per record, as read_records parses it (shape from each object's keys unless given);
+  ids are not checked, so duplicates count here but are rejected when reading."""
+  counts = dict.fromkeys(TURN_POLICIES, 0)
+  for obj in objs:
+    if isinstance(obj, Bad):
+      continue
+    rec_shape = shape or (_shape_of(obj.keys()) if isinstance(obj, dict) else None)
+    for policy in TURN_POLICIES:
+      try:
+        _parse(obj, rec_shape or "sharegpt", policy, sep)
+      except Bad:
+        continue
+      counts[policy] += 1
+  return counts
 
 
 # --------------------------------------------------------------------------- rejects
