@@ -1,5 +1,7 @@
-"""Tests for selectit_jax.data.records: formats, streaming, rejects, writing back."""
+"""Tests for selectit_jax.data.records and .containers: formats, streaming, rejects,
+writing back."""
 import importlib.util
+import itertools
 import json
 import os
 
@@ -7,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from selectit_jax.data import containers as C
 from selectit_jax.data import records as R
 
 
@@ -74,6 +77,49 @@ def test_released_turn_policy(tmp_path):
   assert reasons(rej) == {0: "first turn is from 'gpt', not the user"}
 
 
+def test_first_user_turn_policy(tmp_path):
+  objs = [sg("x", ("gpt", "I start"), ("human", "then me"), ("gpt", "answer")),  # 0
+          sg("s", ("system", "sys"), ("gpt", "hi"), ("system", "more"),
+             ("user", "q"), ("assistant", "a"), ("user", "q2"), ("gpt", "a2")),  # 1
+          GOOD[1],                                                                 # 2
+          sg("n", ("gpt", "only me"), ("human", "last word")),                     # 3
+          sg("u", ("gpt", "a"), ("human", "q1"), ("human", "q2"), ("gpt", "a2")),  # 4
+          sg("g", ("system", "s"), ("gpt", "a")),                                  # 5
+          {"id": "m", "messages": [{"role": "assistant", "content": "Hello!"},
+                                   {"role": "user", "content": "q"},
+                                   {"role": "assistant", "content": "a"}]}]
+  p = write_jsonl(tmp_path / "d.jsonl", objs[:6])
+  recs, rej, _ = read(p, turns="first_user")
+  assert [(r.id, r.instruction, r.response) for r in recs] == [
+      ("x", "then me", "answer"), ("s", "q", "a"), ("b", "2+2?", "4")]
+  # Every turn is kept for training; only the rated pair moves.
+  assert recs[1].turns[3:5] == (("user", "q"), ("assistant", "a")) and len(recs[1].turns) == 7
+  assert reasons(rej) == {
+      3: "conversations has no assistant turn after the first user turn",
+      4: "turn after the first user turn is from 'human', not the assistant",
+      5: "conversations has no user turn"}
+  recs, rej, _ = read(write_json(tmp_path / "m.json", objs[6:]), turns="first_user")
+  assert not rej and (recs[0].instruction, recs[0].response) == ("q", "a")
+  recs, rej, _ = read(p, turns="first")  # 'first' rejects what does not open with the user
+  assert [r.id for r in recs] == ["b"]
+  assert reasons(rej)[0] == "first turn is from 'gpt', not the user"
+
+
+def test_turn_policy_counts():
+  objs = [GOOD[0], GOOD[1],
+          sg("x", ("gpt", "I start"), ("human", "then me"), ("gpt", "answer")),
+          sg("n", ("gpt", "only me"), ("human", "last word")),
+          sg("e"), 5,
+          {"instruction": "Add", "input": "", "output": "5"}]
+  assert R.turn_policy_counts(objs) == {"first": 3, "first_user": 4, "released": 5}
+  assert R.turn_policy_counts(objs[:4], shape="sharegpt") == {
+      "first": 2, "first_user": 3, "released": 4}
+  assert R.turn_policy_counts([]) == dict.fromkeys(R.TURN_POLICIES, 0)
+  # Undecodable items from a container count as accepted by none.
+  assert R.turn_policy_counts([C.Bad("invalid UTF-8"), GOOD[0]]) == {
+      "first": 1, "first_user": 1, "released": 1}
+
+
 def test_alpaca_separator_and_formats(tmp_path):
   objs = [{"instruction": "Add", "input": "2 and 3", "output": "5"},
           {"instruction": "Say hi", "input": "  ", "output": "hi"},
@@ -115,7 +161,7 @@ def test_parquet_shapes_and_write_back(tmp_path, shape):
   assert not rej and info.format == shape and info.container == "parquet"
   assert len(recs) == 2
   out = tmp_path / "sel.parquet"
-  R.write_records(str(out), recs[::-1], "parquet")
+  C.write_records(str(out), recs[::-1], "parquet")
   back, _, _ = read(out)
   assert [(r.instruction, r.response) for r in back] == [
       (r.instruction, r.response) for r in recs[::-1]]
@@ -124,16 +170,16 @@ def test_parquet_shapes_and_write_back(tmp_path, shape):
 def test_write_records_json_and_jsonl_roundtrip(tmp_path):
   recs, _, _ = read(write_json(tmp_path / "d.json", GOOD + [sg("c", ("human", "é—x"), ("gpt", "y"))]))
   sel = [recs[2], recs[0]]
-  R.write_records(str(tmp_path / "o.json"), sel, "json")
+  C.write_records(str(tmp_path / "o.json"), sel, "json")
   assert json.loads((tmp_path / "o.json").read_text(encoding="utf-8")) == [sel[0].raw, sel[1].raw]
-  R.write_records(str(tmp_path / "o.jsonl"), sel, "jsonl")
+  C.write_records(str(tmp_path / "o.jsonl"), sel, "jsonl")
   lines = (tmp_path / "o.jsonl").read_text(encoding="utf-8").splitlines()
   assert [json.loads(x) for x in lines] == [sel[0].raw, sel[1].raw]
-  R.write_records(str(tmp_path / "empty.json"), [], "json")
+  C.write_records(str(tmp_path / "empty.json"), [], "json")
   assert json.loads((tmp_path / "empty.json").read_text()) == []
   assert not [n for n in os.listdir(tmp_path) if ".tmp." in n]
   with pytest.raises(ValueError, match="fmt"):
-    R.write_records(str(tmp_path / "o.x"), sel, "xml")
+    C.write_records(str(tmp_path / "o.x"), sel, "xml")
 
 
 def test_every_reject_reason(tmp_path):
@@ -225,7 +271,7 @@ def test_json_array_bad_bytes_rejected_not_fatal(tmp_path):
 
 def test_truncated_json_array_keeps_complete_records(tmp_path, monkeypatch):
   # Small chunks so records and multi-byte characters straddle buffer boundaries.
-  monkeypatch.setattr(R, "_CHUNK", 7)
+  monkeypatch.setattr(C, "_CHUNK", 7)
   objs = [sg(f"r{i}", ("human", f"q{i} \u00e9\u2014"), ("gpt", f"a{i}")) for i in range(5)]
   full = json.dumps(objs, indent=2, ensure_ascii=False).encode()
   start4 = full.index(b'{\n    "id": "r4"')
@@ -266,7 +312,7 @@ def test_not_json_is_fatal_with_offset(tmp_path):
 
 @pytest.mark.parametrize("chunk", [5, 1 << 20])
 def test_syntax_error_inside_array_is_fatal_not_truncation(tmp_path, monkeypatch, chunk):
-  monkeypatch.setattr(R, "_CHUNK", chunk)
+  monkeypatch.setattr(C, "_CHUNK", chunk)
   good = json.dumps(GOOD[0])
   body = "[" + good + ',\n{"id": "x", "conversations": [}],\n' + json.dumps(GOOD[1]) + "]"
   p = tmp_path / "s.json"
@@ -342,3 +388,14 @@ def test_real_sharegpt_first_50():
   assert info.truncated_at is None and info.bytes_read < 1 << 20
   recs2, rej2, _ = R.read_records({"path": path, "limit": 50, "turns": "released"})
   assert len(recs2) >= len(recs)
+
+
+def test_real_sharegpt_turn_policy_counts():
+  # Split conversations: many chunks open with the assistant, which 'first' rejects.
+  path = _real_sharegpt()
+  objs = [obj for _, obj in itertools.islice(C.open_container(path), 64)]
+  counts = R.turn_policy_counts(objs)
+  for policy, n in counts.items():
+    recs, _, _ = R.read_records({"path": path, "limit": 64, "turns": policy})
+    assert len(recs) == n, policy
+  assert counts["first"] < counts["first_user"] <= counts["released"] <= 64

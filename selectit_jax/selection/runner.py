@@ -35,6 +35,7 @@ import numpy as np
 
 from selectit_jax import fileio
 from selectit_jax.selection import formulas
+from selectit_jax.data import containers
 from selectit_jax.data import records as records_lib
 from selectit_jax.selection import report as report_lib
 from selectit_jax.scoring import manifest as manifest_lib
@@ -314,7 +315,7 @@ def run_selection(config) -> dict:
   if recs is not None:
     chosen = [recs[int(loaded.sample_index[i])] for i in order[:n_keep]]
     sel_path, wfmt = _selected_path(out_dir, container)
-    records_lib.write_records(sel_path, chosen, wfmt)
+    containers.write_records(sel_path, chosen, wfmt)
     outputs['selected'] = sel_path
     instruction = [recs[int(x)].instruction if int(x) in recs else '' for x in loaded.sample_index]
     response = [recs[int(x)].response if int(x) in recs else '' for x in loaded.sample_index]
