@@ -316,19 +316,6 @@ def ranking(score, valid, sample_index, mode) -> np.ndarray:
   return pos[selection.rank_order(score[pos], sample_index[pos], mode)]
 
 
-def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-  """|a ∩ b| / |a ∪ b| of two boolean masks (1 for two empty sets)."""
-  union = np.sum(a | b)
-  return float(np.sum(a & b) / union) if union else 1.0
-
-
-def spearman(a, b) -> float:
-  """Spearman rho (average ranks for ties), as scipy.stats.spearmanr."""
-  if a.size < 2:
-    return float('nan')
-  return _pearson(stats.rankdata(a), stats.rankdata(b))
-
-
 def kendall(a, b) -> float:
   if a.size < 2:
     return float('nan')
