@@ -3,7 +3,7 @@
 python bench/bench_sweep.py [--samples 100000] [--models 1] [--prompts 5]
 
 Writes an Alpaca JSONL file and one score dir per model (ScoreStore, as the
-scorer writes them) in a temp dir, then times selectit_jax.sweeps.runner: loading
+scorer writes them) in a temp dir, then times selectit_jax.sweeps.runner.run: loading
 (Parquet + records + alignment), the sweep itself, and the written outputs.
 Prints the timings; saves nothing in the repo.
 """
@@ -22,7 +22,7 @@ from selectit_jax.data import prompts as prompts_lib
 from selectit_jax.data import records as records_lib
 from selectit_jax.scoring import manifest as manifest_lib
 from selectit_jax.scoring import store as store_lib
-from selectit_jax.sweeps import runner as sweeping  # noqa: E402
+from selectit_jax.sweeps import runner as sweep_runner  # noqa: E402
 
 
 def make_data(tmp: str, n: int, k: int, num_models: int, seed: int = 0) -> list:
@@ -99,7 +99,7 @@ def main():
     c.kendall_max_samples = args.kendall_max_samples
     c.plots = bool(args.plots)
     t = time.time()
-    summary = sweeping.run_sweep(c)
+    summary = sweep_runner.run(c)
     wall = time.time() - t
     tm = summary['timing']
     print(f"samples={summary['num_samples']} models={len(summary['models'])} "

@@ -9,7 +9,7 @@ python -m selectit_jax.sweep --config=configs/sweep.py \
 from absl import app
 from ml_collections import config_flags
 
-from selectit_jax.sweeps import runner as sweeping
+from selectit_jax.sweeps import runner
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Sweep config file (configs/sweep.py).', lock_config=True)
@@ -18,7 +18,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  sweeping.run_sweep(_CONFIG.value)
+  runner.run(_CONFIG.value)
 
 
 if __name__ == '__main__':

@@ -11,7 +11,9 @@ from scipy import stats
 
 from configs import sweep as sweep_config
 from selectit_jax.selection import runner as selection
-from selectit_jax.sweeps import runner as sweeping
+from selectit_jax.sweeps import grid
+from selectit_jax.sweeps import metrics
+from selectit_jax.sweeps import runner as sweep_runner
 from tests.test_selection import _config as select_cfg
 from tests.test_selection import _read_jsonl, _write_store
 from tests.test_selection import data_path  # noqa: F401  (pytest fixture)
@@ -27,38 +29,38 @@ def _cfg(**kw):
 
 
 def test_parse_prompt_subsets():
-  assert sweeping.parse_prompt_subsets('first:1,3', 4) == [(0,), (0, 1, 2)]
-  assert sweeping.parse_prompt_subsets('all', 3) == [(0, 1, 2)]
-  assert sweeping.parse_prompt_subsets('first', 3) == [(0,), (0, 1), (0, 1, 2)]
-  assert sweeping.parse_prompt_subsets('all_k:2', 3) == [(0, 1), (0, 2), (1, 2)]
+  assert grid.parse_prompt_subsets('first:1,3', 4) == [(0,), (0, 1, 2)]
+  assert grid.parse_prompt_subsets('all', 3) == [(0, 1, 2)]
+  assert grid.parse_prompt_subsets('first', 3) == [(0,), (0, 1), (0, 1, 2)]
+  assert grid.parse_prompt_subsets('all_k:2', 3) == [(0, 1), (0, 2), (1, 2)]
   # ';' joins specs; duplicates collapse; 'set:' sorts.
-  assert sweeping.parse_prompt_subsets('set:2,0;first:1;all_k:1', 3) == [(0, 2), (0,), (1,), (2,)]
+  assert grid.parse_prompt_subsets('set:2,0;first:1;all_k:1', 3) == [(0, 2), (0,), (1,), (2,)]
   with pytest.raises(ValueError):
-    sweeping.parse_prompt_subsets('first:4', 3)
+    grid.parse_prompt_subsets('first:4', 3)
   with pytest.raises(ValueError):
-    sweeping.parse_prompt_subsets('some:1', 3)
+    grid.parse_prompt_subsets('some:1', 3)
 
 
 def test_build_grid_counts_and_default():
   c = _cfg(modes='paper,code', levels='token,sentence,model', alphas='0,0.2,1',
            prompt_subsets='first:1,2;all_k:2', token_prompts='', proportions='0.1,0.2',
            top_ns='5', weights='theta;uniform')
-  specs, cuts = sweeping.build_grid(c, ['a'], 3)
+  specs, cuts = grid.build_grid(c, ['a'], 3)
   # one model: token 3 + sentence (2 + 3 subsets, (0,1) shared -> 4) x 3 alphas; no model level
   assert len(specs) == 2 * (3 + 4 * 3)
   assert [(x.proportion, x.top_n) for x in cuts][:2] == [(0.1, 0), (0.2, 0)]
   assert cuts[2].top_n == 5 and np.isnan(cuts[2].proportion)
-  specs2, _ = sweeping.build_grid(c, ['a', 'b'], 3)
+  specs2, _ = grid.build_grid(c, ['a', 'b'], 3)
   assert len(specs2) == 2 * (2 * 3 + 2 * 4 * 3 + 4 * 3 * 2)
   assert {s.level for s in specs2} == {'token', 'sentence', 'model'}
-  d, cut = sweeping.default_setting(c.default, ['a', 'b'], 3)
+  d, cut = grid.default_setting(c.default, ['a', 'b'], 3)
   assert d.level == 'model' and d.prompts == (0, 1, 2) and d.weights == 'theta'
   assert cut.proportion == 0.2 and cut.top_n == 0
-  d1, _ = sweeping.default_setting(c.default, ['a'], 3)
+  d1, _ = grid.default_setting(c.default, ['a'], 3)
   assert d1.level == 'sentence' and d1.model == 'a'
   with pytest.raises(ValueError):
-    sweeping.build_grid(_cfg(modes='paper,nope'), ['a'], 3)
-  assert [lab for lab, _ in sweeping.parse_weights('theta;uniform;7/20,13/20', [7, 13])] == [
+    grid.build_grid(_cfg(modes='paper,nope'), ['a'], 3)
+  assert [lab for lab, _ in grid.parse_weights('theta;uniform;7/20,13/20', [7, 13])] == [
       'theta', 'uniform', '7/20,13/20']
 
 
@@ -91,9 +93,9 @@ def _select_run(tmp_path, name, row, sdir):
 def test_sweep_setting_equals_select_single_model(tmp_path, data_path):  # noqa: F811
   sdir = _write_store(tmp_path, 'm', data_path, 1000, skip=(11,))
   out = str(tmp_path / 'sweep')
-  sweeping.run_sweep(_cfg(scores_dir=sdir, output_dir=out, alphas='0,0.3',
-                          prompt_subsets='first:2,3', proportions='0.2,0.5', top_ns='3',
-                          write_selections=True))
+  sweep_runner.run(_cfg(scores_dir=sdir, output_dir=out, alphas='0,0.3',
+                        prompt_subsets='first:2,3', proportions='0.2,0.5', top_ns='3',
+                        write_selections=True))
   rows = pq.read_table(os.path.join(out, 'sweep.parquet')).to_pylist()
   sel = _selections(out)
   assert len(rows) == 2 * (3 + 2 * 2) * 3 == len(sel)
@@ -113,11 +115,10 @@ def test_sweep_model_level_equals_select_and_reports_missing(tmp_path, data_path
   a = _write_store(tmp_path, 'small', data_path, 7_000_000_000)
   b = _write_store(tmp_path, 'big', data_path, 13_000_000_000, skip=(2,), model_shift=0.01)
   out = str(tmp_path / 'sweep')
-  summary = sweeping.run_sweep(_cfg(scores_dir=f'{a},{b}', output_dir=out,
-                                    levels='sentence,model', alphas='0.2,1',
-                                    prompt_subsets='first:3', proportions='0.3',
-                                    weights='theta;uniform;7/20,13/20',
-                                    write_selections=True))
+  summary = sweep_runner.run(_cfg(scores_dir=f'{a},{b}', output_dir=out,
+                                  levels='sentence,model', alphas='0.2,1',
+                                  prompt_subsets='first:3', proportions='0.3',
+                                  weights='theta;uniform;7/20,13/20', write_selections=True))
   assert summary['models'] == ['small', 'big']
   rows = pq.read_table(os.path.join(out, 'sweep.parquet')).to_pylist()
   sel = _selections(out)
@@ -150,10 +151,10 @@ def test_multi_model_without_records_aligns_by_index(tmp_path, data_path):  # no
   a = _write_store(tmp_path, 'small', data_path, 7)
   b = _write_store(tmp_path, 'big', data_path, 13, skip=(2, 4))
   os.remove(data_path)
-  inputs = sweeping.load_inputs([a, b])
+  inputs = sweep_runner.load_inputs([a, b])
   ld = inputs.loaded
   assert ld.models == ['small', 'big']
-  miss = {(r['model'], r['sample_index']) for r in sweeping.missing_report(inputs)}
+  miss = {(r['model'], r['sample_index']) for r in sweep_runner.missing_report(inputs)}
   assert ('big', 2) in miss and ('big', 4) in miss and ('small', 2) not in miss
   # Rows of both models sit on the same sample (same probabilities, as written).
   i = int(np.nonzero(ld.sample_index == 12)[0][0])
@@ -164,13 +165,13 @@ def test_multi_model_without_records_aligns_by_index(tmp_path, data_path):  # no
 def test_scores_bit_identical_to_selection(tmp_path, data_path):  # noqa: F811
   a = _write_store(tmp_path, 'small', data_path, 7)
   b = _write_store(tmp_path, 'big', data_path, 13, model_shift=0.01)
-  inputs = sweeping.load_inputs([a, b])
+  inputs = sweep_runner.load_inputs([a, b])
   ld = inputs.loaded
   c = _cfg(alphas='0,0.3,1', prompt_subsets='first;set:0,2', weights='theta;uniform;1,3')
-  specs, _ = sweeping.build_grid(c, ld.models, 3)
-  weights = dict(sweeping.parse_weights(c.weights, ld.num_params))
+  specs, _ = grid.build_grid(c, ld.models, 3)
+  weights = dict(grid.parse_weights(c.weights, ld.num_params))
   seen = 0
-  for spec, score, valid in sweeping.iter_scores(inputs, specs, weights, block_elements=40):
+  for spec, score, valid in sweep_runner.iter_scores(inputs, specs, weights, block_elements=40):
     j = ld.models.index(spec.model) if spec.level != 'model' else slice(None)
     probs = ld.probs[:, [j]] if spec.level != 'model' else ld.probs
     if spec.level != 'token':
@@ -187,28 +188,22 @@ def test_scores_bit_identical_to_selection(tmp_path, data_path):  # noqa: F811
 # ------------------------------------------------------- metrics vs scipy
 
 
-def test_metric_helpers_against_scipy():
+def test_kendall_against_scipy_with_ties():
   rng = np.random.default_rng(0)
   a = rng.integers(0, 6, 200).astype(float)    # many ties
   b = a + rng.normal(0, 2, 200)
-  assert sweeping.spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
-  assert sweeping.kendall(a, b) == pytest.approx(stats.kendalltau(a, b).statistic, abs=1e-12)
-  x = np.zeros(50, bool)
-  y = np.zeros(50, bool)
-  x[:10], y[5:20] = True, True
-  assert sweeping.jaccard(x, y) == pytest.approx(5 / 20)
-  assert sweeping.jaccard(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
+  assert metrics.kendall(a, b) == pytest.approx(stats.kendalltau(a, b).statistic, abs=1e-12)
 
 
 def test_sweep_metrics_against_scipy(tmp_path, data_path):  # noqa: F811
   sdir = _write_store(tmp_path, 'm', data_path, 1000)
   out = str(tmp_path / 'sweep')
-  sweeping.run_sweep(_cfg(scores_dir=sdir, output_dir=out, modes='code', levels='token',
-                          token_prompts='1', proportions='0.3,0.5', kendall_max_samples=0,
-                          write_selections=True))
+  sweep_runner.run(_cfg(scores_dir=sdir, output_dir=out, modes='code', levels='token',
+                        token_prompts='1', proportions='0.3,0.5', kendall_max_samples=0,
+                        write_selections=True))
   rows = pq.read_table(os.path.join(out, 'sweep.parquet')).to_pylist()
   sel = _selections(out)
-  inputs = sweeping.load_inputs([sdir])
+  inputs = sweep_runner.load_inputs([sdir])
   ld = inputs.loaded
   # Reference: paper sentence level, alpha 0.2, all prompts, proportion 0.2.
   ref = selection.compute_scores(ld.probs, 'paper', 'sentence', 0.2, 0, None)['score']
@@ -216,7 +211,7 @@ def test_sweep_metrics_against_scipy(tmp_path, data_path):  # noqa: F811
   ref_ok = ~inputs.bad[:, 0].any(axis=1)
   mine_ok = ~inputs.bad[:, 0, 1]
   common = ref_ok & mine_ok
-  ref_order = sweeping.ranking(ref, ref_ok, ld.sample_index, 'paper')
+  ref_order = metrics.ranking(ref, ref_ok, ld.sample_index, 'paper')
   ref_sel = set(ld.sample_index[ref_order[:selection.num_selected(ref_order.size, 0.2)]])
   length = inputs.ins_len + inputs.res_len
   for row in rows:
@@ -237,16 +232,16 @@ def test_sweep_metrics_against_scipy(tmp_path, data_path):  # noqa: F811
     ref_c = set(ld.sample_index[ref_order[:n_c]])
     assert row['jaccard_same_cut'] == pytest.approx(len(s & ref_c) / len(s | ref_c))
   # A Kendall subsample stays a valid tau.
-  res = sweeping.sweep(inputs, _cfg(modes='code', levels='token', token_prompts='1',
-                                    proportions='0.3', kendall_max_samples=4))
+  res = sweep_runner.sweep(inputs, _cfg(modes='code', levels='token', token_prompts='1',
+                                        proportions='0.3', kendall_max_samples=4))
   assert -1.0 <= res.rows[0]['kendall_default'] <= 1.0
 
 
 def test_default_setting_in_grid_is_identity(tmp_path, data_path):  # noqa: F811
   sdir = _write_store(tmp_path, 'm', data_path, 1000)
-  inputs = sweeping.load_inputs([sdir])
-  res = sweeping.sweep(inputs, _cfg(modes='paper', levels='sentence', alphas='0.2',
-                                    prompt_subsets='all', proportions='0.2'))
+  inputs = sweep_runner.load_inputs([sdir])
+  res = sweep_runner.sweep(inputs, _cfg(modes='paper', levels='sentence', alphas='0.2',
+                                        prompt_subsets='all', proportions='0.2'))
   (row,) = res.rows
   assert row['jaccard_default'] == 1.0 and row['jaccard_same_cut'] == 1.0
   assert row['spearman_default'] == pytest.approx(1.0)

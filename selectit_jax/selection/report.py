@@ -1,8 +1,9 @@
 """Markdown report of a selection run: plots, extremes, digit mass, rejects."""
 import collections
 import dataclasses
+import math
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -39,10 +40,46 @@ def _trunc(s: str, n: int = TRUNCATE) -> str:
   return s.replace('|', '\\|')
 
 
-def _fmt(x: Any) -> str:
+def fmt_value(x: Any, digits: int = 6, nan: str = 'nan') -> str:
+  """A table cell: floats to `digits` significant digits (NaN as `nan`), else str(x)."""
   if isinstance(x, (float, np.floating)):
-    return f'{x:.6g}'
+    return nan if math.isnan(x) else f'{x:.{digits}g}'
   return str(x)
+
+
+def md_row(cells: Sequence[Any]) -> str:
+  """One markdown table row; cells are formatted (and '|'-escaped) already."""
+  return '| ' + ' | '.join(map(str, cells)) + ' |'
+
+
+def md_table(cols: Sequence[str], rows: Iterable[Sequence[Any]], align: str = '') -> list:
+  """Header, separator and row lines; align: 'l' or 'r' per column ('' = all left)."""
+  sep = ''.join('---:|' if a == 'r' else '---|' for a in (align or 'l' * len(cols)))
+  return [md_row(cols), '|' + sep] + [md_row(r) for r in rows]
+
+
+def pyplot():
+  """matplotlib.pyplot on the file-only Agg backend; imported late, as only the
+  reports plot."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def save_plot(fig, out_dir: str, name: str) -> str:
+  """Writes fig to out_dir/name (through fileio) and closes it; returns name."""
+  fileio.save_figure(fig, os.path.join(out_dir, name))
+  pyplot().close(fig)
+  return name
+
+
+def score_hist(ax, s: np.ndarray, max_bins: int) -> None:
+  """Histogram of scores (nothing drawn for none), axes labelled."""
+  if s.size:
+    ax.hist(s, bins=min(max_bins, max(5, s.size // 5)), color='tab:blue', alpha=0.8)
+  ax.set_xlabel('score')
+  ax.set_ylabel('samples')
 
 
 def digit_mass_stats(mass: np.ndarray) -> dict:
@@ -58,26 +95,20 @@ def digit_mass_stats(mass: np.ndarray) -> dict:
 
 
 def _plots(out_dir: str, d: ReportData) -> list:
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  plt = pyplot()
   made = []
   valid = d.rank >= 0
   s = np.asarray(d.score)[valid]
   if s.size:
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(s, bins=min(50, max(5, s.size // 5)), color='tab:blue', alpha=0.8)
+    score_hist(ax, s, max_bins=50)
     if d.selected.any():
       ax.axvline(np.min(np.asarray(d.score)[d.selected]), color='tab:red',
                  linestyle='--', label='selection cut')
       ax.legend()
-    ax.set_xlabel('score')
-    ax.set_ylabel('samples')
     ax.set_title('Score histogram')
     fig.tight_layout()
-    fileio.save_figure(fig, os.path.join(out_dir, 'score_hist.png'))
-    plt.close(fig)
-    made.append('score_hist.png')
+    made.append(save_plot(fig, out_dir, 'score_hist.png'))
   if s.size and d.instruction is not None:
     length = np.array([len(i) + len(r) for i, r in zip(d.instruction, d.response)])
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -90,21 +121,19 @@ def _plots(out_dir: str, d: ReportData) -> list:
     ax.set_title('Length vs score')
     ax.legend()
     fig.tight_layout()
-    fileio.save_figure(fig, os.path.join(out_dir, 'length_vs_score.png'))
-    plt.close(fig)
-    made.append('length_vs_score.png')
+    made.append(save_plot(fig, out_dir, 'length_vs_score.png'))
   return made
 
 
 def _extremes(d: ReportData, positions) -> list:
-  lines = ['| rank | index | id | score | instruction | response |',
-           '|---:|---:|---|---:|---|---|']
+  rows = []
   for p in positions:
     ins = _trunc(d.instruction[p]) if d.instruction is not None else ''
     res = _trunc(d.response[p]) if d.response is not None else ''
-    lines.append(f'| {d.rank[p]} | {d.sample_index[p]} | {_trunc(d.sample_id[p], 40)} '
-                 f'| {d.score[p]:.6g} | {ins} | {res} |')
-  return lines
+    rows.append([d.rank[p], d.sample_index[p], _trunc(d.sample_id[p], 40),
+                 f'{d.score[p]:.6g}', ins, res])
+  return md_table(['rank', 'index', 'id', 'score', 'instruction', 'response'], rows,
+                  align='rrlrll')
 
 
 def write_report(out_dir: str, d: ReportData) -> str:
@@ -122,8 +151,8 @@ def write_report(out_dir: str, d: ReportData) -> str:
         f'- ranked: {int(valid.sum())}',
         f'- selected: {int(d.selected.sum())}',
         f'- rejected while scoring (rejects.jsonl): {len(d.store_rejects)}', '']
-  L += ['## Parameters', '', '| key | value |', '|---|---|']
-  L += [f'| {k} | {_trunc(_fmt(v), 200)} |' for k, v in d.params.items()]
+  L += ['## Parameters', '']
+  L += md_table(['key', 'value'], [(k, _trunc(fmt_value(v), 200)) for k, v in d.params.items()])
   L.append('')
   if d.outputs:
     L += ['## Outputs', '']
@@ -141,31 +170,29 @@ def write_report(out_dir: str, d: ReportData) -> str:
   L += ['## Top 5', ''] + _extremes(d, ranked[:5]) + ['']
   L += ['## Bottom 5', ''] + _extremes(d, ranked[-5:][::-1]) + ['']
 
-  L += ['## Digit mass (sum of P("1")..P("5"))', '',
-        '| model | cells | mean | min | q01 | q05 | q25 | median | q75 | max | <0.1 |',
-        '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  stat_keys = ('mean', 'min', 'q01', 'q05', 'q25', 'median', 'q75', 'max')
+  L += ['## Digit mass (sum of P("1")..P("5"))', '']
+  L += md_table(['model', 'cells', *stat_keys, '<0.1'], [], align='l' + 'r' * 10)
   warnings = []
   for j, name in enumerate(d.models):
     st = digit_mass_stats(d.digit_mass[:, j])
-    if not st['count']:
+    if not st['count']:   # one space per empty cell, as this row always had
       L.append(f'| {name} | 0 | | | | | | | | | |')
       continue
-    L.append(f"| {name} | {st['count']} | " + ' | '.join(
-        f'{st[k]:.4g}' for k in ('mean', 'min', 'q01', 'q05', 'q25', 'median', 'q75', 'max'))
-             + f" | {st['below_0.1']} |")
+    L.append(md_row([name, st['count'], *(f'{st[k]:.4g}' for k in stat_keys),
+                     st['below_0.1']]))
     if st['mean'] < LOW_MASS_WARN:
       warnings.append(f'**Warning**: model {name}: mean digit mass {st["mean"]:.3g} < '
                       f'{LOW_MASS_WARN}; the model rarely answers with a rating digit, so '
                       'scores rest on small probabilities.')
   L += [''] + warnings + ([''] if warnings else [])
 
-  L += ['## Rejects by reason', '', '| stage | reason | count |', '|---|---|---:|']
+  rejects = []
   for stage, rows in (('scoring', d.store_rejects), ('selection', d.selection_rejects)):
     counts = collections.Counter(str(r.get('reason', '')) for r in rows)
-    for reason, c in sorted(counts.items()):
-      L.append(f'| {stage} | {_trunc(reason, 80)} | {c} |')
-  if not d.store_rejects and not d.selection_rejects:
-    L.append('| - | none | 0 |')
+    rejects += [(stage, _trunc(reason, 80), c) for reason, c in sorted(counts.items())]
+  L += ['## Rejects by reason', '']
+  L += md_table(['stage', 'reason', 'count'], rejects or [('-', 'none', 0)], align='llr')
   L.append('')
   path = os.path.join(out_dir, 'report.md')
   return fileio.write_text(path, '\n'.join(L))

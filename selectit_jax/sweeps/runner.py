@@ -1,36 +1,24 @@
 """Sweeps over selection settings from stored probabilities (no model).
 
 A setting is a score vector (mode, level, model, prompt subset, alpha, model
-weights) plus a cut (proportion or top_n). Score vectors are computed in
-blocks with the formulas.py functions broadcast over alphas and vmapped over
-weight vectors, in float64 (as selection.py), so each setting's selection is
-the one selectit_jax.select writes. The blocks run as eager jnp ops, not
-under jit: eager results are bit-identical to selection's scores, while a jit'd
-block fuses mean/std differently (1-ulp differences that could reorder
+weights) plus a cut (proportion or top_n); grid.py builds them. Score vectors
+are computed in blocks with the formulas.py functions broadcast over alphas and
+vmapped over weight vectors, in float64 (as selection does), so each setting's
+selection is the one selectit_jax.select writes. The blocks run as eager jnp
+ops, not under jit: eager results are bit-identical to selection's scores, while
+a jit'd block fuses mean/std differently (1-ulp differences that could reorder
 near-ties); the price is a few seconds of per-shape op compilation once. Same
-validity rules (selection.sample_reasons'
-cells), same rank_order tie-break, same num_selected. The cut is applied to a
-vector's ranking with cumulative sums, so proportions cost O(1) each.
+validity rules (selection.sample_reasons' cells), same rank_order tie-break,
+same num_selected. The cut is applied to a vector's ranking with cumulative
+sums, so proportions cost O(1) each.
 
-Metrics per setting (all against the default setting, config.default):
-  jaccard_default    |S ∩ D| / |S ∪ D| of the selected sample sets.
-  jaccard_same_cut   the same with D = the default ranking cut at this
-                     setting's proportion / top_n (isolates the score's effect).
-  spearman_default   Spearman rho of the scores, over samples ranked by both.
-  kendall_default    Kendall tau-b, the same samples, on at most
-                     config.kendall_max_samples of them (fixed random subset).
-  *_len_selected / *_len_rejected  mean instruction / response length in
-                     CHARACTERS (records re-read via the manifest, as select
-                     does); 'rejected' = ranked but not selected. NaN without
-                     records.
-  spearman_length    Spearman rho of score with instruction+response length.
-Samples a setting cannot rank (missing cells, e.g. a sample one model never
-scored, or bad probabilities) count in n_unranked; they are listed per model
-in missing.jsonl and the report, never dropped silently.
+Every setting is compared with the default setting (config.default); the
+columns are described in metrics.py. Samples a setting cannot rank (missing
+cells, e.g. a sample one model never scored, or bad probabilities) count in
+n_unranked; they are listed per model in missing.jsonl and the report, never
+dropped silently.
 """
 import dataclasses
-import itertools
-import math
 import os
 import time
 from typing import Optional, Sequence
@@ -40,142 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
-from scipy import stats
 
 from selectit_jax import fileio
 from selectit_jax.selection import formulas
 from selectit_jax.selection import runner as selection
-
-NO_ALPHA = float('nan')
-
-
-# ------------------------------------------------------------------ parsing
-
-def _list(v, conv, sep=',') -> list:
-  if v is None:
-    return []
-  if isinstance(v, (list, tuple)):
-    return [conv(x) for x in v]
-  if isinstance(v, (int, float)):
-    return [conv(v)]
-  return [conv(x.strip()) for x in str(v).split(sep) if x.strip()]
-
-
-def parse_prompt_subsets(spec, k: int) -> list:
-  """Prompt-index tuples from 'all' | 'first' (k = 1..K) | 'first:1,2' | 'all_k:3' |
-  'set:0,2', ';'-separated."""
-  out = []
-  for part in _list(spec, str, sep=';'):
-    kind, _, arg = part.partition(':')
-    kind = kind.strip()
-    if kind == 'all':
-      subs = [tuple(range(k))]
-    elif kind == 'first':   # 'first' alone: every k = 1..K
-      subs = [tuple(range(int(n))) for n in (_list(arg, int) or range(1, k + 1))]
-    elif kind == 'all_k':
-      subs = list(itertools.combinations(range(k), int(arg)))
-    elif kind == 'set':
-      subs = [tuple(sorted(set(_list(arg, int))))]
-    else:
-      raise ValueError(f'prompt subset {part!r}: expected all, first:, all_k: or set:')
-    for s in subs:
-      if not s or min(s) < 0 or max(s) >= k:
-        raise ValueError(f'prompt subset {part!r} -> {s} not within the K={k} stored prompts')
-    out += subs
-  return list(dict.fromkeys(out))
-
-
-def parse_weights(spec, num_params) -> list:
-  """[(label, weights [M])] from 'theta;uniform;7/20,13/20'."""
-  out = []
-  for part in _list(spec, str, sep=';'):
-    w = formulas.resolve_weights('' if part == 'theta' else part, num_params)
-    out.append((part, w))
-  return list({lab: (lab, w) for lab, w in out}.values())
-
-
-# --------------------------------------------------------------------- grid
-
-@dataclasses.dataclass(frozen=True)
-class ScoreSpec:
-  """One distinct score vector."""
-  mode: str
-  level: str
-  model: str          # token/sentence: the model; model level: 'all'
-  prompts: tuple      # prompt indices used (token: one)
-  alpha: float        # NaN at token level
-  weights: str        # label; '' below model level
-
-
-@dataclasses.dataclass(frozen=True)
-class Cut:
-  proportion: float   # NaN when top_n > 0
-  top_n: int
-
-
-def _subset_label(p: tuple) -> str:
-  return ','.join(map(str, p))
-
-
-def build_grid(config, models: Sequence[str], k: int) -> tuple:
-  """(specs, cuts): the product of the axes that apply to each level."""
-  modes = _list(config.modes, str)
-  levels = _list(config.levels, str)
-  for m in modes:
-    if m not in formulas.MODES:
-      raise ValueError(f'mode {m!r} not in {formulas.MODES}')
-  for lv in levels:
-    if lv not in formulas.LEVELS:
-      raise ValueError(f'level {lv!r} not in {formulas.LEVELS}')
-  alphas = _list(config.alphas, float)
-  subsets = (parse_prompt_subsets(config.prompt_subsets, k)
-             if {'sentence', 'model'} & set(levels) else [])
-  tok_prompts = _list(config.token_prompts, int) or list(range(k))
-  if any(not 0 <= p < k for p in tok_prompts):
-    raise ValueError(f'token_prompts {tok_prompts} out of range for K={k}')
-  wlabels = [lab for lab in _list(config.weights, str, sep=';')] or ['theta']
-  specs = []
-  for mode in modes:
-    if 'token' in levels:
-      specs += [ScoreSpec(mode, 'token', mdl, (p,), NO_ALPHA, '')
-                for mdl in models for p in tok_prompts]
-    if 'sentence' in levels:
-      specs += [ScoreSpec(mode, 'sentence', mdl, s, float(a), '')
-                for mdl in models for s in subsets for a in alphas]
-    if 'model' in levels and len(models) > 1:
-      specs += [ScoreSpec(mode, 'model', 'all', s, float(a), w)
-                for s in subsets for a in alphas for w in dict.fromkeys(wlabels)]
-  cuts = [Cut(float(p), 0) for p in _list(config.proportions, float)]
-  cuts += [Cut(NO_ALPHA, int(n)) for n in _list(config.top_ns, int) if int(n) > 0]
-  for c in cuts:
-    if c.top_n == 0 and not 0.0 <= c.proportion <= 1.0:
-      raise ValueError(f'proportion {c.proportion} not in [0, 1]')
-  if not specs or not cuts:
-    raise ValueError(f'empty grid: {len(specs)} score vectors x {len(cuts)} cuts')
-  return list(dict.fromkeys(specs)), cuts
-
-
-def default_setting(cfg_default, models: Sequence[str], k: int) -> tuple:
-  """(ScoreSpec, Cut) of the reference setting."""
-  d = cfg_default
-  level = d.level if d.level != 'auto' else ('model' if len(models) > 1 else 'sentence')
-  if level not in formulas.LEVELS or d.mode not in formulas.MODES:
-    raise ValueError(f'bad default mode/level {d.mode!r}/{level!r}')
-  model = d.model or models[0]
-  if level != 'model' and model not in models:
-    raise ValueError(f'default model {model!r} not in {list(models)}')
-  if level == 'model' and len(models) < 1:
-    raise ValueError('no models')
-  if level == 'token':
-    spec = ScoreSpec(d.mode, 'token', model, (int(d.prompt_index),), NO_ALPHA, '')
-  else:
-    subs = parse_prompt_subsets(d.prompts, k)
-    if len(subs) != 1:
-      raise ValueError(f'default.prompts {d.prompts!r} must name one subset')
-    spec = ScoreSpec(d.mode, level, 'all' if level == 'model' else model, subs[0],
-                     float(d.alpha), (d.weights or 'theta') if level == 'model' else '')
-  cut = Cut(NO_ALPHA, int(d.top_n)) if int(d.top_n) > 0 else Cut(float(d.proportion), 0)
-  return spec, cut
+from selectit_jax.sweeps import grid
+from selectit_jax.sweeps import metrics
+from selectit_jax.sweeps import report
+from selectit_jax.sweeps.grid import ScoreSpec
 
 
 # ---------------------------------------------------------------- loading
@@ -304,129 +164,9 @@ def _valid(inputs: Inputs, model_pos: list, prompts: tuple) -> np.ndarray:
 
 
 def one_score(inputs: Inputs, spec: ScoreSpec, weights: dict) -> tuple:
+  """(score [N], valid [N]) of one spec."""
   (_, score, valid), = iter_scores(inputs, [spec], weights)
   return score, valid
-
-
-# ----------------------------------------------------------------- metrics
-
-def ranking(score, valid, sample_index, mode) -> np.ndarray:
-  """Positions of ranked samples, best first (selection.rank_order on the valid ones)."""
-  pos = np.nonzero(valid)[0]
-  return pos[selection.rank_order(score[pos], sample_index[pos], mode)]
-
-
-def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-  """|a ∩ b| / |a ∪ b| of two boolean masks (1 for two empty sets)."""
-  union = np.sum(a | b)
-  return float(np.sum(a & b) / union) if union else 1.0
-
-
-def spearman(a, b) -> float:
-  """Spearman rho (average ranks for ties), as scipy.stats.spearmanr."""
-  if a.size < 2:
-    return float('nan')
-  return _pearson(stats.rankdata(a), stats.rankdata(b))
-
-
-def kendall(a, b) -> float:
-  if a.size < 2:
-    return float('nan')
-  with np.errstate(all='ignore'):
-    return float(stats.kendalltau(a, b).statistic)
-
-
-class _Reference:
-  """The default setting's score, validity, ranking and selection; caches ranks
-  (of the reference score and of lengths) per sample mask, as most settings
-  rank the same samples."""
-
-  def __init__(self, score, valid, order, selected, mode, sub_perm, length):
-    self.score, self.valid, self.selected, self.mode = score, valid, selected, mode
-    self.n_ranked = order.size
-    self.rank = np.full(score.shape[0], np.iinfo(np.int64).max, np.int64)
-    self.rank[order] = np.arange(order.size)
-    self.sub_perm = sub_perm
-    self.length = length
-    self._cache = {}
-
-  def _cached(self, what, mask, fn):
-    key = (what, mask.tobytes())
-    if key not in self._cache:
-      if len(self._cache) > 8:
-        self._cache.clear()
-      self._cache[key] = fn()
-    return self._cache[key]
-
-  def ranks(self, common: np.ndarray):
-    return self._cached('score', common, lambda: stats.rankdata(self.score[common]))
-
-  def length_ranks(self, mask: np.ndarray):
-    return self._cached('length', mask, lambda: stats.rankdata(self.length[mask]))
-
-
-def vector_metrics(score, valid, ref: _Reference, kendall_max: int) -> dict:
-  """Spearman / Kendall with the reference and Spearman with length."""
-  common = valid & ref.valid
-  out = {'n_common': int(common.sum())}
-  r_valid = stats.rankdata(score[valid]) if valid.sum() >= 2 else None
-  if common.sum() >= 2:
-    ra = r_valid if np.array_equal(common, valid) else stats.rankdata(score[common])
-    out['spearman_default'] = _pearson(ra, ref.ranks(common))
-  else:
-    out['spearman_default'] = float('nan')
-  if kendall_max and common.sum() > kendall_max:
-    pick = ref.sub_perm[common[ref.sub_perm]][:kendall_max]
-    out['kendall_default'] = kendall(score[pick], ref.score[pick])
-  else:
-    out['kendall_default'] = kendall(score[common], ref.score[common])
-  lv = valid & np.isfinite(ref.length)
-  if lv.sum() >= 2:
-    rs = r_valid if np.array_equal(lv, valid) else stats.rankdata(score[lv])
-    out['spearman_length'] = _pearson(rs, ref.length_ranks(lv))
-  else:
-    out['spearman_length'] = float('nan')
-  return out
-
-
-def _pearson(x, y) -> float:
-  # Plain sums, not np.dot: a threaded BLAS call costs far more than the
-  # arithmetic on a busy CPU.
-  x, y = x - x.mean(), y - y.mean()
-  den = math.sqrt(float(np.sum(x * x)) * float(np.sum(y * y)))
-  return float(np.sum(x * y) / den) if den > 0 else float('nan')
-
-
-def cut_metrics(order, cuts, mode, ref: '_Reference', ins_len, res_len) -> list:
-  """Per cut: n_selected, Jaccard with the reference selection and with the
-  reference's ranking cut at the same proportion/top_n, mean lengths in/out."""
-  n_valid = order.size
-  in_ref = np.concatenate([[0], np.cumsum(ref.selected[order])])
-  ref_rank_here = ref.rank[order]
-  ci = np.concatenate([[0.0], np.cumsum(ins_len[order])])
-  cr = np.concatenate([[0.0], np.cumsum(res_len[order])])
-  n_ref = int(ref.selected.sum())
-  rows = []
-  for c in cuts:
-    n_keep = selection.num_selected(n_valid, 0.0 if c.top_n else c.proportion, c.top_n, mode)
-    inter = int(in_ref[n_keep])
-    union = n_keep + n_ref - inter
-    # The reference ranking cut at this setting's proportion / top_n.
-    n_ref_c = selection.num_selected(ref.n_ranked, 0.0 if c.top_n else c.proportion,
-                                     c.top_n, ref.mode)
-    inter_c = int(np.sum(ref_rank_here[:n_keep] < n_ref_c))
-    union_c = n_keep + n_ref_c - inter_c
-    rest = n_valid - n_keep
-    rows.append({
-        'n_selected': n_keep,
-        'jaccard_default': inter / union if union else 1.0,
-        'jaccard_same_cut': inter_c / union_c if union_c else 1.0,
-        'instruction_len_selected': ci[n_keep] / n_keep if n_keep else float('nan'),
-        'response_len_selected': cr[n_keep] / n_keep if n_keep else float('nan'),
-        'instruction_len_rejected': (ci[-1] - ci[n_keep]) / rest if rest else float('nan'),
-        'response_len_rejected': (cr[-1] - cr[n_keep]) / rest if rest else float('nan'),
-    })
-  return rows
 
 
 # ---------------------------------------------------------------- the sweep
@@ -445,39 +185,52 @@ class SweepResult:
 
 def _spec_dict(s: ScoreSpec, weights: dict) -> dict:
   return {'mode': s.mode, 'level': s.level, 'model': s.model,
-          'prompts': _subset_label(s.prompts), 'k': len(s.prompts),
+          'prompts': grid.subset_label(s.prompts), 'k': len(s.prompts),
           'prompt_index': s.prompts[0] if s.level == 'token' else -1,
           'alpha': s.alpha, 'weights': s.weights,
           'weight_values': ','.join(f'{x:.6g}' for x in weights[s.weights])
                            if s.weights else ''}
 
 
-def sweep(inputs: Inputs, config) -> SweepResult:
-  """Runs the grid of config over loaded inputs."""
-  t0 = time.time()
-  ld = inputs.loaded
-  n, m, k, _ = ld.probs.shape
-  if len(set(ld.models)) != m:
-    raise ValueError(f'model names repeat across score dirs {ld.models}: settings are keyed '
-                     'by model name, so each dir must hold a different model')
-  specs, cuts = build_grid(config, ld.models, k)
-  dspec, dcut = default_setting(config.default, ld.models, k)
+def _weights_of(specs: Sequence[ScoreSpec], dspec: ScoreSpec, ld) -> dict:
+  """label -> model weight vector, for the labels the grid and the default use."""
   wlabels = {s.weights for s in specs if s.weights} | ({dspec.weights} - {''})
-  weights = dict(parse_weights(';'.join(sorted(wlabels)), ld.num_params)) if wlabels else {}
-  if m > 1 and 'theta' in weights and not np.all(ld.num_params > 0):
+  weights = dict(grid.parse_weights(';'.join(sorted(wlabels)), ld.num_params)) if wlabels else {}
+  if len(ld.models) > 1 and 'theta' in weights and not np.all(ld.num_params > 0):
     raise ValueError(f'theta weights need num_params > 0, got {ld.num_params}')
-  length = inputs.ins_len + inputs.res_len
+  return weights
 
+
+def _reference(inputs: Inputs, dspec: ScoreSpec, dcut: grid.Cut, weights: dict,
+               seed: int) -> metrics.Reference:
+  """The default setting's score, ranking and selection."""
+  ld = inputs.loaded
+  n = ld.probs.shape[0]
   dscore, dvalid = one_score(inputs, dspec, weights)
-  dorder = ranking(dscore, dvalid, ld.sample_index, dspec.mode)
+  dorder = metrics.ranking(dscore, dvalid, ld.sample_index, dspec.mode)
   dkeep = selection.num_selected(dorder.size, 0.0 if dcut.top_n else dcut.proportion,
                                  dcut.top_n, dspec.mode)
   dsel = np.zeros(n, bool)
   dsel[dorder[:dkeep]] = True
-  perm = np.random.default_rng(int(config.seed)).permutation(n)
-  ref = _Reference(dscore, dvalid, dorder, dsel, dspec.mode, perm, length)
-  t_default = time.time()
+  perm = np.random.default_rng(seed).permutation(n)
+  return metrics.Reference(dscore, dvalid, dorder, dsel, dspec.mode, perm,
+                           inputs.ins_len + inputs.res_len)
 
+
+def _is_default_vector(spec: ScoreSpec, dspec: ScoreSpec) -> bool:
+  """spec is the default's score vector up to the mode."""
+  return (spec.level == dspec.level and spec.model == dspec.model
+          and spec.prompts == dspec.prompts and spec.weights == dspec.weights
+          and (spec.level == 'token' or spec.alpha == dspec.alpha))
+
+
+def _setting_rows(inputs: Inputs, specs, cuts, weights: dict, ref: metrics.Reference,
+                  dspec: ScoreSpec, config) -> tuple:
+  """(rows, selections, distributions, timing): one row per score vector x cut;
+  selections only with config.write_selections; distributions = the scores of
+  the default's vector per mode that the grid holds."""
+  ld = inputs.loaded
+  n = ld.probs.shape[0]
   rows, selections = [], ({} if config.write_selections else None)
   dists = {}
   t_scores = t_rank = t_metric = 0.0
@@ -485,10 +238,10 @@ def sweep(inputs: Inputs, config) -> SweepResult:
   for spec, score, valid in iter_scores(inputs, specs, weights, int(config.block_elements)):
     t1 = time.time()
     t_scores += t1 - ts
-    order = ranking(score, valid, ld.sample_index, spec.mode)
+    order = metrics.ranking(score, valid, ld.sample_index, spec.mode)
     t2 = time.time()
-    vm = vector_metrics(score, valid, ref, int(config.kendall_max_samples))
-    cm = cut_metrics(order, cuts, spec.mode, ref, inputs.ins_len, inputs.res_len)
+    vm = metrics.vector_metrics(score, valid, ref, int(config.kendall_max_samples))
+    cm = metrics.cut_metrics(order, cuts, spec.mode, ref, inputs.ins_len, inputs.res_len)
     base = _spec_dict(spec, weights)
     for c, row in zip(cuts, cm):
       sid = len(rows)
@@ -499,31 +252,54 @@ def sweep(inputs: Inputs, config) -> SweepResult:
                        score_std=float(np.std(score[valid])) if order.size else float('nan')))
       if selections is not None:
         selections[sid] = ld.sample_index[order[:row['n_selected']]].tolist()
-    if (spec.level == dspec.level and spec.model == dspec.model
-        and spec.prompts == dspec.prompts and spec.weights == dspec.weights
-        and (spec.level == 'token' or spec.alpha == dspec.alpha)):
+    if _is_default_vector(spec, dspec):
       dists[spec.mode] = score[valid]
     ts = time.time()
     t_rank += t2 - t1
     t_metric += ts - t2
-  for mode in _list(config.modes, str):
+  timing = {'scores_s': t_scores, 'rank_s': t_rank, 'metrics_s': t_metric}
+  return rows, selections, dists, timing
+
+
+def _prompt_corr(inputs: Inputs, dspec: ScoreSpec, modes: Sequence[str]) -> dict:
+  """mode -> [K, K] Spearman between prompts' token scores of the default's
+  model (the first model at model level), on samples with every prompt usable."""
+  ld = inputs.loaded
+  jdef = ld.models.index(dspec.model) if dspec.model in ld.models else 0
+  allv = ~inputs.bad[:, jdef].any(axis=1)
+  out = {}
+  with jax.enable_x64(True):
+    for mode in modes:
+      tok = np.asarray(formulas.token_scores(ld.probs[:, jdef], mode))[allv]   # [n, K]
+      out[mode] = metrics.prompt_spearman(tok)
+  return out
+
+
+def sweep(inputs: Inputs, config) -> SweepResult:
+  """Runs the grid of config over loaded inputs."""
+  t0 = time.time()
+  ld = inputs.loaded
+  m, k = ld.probs.shape[1:3]
+  if len(set(ld.models)) != m:
+    raise ValueError(f'model names repeat across score dirs {ld.models}: settings are keyed '
+                     'by model name, so each dir must hold a different model')
+  specs, cuts = grid.build_grid(config, ld.models, k)
+  dspec, dcut = grid.default_setting(config.default, ld.models, k)
+  weights = _weights_of(specs, dspec, ld)
+  ref = _reference(inputs, dspec, dcut, weights, int(config.seed))
+  t_default = time.time()
+
+  rows, selections, dists, t_loop = _setting_rows(inputs, specs, cuts, weights, ref, dspec,
+                                                  config)
+  modes = grid.parse_list(config.modes, str)
+  for mode in modes:
     if mode not in dists:   # the default's level/prompts under this mode
       s, v = one_score(inputs, dataclasses.replace(dspec, mode=mode), weights)
       dists[mode] = s[v]
-
-  prompt_corr = {}
-  jdef = ld.models.index(dspec.model) if dspec.model in ld.models else 0
-  allv = ~inputs.bad[:, jdef].any(axis=1)
-  with jax.enable_x64(True):
-    for mode in _list(config.modes, str):
-      tok = np.asarray(formulas.token_scores(ld.probs[:, jdef], mode))[allv]   # [n, K]
-      ranks = np.stack([stats.rankdata(tok[:, p]) for p in range(k)], 1) if tok.size else None
-      prompt_corr[mode] = (np.corrcoef(ranks, rowvar=False).reshape(k, k)
-                           if tok.shape[0] >= 2 else np.full((k, k), np.nan))
+  prompt_corr = _prompt_corr(inputs, dspec, modes)
   default = dict(_spec_dict(dspec, weights), proportion=dcut.proportion, top_n=dcut.top_n,
-                 n_selected=int(dkeep), n_ranked=int(dorder.size))
-  timing = {'default_s': t_default - t0, 'scores_s': t_scores, 'rank_s': t_rank,
-            'metrics_s': t_metric, 'total_s': time.time() - t0,
+                 n_selected=int(ref.selected.sum()), n_ranked=int(ref.n_ranked))
+  timing = {'default_s': t_default - t0, **t_loop, 'total_s': time.time() - t0,
             'settings': len(rows), 'score_vectors': len(specs)}
   return SweepResult(rows, default, prompt_corr, dists, missing_report(inputs),
                      list(inputs.notes), timing, selections)
@@ -536,172 +312,13 @@ def write_parquet(path: str, rows: list) -> None:
   fileio.write_parquet(path, pa.Table.from_pydict(cols))
 
 
-def _fmt(x) -> str:
-  if isinstance(x, float):
-    return '' if math.isnan(x) else f'{x:.4g}'
-  return str(x).replace('|', '\\|')
+def _write_selections(path: str, selections: dict) -> None:
+  ids = sorted(selections)
+  fileio.write_parquet(path, pa.Table.from_pydict(
+      {'setting_id': ids, 'selected_sample_index': [selections[i] for i in ids]}))
 
 
-def _md_table(rows: list, cols: list) -> list:
-  out = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
-  out += ['| ' + ' | '.join(_fmt(r[c]) for c in cols) + ' |' for r in rows]
-  return out
-
-
-def _group_stats(rows: list, key: str) -> list:
-  groups = {}
-  for r in rows:
-    groups.setdefault(_fmt(r[key]) if isinstance(r[key], float) else r[key], []).append(r)
-  out = []
-  for g, rs in groups.items():
-    j = np.array([r['jaccard_default'] for r in rs])
-    jc = np.array([r['jaccard_same_cut'] for r in rs])
-    s = np.array([r['spearman_default'] for r in rs], float)
-    out.append({key: g, 'settings': len(rs), 'jaccard_mean': float(np.mean(j)),
-                'jaccard_min': float(np.min(j)), 'same_cut_mean': float(np.mean(jc)),
-                'same_cut_min': float(np.min(jc)), 'spearman_mean': float(np.nanmean(s))
-                if np.isfinite(s).any() else float('nan'),
-                'spearman_min': float(np.nanmin(s)) if np.isfinite(s).any() else float('nan')})
-  return out
-
-
-TABLE_COLS = ['setting_id', 'mode', 'level', 'model', 'prompts', 'alpha', 'weights',
-              'proportion', 'top_n', 'n_ranked', 'n_selected', 'jaccard_default',
-              'jaccard_same_cut',
-              'spearman_default', 'kendall_default', 'instruction_len_selected',
-              'instruction_len_rejected', 'response_len_selected', 'response_len_rejected',
-              'spearman_length']
-
-
-def write_markdown(path: str, res: SweepResult, dirs, models, plots, max_rows: int) -> None:
-  d = res.default
-  lines = ['# SelectIT sweep', '',
-           f'Score dirs: {", ".join(dirs)}; models: {", ".join(models)}; '
-           f'{res.rows[0]["n_samples"]} samples; {res.timing["settings"]} settings from '
-           f'{res.timing["score_vectors"]} score vectors in {res.timing["total_s"]:.2f} s.', '',
-           f'Default (reference) setting: mode={d["mode"]} level={d["level"]} '
-           f'model={d["model"]} prompts={d["prompts"]} alpha={_fmt(d["alpha"])} '
-           f'weights={d["weights"] or "-"} proportion={_fmt(d["proportion"])} '
-           f'top_n={d["top_n"]}: {d["n_selected"]} of {d["n_ranked"]} ranked selected.', '',
-           'Lengths are characters of the instruction / response; "rejected" = ranked, '
-           'not selected. Kendall tau-b may use a fixed random subsample (see config).', '']
-  if res.notes:
-    lines += ['## Notes', ''] + [f'- {x}' for x in res.notes] + ['']
-  lines += ['## Missing or unusable samples', '']
-  if res.missing:
-    per_model = {}
-    for r in res.missing:
-      per_model.setdefault(r['model'], []).append(r)
-    for mdl, rs in per_model.items():
-      lines.append(f'- {mdl}: {len(rs)} samples (first: '
-                   f'{", ".join(str(r["sample_index"]) for r in rs[:20])}); '
-                   'settings using this model do not rank them (see missing.jsonl).')
-      why = {}
-      for r in rs:
-        key = r['store_reject'] or ('invalid probabilities' if not r['missing_prompts']
-                                    else 'no stored row (never scored or text changed)')
-        why[key] = why.get(key, 0) + 1
-      lines += [f'  - {c} x {w}' for w, c in sorted(why.items(), key=lambda x: -x[1])]
-  else:
-    lines.append('None: every model has every prompt of every sample.')
-  lines.append('')
-  for key in ('mode', 'level', 'k', 'alpha', 'proportion', 'weights'):
-    stats_rows = _group_stats(res.rows, key)
-    if len(stats_rows) > 1 or key == 'mode':
-      lines += [f'## Stability by {key}', '']
-      lines += _md_table(stats_rows, [key, 'settings', 'jaccard_mean', 'jaccard_min',
-                                      'same_cut_mean', 'same_cut_min', 'spearman_mean',
-                                      'spearman_min']) + ['']
-  lines += ['## Prompt sensitivity (Spearman of token scores between prompts)', '']
-  for mode, c in res.prompt_corr.items():
-    kk = c.shape[0]
-    lines += [f'{mode}:', '', '| prompt | ' + ' | '.join(map(str, range(kk))) + ' |',
-              '|' + '---|' * (kk + 1)]
-    lines += [f'| {i} | ' + ' | '.join(_fmt(float(x)) for x in c[i]) + ' |' for i in range(kk)]
-    lines.append('')
-  if plots:
-    lines += ['## Plots', ''] + [f'![{p}]({p})' for p in plots] + ['']
-  lines += [f'## All settings ({len(res.rows)}; sweep.parquet has every column)', '']
-  lines += _md_table(res.rows[:max_rows], TABLE_COLS)
-  if len(res.rows) > max_rows:
-    lines.append(f'\n({len(res.rows) - max_rows} more rows in sweep.parquet)')
-  with open(path, 'w', encoding='utf-8') as f:
-    f.write('\n'.join(lines) + '\n')
-
-
-def write_plots(out_dir: str, res: SweepResult) -> list:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  made = []
-  d = res.default
-  modes = list(res.distributions)
-  # 1. Overlap heatmap alpha x proportion, per mode, on the default's other axes.
-  level = d['level'] if d['level'] != 'token' else 'sentence'
-  panels = []
-  for mode in modes:
-    rs = [r for r in res.rows if r['mode'] == mode and r['level'] == level
-          and r['top_n'] == 0 and r['prompts'] == d['prompts']
-          and r['model'] == (d['model'] if level != 'model' else 'all')
-          and (level != 'model' or r['weights'] == d['weights'])]
-    alphas = sorted({r['alpha'] for r in rs})
-    props = sorted({r['proportion'] for r in rs})
-    if len(alphas) * len(props) > 1:
-      grid = np.full((len(alphas), len(props)), np.nan)
-      for r in rs:
-        grid[alphas.index(r['alpha']), props.index(r['proportion'])] = r['jaccard_same_cut']
-      panels.append((mode, alphas, props, grid))
-  if panels:
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4), squeeze=False,
-                             constrained_layout=True)
-    for ax, (mode, alphas, props, grid) in zip(axes[0], panels):
-      im = ax.imshow(grid, vmin=0, vmax=1, cmap='viridis', aspect='auto', origin='lower')
-      ax.set_xticks(range(len(props)), [f'{p:g}' for p in props])
-      ax.set_yticks(range(len(alphas)), [f'{a:g}' for a in alphas])
-      ax.set_xlabel('proportion')
-      ax.set_ylabel('alpha')
-      ax.set_title(f'Jaccard vs default score, same cut: {mode}, {level},\n'
-                   f'prompts {d["prompts"]}', fontsize=8)
-      for (i, j), v in np.ndenumerate(grid):
-        if np.isfinite(v):
-          ax.text(j, i, f'{v:.2f}', ha='center', va='center', fontsize=7, color='w')
-    fig.colorbar(im, ax=axes[0].tolist())
-    fileio.save_figure(fig, os.path.join(out_dir, 'overlap_alpha_proportion.png'))
-    plt.close(fig)
-    made.append('overlap_alpha_proportion.png')
-  # 2. Prompt sensitivity: Spearman between prompts' token scores.
-  fig, axes = plt.subplots(1, len(modes), figsize=(4.4 * len(modes), 3.8), squeeze=False,
-                           constrained_layout=True)
-  for ax, mode in zip(axes[0], modes):
-    c = res.prompt_corr[mode]
-    im = ax.imshow(c, vmin=-1, vmax=1, cmap='coolwarm')
-    ax.set_title(f'token-score Spearman between prompts: {mode}', fontsize=8)
-    ax.set_xlabel('prompt')
-    ax.set_ylabel('prompt')
-    for (i, j), v in np.ndenumerate(c):
-      if np.isfinite(v):
-        ax.text(j, i, f'{v:.2f}', ha='center', va='center', fontsize=7)
-  fig.colorbar(im, ax=axes[0].tolist())
-  fileio.save_figure(fig, os.path.join(out_dir, 'prompt_sensitivity.png'))
-  plt.close(fig)
-  made.append('prompt_sensitivity.png')
-  # 3. Score distributions per mode (default level/prompts/alpha).
-  fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.5), squeeze=False)
-  for ax, mode in zip(axes[0], modes):
-    s = res.distributions[mode]
-    if s.size:
-      ax.hist(s, bins=min(60, max(5, s.size // 5)), color='tab:blue', alpha=0.8)
-    ax.set_title(f'{mode}: {d["level"]} scores', fontsize=9)
-    ax.set_xlabel('score')
-    ax.set_ylabel('samples')
-  fig.tight_layout()
-  fileio.save_figure(fig, os.path.join(out_dir, 'score_distributions.png'))
-  plt.close(fig)
-  made.append('score_distributions.png')
-  return made
-
-
-def run_sweep(config) -> dict:
+def run(config) -> dict:
   """Loads score dirs, sweeps the grid, writes sweep.parquet, sweep.md, plots."""
   dirs = selection.scores_dirs_of(config)
   out_dir = config.output_dir
@@ -718,12 +335,10 @@ def run_sweep(config) -> dict:
   fileio.write_jsonl(outputs['missing'], res.missing)
   if res.selections is not None:
     outputs['selections'] = os.path.join(out_dir, 'selections.parquet')
-    ids = sorted(res.selections)
-    fileio.write_parquet(outputs['selections'], pa.Table.from_pydict(
-        {'setting_id': ids, 'selected_sample_index': [res.selections[i] for i in ids]}))
-  plots = write_plots(out_dir, res) if config.plots else []
-  write_markdown(outputs['markdown'], res, dirs, inputs.loaded.models, plots,
-                 int(config.max_table_rows))
+    _write_selections(outputs['selections'], res.selections)
+  plots = report.write_plots(out_dir, res) if config.plots else []
+  report.write_markdown(outputs['markdown'], res, dirs, inputs.loaded.models, plots,
+                        int(config.max_table_rows))
   res.timing['written_s'] = time.time() - t0
   summary = {'scores_dir': dirs, 'models': inputs.loaded.models,
              'num_samples': int(inputs.loaded.sample_index.size),
