@@ -20,6 +20,7 @@ setuptools.setup(
         "gguf",
         "safetensors",
         "numpy",
+        "scipy",  # sweeps: Kendall tau-b with tie corrections
         "ml_dtypes",
         "pyarrow",
         "tqdm",

@@ -30,7 +30,8 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import common  # noqa: E402
-from selectit_jax.training import perf  # noqa: E402
+from selectit_jax.models import costs  # noqa: E402
+from selectit_jax.parallel import devices  # noqa: E402
 
 _NUM_RECORDS = flags.DEFINE_integer(
     "num_records", 64, "First N usable ShareGPT records (all K texts ≤ max_tokens).")
@@ -131,7 +132,7 @@ def _row(name, r, data, roof_gflops):
   import numpy as np
   cfg, n = data["cfg"], data["num_params"]
   lengths = [len(it.ids) for it in data["items"]]
-  flops = common.model_flops(lengths, n, cfg)
+  flops = costs.forward_flops(cfg, lengths, n)
   gflops = flops / r["steady_s"] / 1e9
   tokens = sum(lengths)
   return dict(
@@ -199,7 +200,7 @@ def _report(data, rows, roof, dp, machine, extra) -> str:
     out.append(f"Speed-up of ours over the reference: {ours['tok_s'] / ref['tok_s']:.2f}× "
                f"(target ≥ 1.5×); ours at {ours['roof']:.0%} of the roofline (target ≥ 60 %); "
                f"{ours['shapes']} compiled shapes (target ≤ 5).")
-  peak = perf.peak_flops(roof["device_kind"])
+  peak = devices.peak_flops(roof["device_kind"])
   if peak:  # an accelerator: MFU against the vendor's dense bf16 peak
     out.append(f"MFU of ours: {ours['gflops'] * 1e9 / (peak * roof['num_devices']):.1%} of "
                f"{roof['num_devices']} × {peak / 1e12:.0f} TFLOP/s ({roof['device_kind']}).")
@@ -266,9 +267,8 @@ def main_parent():
 def _train_report(train, data, roof) -> list[str]:
   if not train:
     return ["", "Training throughput: not run (--notrain)."]
-  from selectit_jax.training import perf
   cfg = data["cfg"]
-  fpt = perf.flops_per_token(cfg, _TRAIN_LENGTH.value)
+  fpt = costs.train_flops_per_token(cfg, _TRAIN_LENGTH.value)
   out = ["", f"## Training step (SmolLM2-135M fp32 on CPU, {_TRAIN_ROWS.value} packed rows × "
          f"{_TRAIN_LENGTH.value} tokens, AdamW, best of {_TRAIN_STEPS.value} steps after a warm-up)",
          "", "| method | tokens/s | model GFLOP/s | MFU (vs the matmul roofline) | step s (runs) "
@@ -337,8 +337,8 @@ def part_reference(workdir):
   lengths = [len(it.ids) for it in items]
   _write(workdir, "reference", dict(
       steady_s=steady, probs=np.stack(probs).tolist(),
-      executed_flops=common.executed_flops(  # eager attention: the full L² square
-          lengths, dataclasses.replace(cfg, attention_block=0), lengths),
+      executed_flops=costs.executed_flops(  # eager attention: the full L² square
+          dataclasses.replace(cfg, attention_block=0), lengths, lengths),
       torch_threads=torch.get_num_threads()))
 
 
@@ -383,7 +383,7 @@ def part_ours(workdir):
       buckets=plan.buckets, prefixes=prefix_lengths, rows=rows, padding=1 - row_tokens / sum(padded),
       prefix_share=1 - row_tokens / sum(len(it.ids) for it in items), probs=probs.tolist(),
       host_s=host_s,
-      executed_flops=common.executed_flops(padded, model.config, e.max_segments,
+      executed_flops=costs.executed_flops(model.config, padded, e.max_segments,
                                            prefix_lengths=skips)))
 
 

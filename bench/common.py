@@ -1,18 +1,9 @@
-"""Shared pieces of the benchmarks: FLOP counting, roofline, machine description.
+"""Shared pieces of the benchmarks: roofline, peak RSS, machine description.
 
-Peak FLOP/s per accelerator (for MFU) are in selectit_jax/training/perf.py.
-
-FLOPs are *model* FLOPs, counted the same way for every method so that GFLOP/s, % of
-roofline and MFU compare like for like (and are proportional to tokens/s):
-
-  per text of L tokens:  2·θ·L  +  attention
-  attention           =  num_layers · 4 · num_heads · head_dim · L(L+1)/2
-
-θ is the parameter count (tied embeddings once), 2·θ per token is the forward of every
-weight matrix once (the head included, as a next-token model does); the attention term is the
-causal QKᵀ and PV (the masked upper triangle is not useful work). Padding and the head rows a
-method skips or recomputes are *not* counted: a method gets no credit for wasted work and no
-penalty for work it avoids. `executed_flops` gives the work each method actually does.
+FLOPs come from the one cost model, selectit_jax/models/costs.py: `forward_flops` (model
+FLOPs, the same useful work for every method, so GFLOP/s, % of roofline and MFU compare like
+for like; a method gets no credit for padding and no penalty for work it avoids) and
+`executed_flops` (the work each method actually runs). Peaks: selectit_jax/parallel/devices.py.
 """
 from __future__ import annotations
 
@@ -20,25 +11,6 @@ import os
 import platform
 import resource
 import time
-
-import numpy as np
-
-def model_flops(lengths, num_params: int, cfg) -> float:
-  """Model FLOPs of forward passes over texts of these lengths (see the module docstring)."""
-  lengths = np.asarray(lengths, np.float64)
-  attn = cfg.num_layers * 4 * cfg.num_heads * cfg.head_dim * lengths * (lengths + 1) / 2
-  return float(np.sum(2.0 * num_params * lengths + attn))
-
-
-def executed_flops(padded_lengths, cfg, head_rows_per_text, prefix_lengths=0) -> float:
-  """Matmul FLOPs a method actually runs: `cfg.row_flops` per (padded) row (every block
-  weight at every position; attention in `cfg.attention_block` query blocks, 0 = the full L²
-  square, plus each query against its row's `prefix_lengths` cached keys) and the head on
-  `head_rows_per_text` rows (1: last token only; L: every position). Our last layer runs at
-  the read-out tokens only but is counted in full (≤ 1/num_layers of the blocks' work)."""
-  lengths, prefixes = np.broadcast_arrays(padded_lengths, prefix_lengths)
-  body = sum(cfg.row_flops(int(n), int(p)) for n, p in zip(lengths, prefixes))
-  return float(body + 2.0 * cfg.hidden_size * cfg.vocab_size * np.sum(head_rows_per_text))
 
 
 def peak_rss_mib() -> float:

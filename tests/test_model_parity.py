@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from conftest import REFERENCE_PROMPTS, sharegpt_records, write_tiny_checkpoint
+from selectit_jax.models import costs
 from selectit_jax import assets
 from selectit_jax import checkpoints
 from selectit_jax.scoring import batching
@@ -45,7 +46,7 @@ def test_tiny_checkpoint_logits_match_transformers(tmp_path, tied, sharded):
                               max_shard_bytes=40_000 if sharded else 2 << 30, tokenizer=False)
   assert os.path.exists(tmp_path / "model.safetensors.index.json") == sharded
   model = checkpoints.load_model(str(tmp_path))
-  assert model.num_params == cfg.num_params()
+  assert model.num_params == costs.num_params(cfg)
 
   rng = np.random.default_rng(0)
   seqs = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (17, 5, 11)]
@@ -150,7 +151,7 @@ def test_gguf_config_and_num_params(smollm2):
   assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.vocab_size) == (
       30, 576, 9, 3, 49152)
   assert c.tie_word_embeddings and "lm_head" not in model.params
-  assert model.num_params == c.num_params() == 134_515_008
+  assert model.num_params == costs.num_params(c) == 134_515_008
   assert tok.bos_id == 1 and tok.encode("hi")[0] != tok.bos_id  # SmolLM2 adds no BOS
 
 

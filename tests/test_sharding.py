@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import write_tiny_checkpoint
+from selectit_jax.models import costs
 from selectit_jax import checkpoints
 from selectit_jax.parallel import distributed
 from selectit_jax.scoring import engine
@@ -139,7 +140,7 @@ def test_planner_llama2_70b_numbers():
   config = llama2_70b.get_config("v5p-64")
   cfg = memory.arch(config)
   est = memory.estimate(cfg, dict(data=4, fsdp=8, tensor=1), 64, 2048)
-  assert abs(est.params - cfg.num_params() * 2 / 8) < 1e6
+  assert abs(est.params - costs.num_params(cfg) * 2 / 8) < 1e6
   with pytest.raises(ValueError, match="num_kv|not divisible"):
     memory.estimate(cfg, dict(data=1, fsdp=2, tensor=16), 64, 2048)  # 8 kv heads
 

@@ -19,7 +19,6 @@ from selectit_jax.models.llama import Llama
 from selectit_jax.data.records import Record
 from selectit_jax.checkpoints.tokenizer import load_tokenizer
 from selectit_jax.training import data as data_lib
-from selectit_jax.training import perf
 from selectit_jax.training import step as step_lib
 from selectit_jax.training import trainer
 from selectit_jax.parallel import sharding
@@ -201,15 +200,6 @@ def test_schedule_warmup_and_cosine():
   s = step_lib.schedule(t, 100)  # ceil(3) warmup steps
   assert float(s(0)) == 0.0 and np.isclose(float(s(3)), 2e-5)
   assert float(s(50)) < 2e-5 and np.isclose(float(s(100)), 0.0, atol=1e-12)
-
-
-def test_flops_per_token_formula(tiny_checkpoint):
-  cfg = checkpoints.load_model(tiny_checkpoint).config
-  n = cfg.num_params() - cfg.vocab_size * cfg.hidden_size
-  assert perf.flops_per_token(cfg, 128) == 6 * n + 12 * cfg.num_layers * cfg.num_heads * \
-      cfg.head_dim * 128
-  assert perf.mfu(1000.0, cfg, 128, 1e12, 2) == pytest.approx(
-      1000 * perf.flops_per_token(cfg, 128) / 2e12)
 
 
 def _cli(ckpt, data, out, *extra):

@@ -95,28 +95,6 @@ class LlamaConfig:
         "torch_dtype": "float32",
     }
 
-  @property
-  def matmul_params(self) -> int:
-    """Weights of the decoder blocks' matmuls: what every token goes through."""
-    d, h, kv, hd = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
-    return self.num_layers * (d * hd * (2 * h + 2 * kv) + 3 * d * self.intermediate_size)
-
-  def num_params(self) -> int:
-    """Parameter count θ implied by the architecture (embeddings counted once if tied)."""
-    d = self.hidden_size
-    head = 0 if self.tie_word_embeddings else d * self.vocab_size
-    return self.matmul_params + self.num_layers * 2 * d + self.vocab_size * d + d + head
-
-  def row_flops(self, length: int, prefix: int = 0) -> int:
-    """Matmul FLOPs of one row of `length` tokens through the blocks as `Attention` runs
-    them: every weight once per token, and each query block against all keys up to its end,
-    the `prefix` cached ones included (masked pairs cost the same as real ones)."""
-    block = self.attention_block or length
-    pairs = sum(min(block, length - start) * (prefix + min(start + block, length))
-                for start in range(0, length, block))
-    attention = 4 * self.num_layers * self.num_heads * self.head_dim * pairs
-    return 2 * self.matmul_params * length + attention
-
 
 def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
   """Rotary inverse frequencies [head_dim/2], with HF's `rope_scaling` variants."""

@@ -26,52 +26,10 @@ import jax.numpy as jnp
 
 from selectit_jax import assets
 from selectit_jax import checkpoints
+from selectit_jax.models import costs
+from selectit_jax.parallel import devices
 from selectit_jax.parallel import sharding
 from selectit_jax.models.llama import LlamaConfig
-
-GiB = 1 << 30
-
-# Memory per device (one chip / GPU) in bytes; "cpu" is filled in from this host's RAM.
-DEVICES: dict[str, tuple[int, str]] = {
-    "v4": (32 * GiB, "TPU v4, 32 GiB HBM per chip"),
-    "v5e": (16 * GiB, "TPU v5e (v5 lite), 16 GiB HBM per chip"),
-    "v5p": (95 * GiB, "TPU v5p, 95 GiB HBM per chip"),
-    "v6e": (32 * GiB, "TPU v6e (Trillium), 32 GiB HBM per chip"),
-    "h100": (80 * 10**9, "NVIDIA H100 80GB"),
-    "h200": (141 * 10**9, "NVIDIA H200 141GB"),
-    "a100": (80 * 10**9, "NVIDIA A100 80GB"),
-    "a100-40g": (40 * 10**9, "NVIDIA A100 40GB"),
-}
-_KIND_TO_NAME = (("v5 lite", "v5e"), ("v5e", "v5e"), ("v5p", "v5p"), ("v5", "v5p"),
-                 ("v6", "v6e"), ("v4", "v4"), ("h100", "h100"), ("h200", "h200"),
-                 ("a100", "a100"))
-
-
-def host_ram_bytes() -> int:
-  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def device_capacity(name: str, local_devices: int = 1) -> tuple[int, str]:
-  """(bytes per device, description); CPU devices of one process share the host's RAM."""
-  name = name.lower().replace(" ", "")
-  if name == "cpu":
-    ram = host_ram_bytes()
-    return ram // max(local_devices, 1), f"CPU RAM {ram / GiB:.0f} GiB / {local_devices} devices"
-  if name not in DEVICES:
-    raise ValueError(f"unknown device {name!r}; known: cpu, {', '.join(DEVICES)}")
-  return DEVICES[name]
-
-
-def detect_device(device) -> str:
-  """Our name for a jax Device (falls back to 'cpu')."""
-  if device.platform == "cpu":
-    return "cpu"
-  kind = device.device_kind.lower()
-  for key, name in _KIND_TO_NAME:
-    if key in kind:
-      return name
-  return "cpu"
-
 
 @dataclasses.dataclass
 class Estimate:
@@ -115,7 +73,7 @@ def estimate(cfg: LlamaConfig, mesh_sizes: dict[str, int], batch_size: int,
                      cfg.intermediate_size)
   # One layer's weights in compute dtype, gathered over fsdp (still split over tensor);
   # two live at once. Without fsdp the cast copy is the only extra (when dtypes differ).
-  layer = (d * hd * (2 * h + 2 * kv) + 3 * d * f) // tp
+  layer = costs.layer_matmul_params(cfg) // tp
   gathered = 2 * layer * ab if (fsdp > 1 or pb != ab) else 0
   # Residual + normed + attention out + mlp out (d), q/k/v, gate/up/product (f), fp32 RoPE.
   per_token = (4 * d + (h + 2 * kv) * hd // tp + 3 * f // tp) * ab + 2 * (h + kv) * hd // tp * 4
@@ -152,12 +110,12 @@ def report(cfg: LlamaConfig, mesh_sizes: dict[str, int], batch_size: int, length
            segments: int = 1) -> tuple[bool, list[str]]:
   """(fits, lines) for the worst-case step; lines say what to change when it does not fit."""
   est = estimate(cfg, mesh_sizes, batch_size, length, segments)
-  cap, desc = device_capacity(device, local_devices)
+  cap, desc = devices.capacity(device, local_devices)
   budget = int(cap * headroom)
   fits = est.total <= budget
-  g = lambda x: f"{x / GiB:8.2f} GiB"
+  g = lambda x: f"{x / devices.GiB:8.2f} devices.GiB"
   lines = [
-      f"model: {cfg.num_params() / 1e9:.2f}B params, {cfg.param_dtype} weights, "
+      f"model: {costs.num_params(cfg) / 1e9:.2f}B params, {cfg.param_dtype} weights, "
       f"{cfg.dtype} activations",
       f"mesh: data={mesh_sizes['data']} fsdp={mesh_sizes['fsdp']} tensor={mesh_sizes['tensor']} "
       f"({math.prod(mesh_sizes.values())} devices); batch {batch_size} "
@@ -193,7 +151,7 @@ def check_config(config, model_path: str, mesh) -> None:
   """The score command's pre-flight check: raises (config.memory.check) or warns when the
   configured batch and longest bucket will not fit the mesh's devices."""
   cfg = arch(config, model_path)
-  device = config.memory.device or detect_device(mesh.devices.flat[0])
+  device = config.memory.device or devices.detect(mesh.devices.flat[0])
   local = sum(d.process_index == mesh.devices.flat[0].process_index for d in mesh.devices.flat)
   fits, lines = report(cfg, dict(mesh.shape), config.engine.batch_size, max_length(config),
                        device, local, config.memory.headroom, config.engine.max_segments)
@@ -211,7 +169,7 @@ def plan(config) -> tuple[bool, list[str]]:
   cfg = arch(config)
   num_devices = config.memory.get("num_devices") or jax.device_count()
   sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
-  device = config.memory.device or detect_device(jax.devices()[0])
+  device = config.memory.device or devices.detect(jax.devices()[0])
   local = 1 if device != "cpu" else jax.local_device_count()
   return report(cfg, sizes, config.engine.batch_size, max_length(config), device, local,
                 config.memory.headroom, config.engine.max_segments)

@@ -20,6 +20,7 @@ import numpy as np
 from selectit_jax.checkpoints.tokenizer import Tokenizer
 from selectit_jax.data import prompts as prompts_lib
 from selectit_jax.data import records as records_lib
+from selectit_jax.models import costs
 from selectit_jax.models.llama import LlamaConfig
 
 
@@ -299,6 +300,6 @@ def make_plan(items: Sequence[WorkItem], engine_cfg,
   if buckets and fit:
     buckets = fit_buckets(items, buckets, engine_cfg.batch_size, prefixes,
                           engine_cfg.max_segments, engine_cfg.bucket_multiple,
-                          model_cfg.row_flops)
+                          functools.partial(costs.row_flops, model_cfg))
   return Plan(prefixes, buckets, plan_batches(items, engine_cfg.batch_size, buckets, prefixes,
                                               engine_cfg.max_segments))

@@ -28,6 +28,7 @@ from selectit_jax import fileio
 from selectit_jax import assets
 from selectit_jax import checkpoints
 from selectit_jax.data import records as records_lib
+from selectit_jax.models import costs
 from selectit_jax.parallel import sharding
 from selectit_jax.checkpoints.tokenizer import load_tokenizer
 from selectit_jax.training import checkpointing
@@ -210,7 +211,8 @@ def run(config) -> dict:
   eval_every = int(t.eval_every)
   summary = {"data": data_report, "total_steps": total_steps, "last_step": last_step,
              "resumed_from": resumed_from, "accumulation": accum, "model": model_path,
-             "num_params": cfg.num_params(), "flops_per_token": perf.flops_per_token(cfg, seq_len),
+             "num_params": costs.num_params(cfg),
+             "flops_per_token": costs.train_flops_per_token(cfg, seq_len),
              "peak_flops_per_device": peak, "devices": jax.device_count(),
              "device_kind": jax.devices()[0].device_kind}
   logging.info("%d train rows, %d steps (%d this run), global batch %d = %d x %d micro",
