@@ -181,7 +181,7 @@ def test_scores_helper_all_levels(mode):
     formulas.scores(one, mode=mode, level='token', prompt_index=k)
 
 
-def test_invalid_mask_and_reasons():
+def test_cell_reasons():
   p = np.array([
       [0.1, 0.2, 0.3, 0.1, 0.1],
       [np.nan, 0.2, 0.3, 0.1, 0.1],
@@ -190,12 +190,12 @@ def test_invalid_mask_and_reasons():
       [0.0, 0.0, 0.0, 0.0, 0.0],
       [np.nan, -1.0, 0.0, 0.0, 0.0],
   ])
-  mask = np.asarray(formulas.invalid_mask(jnp.asarray(p)))
-  np.testing.assert_array_equal(mask, [False, True, True, True, True, True])
-  reasons = formulas.invalid_reasons(p)
+  reasons = formulas.cell_reasons(p)
   assert list(reasons) == ['', 'nonfinite_probs', 'nonfinite_probs', 'negative_probs',
                            'zero_digit_mass', 'nonfinite_probs']
-  assert formulas.invalid_mask(jnp.asarray(p.reshape(2, 3, 5))).shape == (2, 3)
+  present = np.array([False, True, True, True, True, True])
+  assert list(formulas.cell_reasons(p, present))[:2] == ['missing_scores', 'nonfinite_probs']
+  assert formulas.cell_reasons(p.reshape(2, 3, 5)).shape == (2, 3)
 
 
 def test_bad_mode_and_shape():

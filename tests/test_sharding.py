@@ -129,7 +129,7 @@ def test_owned_rows_split_the_batch_once():
 def test_planner_llama2_presets(size, slice_, fits):
   import importlib
   config = importlib.import_module(f"configs.llama2_{size}").get_config(slice_)
-  ok, lines = memory.plan(config)
+  ok, lines = memory.plan_config(config)
   assert ok == fits, "\n".join(lines)
   assert ("DOES NOT FIT" in lines[-1] or "to fit" in "\n".join(lines)) != fits
 

@@ -124,7 +124,8 @@ def test_probs_array_aligns_shuffled_rows_and_reports_missing(tmp_path):
   st.write_shard(rows[:13])
   st.write_shard(rows[13:])
   pa_ = S.probs_array(st.read_table())
-  probs, sample_index, sample_id, names, num_params = pa_
+  probs, sample_index, sample_id, names, num_params = (
+      pa_.probs, pa_.sample_index, pa_.sample_id, pa_.models, pa_.num_params)
   assert probs.shape == (5, 2, 3, 5) and probs.dtype == np.float64
   np.testing.assert_array_equal(sample_index, np.arange(5))
   assert list(sample_id) == [f"id{i}" for i in range(5)]

@@ -64,12 +64,12 @@ def load_params(cfg: LlamaConfig, source: hf.TensorSource, shardings=None):
     for k in spec.path:
       node = node[k]
     shape = tuple(node.shape)
-    sharding = _leaf(shardings, spec.path) if shardings is not None else None
-    if sharding is None:
+    leaf_sharding = _leaf(shardings, spec.path) if shardings is not None else None
+    if leaf_sharding is None:
       value = jax.device_put(hf.read_param(spec, source, cfg, shape, dtype))
     else:
       value = jax.make_array_from_callback(
-          shape, sharding,
+          shape, leaf_sharding,
           lambda index, spec=spec, shape=shape: hf.read_param(spec, source, cfg, shape, dtype,
                                                                index))
     _set(params, spec.path, value)

@@ -105,7 +105,7 @@ def max_length(config) -> int:
   return -(-config.engine.max_tokens // m) * m
 
 
-def report(cfg: LlamaConfig, mesh_sizes: dict[str, int], batch_size: int, length: int,
+def fit_lines(cfg: LlamaConfig, mesh_sizes: dict[str, int], batch_size: int, length: int,
            device: str, local_devices: int = 1, headroom: float = 0.9,
            segments: int = 1) -> tuple[bool, list[str]]:
   """(fits, lines) for the worst-case step; lines say what to change when it does not fit."""
@@ -153,7 +153,7 @@ def check_config(config, model_path: str, mesh) -> None:
   cfg = arch(config, model_path)
   device = config.memory.device or devices.detect(mesh.devices.flat[0])
   local = sum(d.process_index == mesh.devices.flat[0].process_index for d in mesh.devices.flat)
-  fits, lines = report(cfg, dict(mesh.shape), config.engine.batch_size, max_length(config),
+  fits, lines = fit_lines(cfg, dict(mesh.shape), config.engine.batch_size, max_length(config),
                        device, local, config.memory.headroom, config.engine.max_segments)
   for line in lines:
     logging.info("memory: %s", line)
@@ -164,12 +164,12 @@ def check_config(config, model_path: str, mesh) -> None:
     logging.warning("%s", msg)
 
 
-def plan(config) -> tuple[bool, list[str]]:
+def plan_config(config) -> tuple[bool, list[str]]:
   """The planner command: the config's mesh, batch and longest bucket on its device."""
   cfg = arch(config)
   num_devices = config.memory.get("num_devices") or jax.device_count()
   sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
   device = config.memory.device or devices.detect(jax.devices()[0])
   local = 1 if device != "cpu" else jax.local_device_count()
-  return report(cfg, sizes, config.engine.batch_size, max_length(config), device, local,
+  return fit_lines(cfg, sizes, config.engine.batch_size, max_length(config), device, local,
                 config.memory.headroom, config.engine.max_segments)

@@ -149,9 +149,7 @@ def dedup(table: pa.Table) -> pa.Table:
 
 @dataclasses.dataclass(frozen=True)
 class ProbsArray:
-  """probs_array's result. Unpacks as the contract's 5-tuple
-  (probs, sample_index, sample_id, models, num_params); missing and prompt_hashes
-  are attributes."""
+  """probs_array's result: the stored probabilities on dense axes."""
   probs: np.ndarray          # [N, M, K, 5] float64, NaN where a cell is missing
   sample_index: np.ndarray   # [N] int64
   sample_id: np.ndarray      # [N] object (str)
@@ -159,10 +157,6 @@ class ProbsArray:
   num_params: np.ndarray     # [M] int64
   prompt_hashes: list        # [K]
   missing: list              # [(sample_index, model, k)], k = position in prompt_hashes
-
-  def __iter__(self):
-    return iter((self.probs, self.sample_index, self.sample_id, self.models,
-                 self.num_params))
 
 
 def _codes(values, order):

@@ -26,6 +26,9 @@ LEVELS = ('token', 'sentence', 'model')
 NUM_RATINGS = 5
 
 # Reasons a sample's probabilities are unusable; order = precedence.
+# A (sample, model, prompt) cell has no stored row: never scored, or its text changed since
+# (cells are matched by content hash).
+REASON_MISSING = 'missing_scores'
 REASON_NONFINITE = 'nonfinite_probs'
 REASON_NEGATIVE = 'negative_probs'
 REASON_ZERO_MASS = 'zero_digit_mass'
@@ -82,17 +85,9 @@ def model_scores(sent: jnp.ndarray, weights) -> jnp.ndarray:
   return jnp.sum(sent * w, axis=-1) / jnp.sum(w)
 
 
-def invalid_mask(probs: jnp.ndarray) -> jnp.ndarray:
-  """True where a [..., 5] probability vector cannot be scored."""
-  probs = jnp.asarray(probs)
-  nonfinite = ~jnp.all(jnp.isfinite(probs), axis=-1)
-  negative = jnp.any(probs < 0, axis=-1)
-  zero_mass = ~(jnp.sum(jnp.where(jnp.isfinite(probs), probs, 0.0), axis=-1) > 0)
-  return nonfinite | negative | zero_mass
-
-
-def invalid_reasons(probs) -> np.ndarray:
-  """Per-vector reason string ('' when valid) for a [..., 5] array (numpy)."""
+def cell_reasons(probs, present=None) -> np.ndarray:
+  """The one validity rule, for select and sweep alike: per [..., 5] probability vector, ''
+  if it can be scored, else why not (`present` False: no stored row)."""
   p = np.asarray(probs, dtype=np.float64)
   finite = np.all(np.isfinite(p), axis=-1)
   negative = np.any(p < 0, axis=-1)
@@ -101,6 +96,8 @@ def invalid_reasons(probs) -> np.ndarray:
   out[~(mass > 0)] = REASON_ZERO_MASS
   out[negative] = REASON_NEGATIVE
   out[~finite] = REASON_NONFINITE
+  if present is not None:
+    out[~np.asarray(present, bool)] = REASON_MISSING
   return out
 
 

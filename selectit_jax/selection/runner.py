@@ -41,9 +41,7 @@ from selectit_jax.selection import report as report_lib
 from selectit_jax.scoring import manifest as manifest_lib
 from selectit_jax.scoring import store as store_lib
 
-# A (sample, model, prompt) cell the level needs has no stored row: never
-# scored, or its text changed since (cells are matched by content hash).
-REASON_MISSING = 'missing_scores'
+REASON_MISSING = formulas.REASON_MISSING
 
 
 def num_selected(n: int, proportion: float, top_n: int = 0, mode: str = 'paper') -> int:
@@ -177,7 +175,7 @@ def sample_reasons(loaded: Loaded, level: str, prompt_index: int) -> list:
   if level == 'token':
     probs = probs[:, :, prompt_index:prompt_index + 1]
     present = present[:, :, prompt_index:prompt_index + 1]
-  cell = formulas.invalid_reasons(probs)  # [N, M, K]
+  cell = formulas.cell_reasons(probs, present)  # [N, M, K]
   several = len(loaded.models) > 1
   # A sample the scorer rejected (e.g. too long) has no rows; say why rather than 'missing'.
   scoring_reasons = {r['index']: r['reason'] for r in loaded.store_rejects}
@@ -185,12 +183,11 @@ def sample_reasons(loaded: Loaded, level: str, prompt_index: int) -> list:
   for i in range(probs.shape[0]):
     reason = ''
     for j, name in enumerate(loaded.models):
-      if not present[i, j].all():
-        why = scoring_reasons.get(int(loaded.sample_index[i]))
-        reason = f'{REASON_MISSING} (rejected while scoring: {why})' if why else REASON_MISSING
-      else:
-        bad = [r for r in cell[i, j] if r]
-        reason = bad[0] if bad else ''
+      bad = sorted(r for r in cell[i, j] if r)  # 'missing_scores' sorts first
+      reason = bad[0] if bad else ''
+      why = scoring_reasons.get(int(loaded.sample_index[i]))
+      if reason == REASON_MISSING and why:
+        reason = f'{REASON_MISSING} (rejected while scoring: {why})'
       if reason:
         reason = f'{reason}:{name}' if several else reason
         break

@@ -65,7 +65,7 @@ def load_inputs(scores_dirs: Sequence[str], k: int = 0) -> Inputs:
       if r is not None:
         ins_len[i], res_len[i] = len(r.instruction), len(r.response)
   with jax.enable_x64(True):
-    bad = ~loaded.present | np.asarray(formulas.invalid_mask(loaded.probs))
+    bad = formulas.cell_reasons(loaded.probs, loaded.present) != ''
   return Inputs(loaded, ins_len, res_len, bad, notes)
 
 

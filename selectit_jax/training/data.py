@@ -224,7 +224,7 @@ def pack(examples: Sequence[Example], max_length: int, seed: int | None,
   return out
 
 
-class Rows:
+class RowSource:
   """Packed rows as a grain random-access source of dicts."""
 
   def __init__(self, rows: dict[str, np.ndarray]):
@@ -247,7 +247,7 @@ def train_dataset(rows: dict[str, np.ndarray], epochs: int, batch_size: int,
                   seed: int) -> grain.MapDataset:
   """Rows reshuffled every epoch (grain derives a new order per repetition), batched by
   the global batch; its iterator state is a small dict, checkpointed with the model."""
-  return (grain.MapDataset.source(Rows(rows)).shuffle(seed=seed).repeat(epochs)
+  return (grain.MapDataset.source(RowSource(rows)).shuffle(seed=seed).repeat(epochs)
           .batch(batch_size, drop_remainder=True))
 
 
