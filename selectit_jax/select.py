@@ -18,7 +18,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  selection.run_selection(_CONFIG.value)
+  selection.run(_CONFIG.value)
 
 
 if __name__ == '__main__':

@@ -14,6 +14,11 @@ import pytest  # noqa: E402
 
 from selectit_jax.checkpoints import hf  # noqa: E402
 from selectit_jax.models.llama import LlamaConfig  # noqa: E402
+from selectit_jax.data import prompts as prompts_lib  # noqa: E402
+from selectit_jax.data import records as records_lib  # noqa: E402
+from selectit_jax.scoring import manifest as manifest_lib  # noqa: E402
+from selectit_jax.scoring import store as store_lib  # noqa: E402
+from configs import select as select_config  # noqa: E402
 
 TINY_VOCAB = 400
 # The released code's rating prompts, a read-only fixture beside the checkout (../shared).
@@ -109,3 +114,124 @@ def sharegpt_records(n: int):
                                        limit=4 * n + 20, turns="first"))
   recs, _, _ = records.read_records(cfg)
   return recs[:n]
+
+
+# ---------------------------------------- numpy references of the formulas (one vector)
+
+
+def ref_token_paper(p):
+  p = np.asarray(p, np.float64)
+  q = p / p.sum()
+  b = int(np.argmax(q))
+  return (b + 1) * sum(abs(q[i] - q[b]) for i in range(5)) / 4
+
+
+def ref_token_code(p):
+  p = np.asarray(p, np.float64)
+  q = p / p.sum()
+  r = np.exp(q) / np.sum(np.exp(q))
+  b = int(np.argmax(r))
+  return (b + 1) * sum(r[b] - r[k] for k in range(5)) / (5 - 1)
+
+
+def ref_sentence(tok, alpha):
+  tok = np.asarray(tok, np.float64)
+  return np.mean(tok) / (1 + alpha * np.std(tok))
+
+
+def ref_model(sent, w):
+  return sum(wi * si for wi, si in zip(w, sent)) / sum(w)
+
+
+REF_TOKEN = {'paper': ref_token_paper, 'code': ref_token_code}
+
+CRAFTED = np.array([
+    [0.01, 0.02, 0.05, 0.30, 0.10],    # clear 4
+    [0.20, 0.20, 0.10, 0.05, 0.05],    # argmax tie 1/2: first wins -> 1
+    [0.0, 0.0, 0.3, 0.0, 0.3],         # tie 3/5 -> 3
+    [0.1, 0.1, 0.1, 0.1, 0.1],         # flat: spread 0 -> score 0
+    [1e-9, 2e-9, 3e-9, 4e-9, 5e-9],    # tiny mass, scale invariant
+    [0.0, 0.0, 0.0, 0.0, 0.7],         # one-hot 5
+    [0.5, 0.0, 0.0, 0.0, 0.0],         # one-hot 1
+])
+
+
+# ---------------------------------------- a small score dir for select and sweep
+
+K = 3
+PROMPTS = prompts_lib.default_prompts()[:K]
+
+
+def sharegpt_record(i, ins, res):
+  return {'id': f's{i}', 'conversations': [{'from': 'human', 'value': ins},
+                                           {'from': 'gpt', 'value': res}]}
+
+
+def small_dataset():
+  """13 ShareGPT records; index 3 is rejected by the reader (empty response)."""
+  raw = [sharegpt_record(i, f'question {i} ' + 'x' * i, f'answer {i} ' + 'y' * (3 * i))
+         for i in range(13)]
+  raw[3]['conversations'][1]['value'] = ''
+  raw[7] = sharegpt_record(7, raw[6]['conversations'][0]['value'],   # duplicate text of 6
+                   raw[6]['conversations'][1]['value'])
+  return raw
+
+
+def crafted_probs(i, model_shift=0.0):
+  """Crafted probabilities per sample index: [K, 5]."""
+  rng = np.random.default_rng(100 + i)
+  p = rng.gamma(0.7, size=(K, 5))
+  p = p / p.sum(-1, keepdims=True) * (0.3 + 0.05 * i) + model_shift
+  if i in (1, 4, 9):                     # identical probs: exact score ties
+    p = np.tile([0.05, 0.05, 0.1, 0.4, 0.1], (K, 1))
+  if i == 5:
+    p[1, 2] = np.nan                     # nonfinite in prompt 1
+  if i == 8:
+    p[0] = 0.0                           # zero digit mass in prompt 0
+  return p
+
+
+def write_score_dir(tmp_path, name, data_path, num_params, skip=(), model_shift=0.0):
+  d = str(tmp_path / name)
+  st = store_lib.ScoreStore(d)
+  hashes = tuple(prompts_lib.prompt_hash(p) for p in PROMPTS)
+  st.write_manifest(manifest_lib.Manifest(
+      data={'path': data_path, 'format': 'sharegpt', 'turns': 'first'},
+      template=prompts_lib.DEFAULT_TEMPLATE, prompts=dict(zip(hashes, PROMPTS)),
+      models=[manifest_lib.ModelEntry(name, name, '', '0' * 16, num_params)],
+      runs=[manifest_lib.RunEntry(name, hashes, 0, 0)]))
+  recs, rejects, _ = records_lib.read_records({'path': data_path, 'format': 'sharegpt'})
+  st.append_rejects(rejects)
+  rows, seen = [], set()
+  for r in recs:
+    h = records_lib.content_hash(r)
+    if r.index in skip or h in seen:     # the scorer stores duplicate texts once
+      continue
+    seen.add(h)
+    probs = crafted_probs(r.index, model_shift)
+    for k, prompt in enumerate(PROMPTS):
+      rows.append(dict(sample_id=r.id, sample_index=r.index, content_hash=h, model=name,
+                       num_params=num_params, prompt_index=k,
+                       prompt_hash=prompts_lib.prompt_hash(prompt), probs=probs[k].tolist(),
+                       logsumexp=0.0, num_tokens=10))
+  st.write_shard(rows[:len(rows) // 2])
+  st.write_shard(rows[len(rows) // 2:])
+  return d
+
+
+@pytest.fixture
+def data_path(tmp_path):
+  p = tmp_path / 'data.json'
+  p.write_text(json.dumps(small_dataset(), indent=1), encoding='utf-8')
+  return str(p)
+
+
+def select_cfg(**kw):
+  c = select_config.get_config()
+  c.update(kw)
+  return c
+
+
+def read_jsonl(path):
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(x) for x in f]

@@ -6,44 +6,7 @@ import pytest
 
 from selectit_jax.selection import formulas
 
-
-# ---- hand-written references (plain python/numpy, one vector at a time) ----
-
-def ref_token_paper(p):
-  p = np.asarray(p, np.float64)
-  q = p / p.sum()
-  b = int(np.argmax(q))
-  return (b + 1) * sum(abs(q[i] - q[b]) for i in range(5)) / 4
-
-
-def ref_token_code(p):
-  p = np.asarray(p, np.float64)
-  q = p / p.sum()
-  r = np.exp(q) / np.sum(np.exp(q))
-  b = int(np.argmax(r))
-  return (b + 1) * sum(r[b] - r[k] for k in range(5)) / (5 - 1)
-
-
-def ref_sentence(tok, alpha):
-  tok = np.asarray(tok, np.float64)
-  return np.mean(tok) / (1 + alpha * np.std(tok))
-
-
-def ref_model(sent, w):
-  return sum(wi * si for wi, si in zip(w, sent)) / sum(w)
-
-
-REF_TOKEN = {'paper': ref_token_paper, 'code': ref_token_code}
-
-CRAFTED = np.array([
-    [0.01, 0.02, 0.05, 0.30, 0.10],    # clear 4
-    [0.20, 0.20, 0.10, 0.05, 0.05],    # argmax tie 1/2: first wins -> 1
-    [0.0, 0.0, 0.3, 0.0, 0.3],         # tie 3/5 -> 3
-    [0.1, 0.1, 0.1, 0.1, 0.1],         # flat: spread 0 -> score 0
-    [1e-9, 2e-9, 3e-9, 4e-9, 5e-9],    # tiny mass, scale invariant
-    [0.0, 0.0, 0.0, 0.0, 0.7],         # one-hot 5
-    [0.5, 0.0, 0.0, 0.0, 0.0],         # one-hot 1
-])
+from conftest import CRAFTED, REF_TOKEN, ref_model, ref_sentence
 
 
 @pytest.fixture(autouse=True)

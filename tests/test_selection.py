@@ -7,139 +7,58 @@ import sys
 import numpy as np
 import pytest
 
+from selectit_jax.selection import ranking
 from selectit_jax.selection import runner as selection
 
 # ---------------------------------------------------------------- pure parts
 
 
 def test_num_selected_floor_and_top_n():
-  assert selection.num_selected(10, 0.2) == 2
-  assert selection.num_selected(9, 0.2) == 1        # floor(1.8)
-  assert selection.num_selected(4, 0.2) == 0        # floor(0.8)
-  assert selection.num_selected(0, 0.2) == 0
-  assert selection.num_selected(7, 1.0) == 7
+  assert ranking.num_selected(10, 0.2) == 2
+  assert ranking.num_selected(9, 0.2) == 1        # floor(1.8)
+  assert ranking.num_selected(4, 0.2) == 0        # floor(0.8)
+  assert ranking.num_selected(0, 0.2) == 0
+  assert ranking.num_selected(7, 1.0) == 7
   # 100 * 0.29 == 28.999999999999996 in floats: the paper mode floors the
   # decimal product, code mode keeps the released int(N * p).
-  assert selection.num_selected(100, 0.29, mode='paper') == 29
-  assert selection.num_selected(100, 0.29, mode='code') == 28
-  assert selection.num_selected(10, 0.2, top_n=3) == 3
-  assert selection.num_selected(10, 0.2, top_n=30) == 10
+  assert ranking.num_selected(100, 0.29, mode='paper') == 29
+  assert ranking.num_selected(100, 0.29, mode='code') == 28
+  assert ranking.num_selected(10, 0.2, top_n=3) == 3
+  assert ranking.num_selected(10, 0.2, top_n=30) == 10
   with pytest.raises(ValueError):
-    selection.num_selected(10, 1.5)
+    ranking.num_selected(10, 1.5)
 
 
 def test_rank_order_tie_break_both_modes():
   score = np.array([0.5, 0.9, 0.5, 0.1, 0.9, 0.5])
   idx = np.array([10, 11, 12, 13, 14, 15])
-  paper = selection.rank_order(score, idx, 'paper')
-  code = selection.rank_order(score, idx, 'code')
+  paper = ranking.rank_order(score, idx, 'paper')
+  code = ranking.rank_order(score, idx, 'code')
   # paper: ties -> earlier index first
   assert list(idx[paper]) == [11, 14, 10, 12, 15, 13]
   # code: the released sorted(zip(score, index), reverse=True)
   want = [i for _, i in sorted(zip(score.tolist(), idx.tolist()), reverse=True)]
   assert list(idx[code]) == want == [14, 11, 15, 12, 10, 13]
   with pytest.raises(ValueError):
-    selection.rank_order(np.array([0.1, np.nan]), np.array([0, 1]))
+    ranking.rank_order(np.array([0.1, np.nan]), np.array([0, 1]))
 
 
 def test_rank_order_random_against_python_sort():
   rng = np.random.default_rng(0)
   score = rng.integers(0, 5, size=50).astype(np.float64) / 4  # many ties
   idx = rng.permutation(1000)[:50]
-  code = selection.rank_order(score, idx, 'code')
+  code = ranking.rank_order(score, idx, 'code')
   assert list(idx[code]) == [i for _, i in sorted(zip(score, idx), reverse=True)]
-  paper = selection.rank_order(score, idx, 'paper')
+  paper = ranking.rank_order(score, idx, 'paper')
   assert list(idx[paper]) == [i for _, i in sorted(zip(-score, idx))]
 
 
 # ------------------------------------------------------------- end to end
 
-from selectit_jax.data import prompts as prompts_lib  # noqa: E402
-from selectit_jax.data import records as records_lib  # noqa: E402
-from selectit_jax.scoring import manifest as manifest_lib  # noqa: E402
-from selectit_jax.scoring import store as store_lib  # noqa: E402
-from tests.test_formulas import ref_sentence, ref_token_code, ref_token_paper  # noqa: E402
+from conftest import K, crafted_probs, read_jsonl, select_cfg, small_dataset, write_score_dir  # noqa: E402
+from conftest import ref_sentence, ref_token_code, ref_token_paper  # noqa: E402
 
-from configs import select as select_config  # noqa: E402
-
-K = 3
-PROMPTS = prompts_lib.default_prompts()[:K]
 REF = {'paper': ref_token_paper, 'code': ref_token_code}
-
-
-def _record(i, ins, res):
-  return {'id': f's{i}', 'conversations': [{'from': 'human', 'value': ins},
-                                           {'from': 'gpt', 'value': res}]}
-
-
-def _dataset():
-  """13 ShareGPT records; index 3 is rejected by the reader (empty response)."""
-  raw = [_record(i, f'question {i} ' + 'x' * i, f'answer {i} ' + 'y' * (3 * i))
-         for i in range(13)]
-  raw[3]['conversations'][1]['value'] = ''
-  raw[7] = _record(7, raw[6]['conversations'][0]['value'],   # duplicate text of 6
-                   raw[6]['conversations'][1]['value'])
-  return raw
-
-
-def _probs_for(i, model_shift=0.0):
-  """Crafted probabilities per sample index: [K, 5]."""
-  rng = np.random.default_rng(100 + i)
-  p = rng.gamma(0.7, size=(K, 5))
-  p = p / p.sum(-1, keepdims=True) * (0.3 + 0.05 * i) + model_shift
-  if i in (1, 4, 9):                     # identical probs: exact score ties
-    p = np.tile([0.05, 0.05, 0.1, 0.4, 0.1], (K, 1))
-  if i == 5:
-    p[1, 2] = np.nan                     # nonfinite in prompt 1
-  if i == 8:
-    p[0] = 0.0                           # zero digit mass in prompt 0
-  return p
-
-
-def _write_store(tmp_path, name, data_path, num_params, skip=(), model_shift=0.0):
-  d = str(tmp_path / name)
-  st = store_lib.ScoreStore(d)
-  hashes = tuple(prompts_lib.prompt_hash(p) for p in PROMPTS)
-  st.write_manifest(manifest_lib.Manifest(
-      data={'path': data_path, 'format': 'sharegpt', 'turns': 'first'},
-      template=prompts_lib.DEFAULT_TEMPLATE, prompts=dict(zip(hashes, PROMPTS)),
-      models=[manifest_lib.ModelEntry(name, name, '', '0' * 16, num_params)],
-      runs=[manifest_lib.RunEntry(name, hashes, 0, 0)]))
-  recs, rejects, _ = records_lib.read_records({'path': data_path, 'format': 'sharegpt'})
-  st.append_rejects(rejects)
-  rows, seen = [], set()
-  for r in recs:
-    h = records_lib.content_hash(r)
-    if r.index in skip or h in seen:     # the scorer stores duplicate texts once
-      continue
-    seen.add(h)
-    probs = _probs_for(r.index, model_shift)
-    for k, prompt in enumerate(PROMPTS):
-      rows.append(dict(sample_id=r.id, sample_index=r.index, content_hash=h, model=name,
-                       num_params=num_params, prompt_index=k,
-                       prompt_hash=prompts_lib.prompt_hash(prompt), probs=probs[k].tolist(),
-                       logsumexp=0.0, num_tokens=10))
-  st.write_shard(rows[:len(rows) // 2])
-  st.write_shard(rows[len(rows) // 2:])
-  return d
-
-
-@pytest.fixture
-def data_path(tmp_path):
-  p = tmp_path / 'data.json'
-  p.write_text(json.dumps(_dataset(), indent=1), encoding='utf-8')
-  return str(p)
-
-
-def _config(**kw):
-  c = select_config.get_config()
-  c.update(kw)
-  return c
-
-
-def _read_jsonl(path):
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(x) for x in f]
 
 
 def _src(i):
@@ -147,23 +66,23 @@ def _src(i):
 
 
 def _expected_sentence(i, mode, alpha, k=K):
-  p = _probs_for(_src(i))[:k]
+  p = crafted_probs(_src(i))[:k]
   return ref_sentence([REF[mode](v) for v in p], alpha)
 
 
 @pytest.mark.parametrize('mode', ['paper', 'code'])
 def test_end_to_end_sentence(tmp_path, data_path, mode):
-  sdir = _write_store(tmp_path, 'm135', data_path, 135_000_000, skip=(11,))
+  sdir = write_score_dir(tmp_path, 'm135', data_path, 135_000_000, skip=(11,))
   out = str(tmp_path / f'out_{mode}')
-  summary = selection.run_selection(_config(scores_dir=sdir, mode=mode, alpha=0.3,
+  summary = selection.run(select_cfg(scores_dir=sdir, mode=mode, alpha=0.3,
                                             proportion=0.5, output_dir=out))
-  rows = _read_jsonl(os.path.join(out, 'scores.jsonl'))
+  rows = read_jsonl(os.path.join(out, 'scores.jsonl'))
   by_idx = {r['sample_index']: r for r in rows}
   # 12 readable records (3 rejected by the reader); 5 nan, 8 zero mass, 11 unscored.
   assert sorted(by_idx) == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12]
   want_reasons = {5: 'nonfinite_probs', 8: 'zero_digit_mass', 11: 'missing_scores'}
   assert {i: r['reject_reason'] for i, r in by_idx.items() if r['rank'] is None} == want_reasons
-  assert [r['reason'] for r in _read_jsonl(os.path.join(out, 'selection_rejects.jsonl'))] == [
+  assert [r['reason'] for r in read_jsonl(os.path.join(out, 'selection_rejects.jsonl'))] == [
       want_reasons[i] for i in sorted(want_reasons)]
   valid = [i for i in sorted(by_idx) if i not in want_reasons]
   want = {i: _expected_sentence(i, mode, 0.3) for i in valid}
@@ -171,7 +90,7 @@ def test_end_to_end_sentence(tmp_path, data_path, mode):
     assert by_idx[i]['score'] == pytest.approx(want[i], rel=1e-12)
     assert by_idx[i]['sentence_score'] == by_idx[i]['score']
     assert len(by_idx[i]['token_scores']) == K
-    assert by_idx[i]['token_scores'][2] == pytest.approx(REF[mode](_probs_for(_src(i))[2]), rel=1e-12)
+    assert by_idx[i]['token_scores'][2] == pytest.approx(REF[mode](crafted_probs(_src(i))[2]), rel=1e-12)
   # Ties: 1, 4, 9 identical; 6 and 7 identical text (stored once).
   assert want[1] == want[4] == want[9] and by_idx[6]['score'] == by_idx[7]['score']
   if mode == 'paper':
@@ -186,7 +105,7 @@ def test_end_to_end_sentence(tmp_path, data_path, mode):
   # Selected records: the input's own objects, JSON array, rank order.
   with open(os.path.join(out, 'selected.json'), encoding='utf-8') as f:
     sel = json.load(f)
-  assert sel == [_dataset()[i] for i in ranked[:n_keep]]
+  assert sel == [small_dataset()[i] for i in ranked[:n_keep]]
   # Report.
   with open(os.path.join(out, 'report.md'), encoding='utf-8') as f:
     rep = f.read()
@@ -199,11 +118,11 @@ def test_end_to_end_sentence(tmp_path, data_path, mode):
 
 
 def test_end_to_end_token_level_top_n_and_k(tmp_path, data_path):
-  sdir = _write_store(tmp_path, 'm', data_path, 1000)
+  sdir = write_score_dir(tmp_path, 'm', data_path, 1000)
   out = str(tmp_path / 'out')
-  selection.run_selection(_config(scores_dir=sdir, level='token', prompt_index=2, top_n=3,
+  selection.run(select_cfg(scores_dir=sdir, level='token', prompt_index=2, top_n=3,
                                   output_dir=out))
-  rows = _read_jsonl(os.path.join(out, 'scores.jsonl'))
+  rows = read_jsonl(os.path.join(out, 'scores.jsonl'))
   # Token level uses only prompt 2: samples 5 (nan in prompt 1) and 8 (zero
   # mass in prompt 0) are rankable; the unusable cells show as null.
   assert all(r['rank'] is not None for r in rows)
@@ -211,13 +130,13 @@ def test_end_to_end_token_level_top_n_and_k(tmp_path, data_path):
   assert by_idx[5]['token_scores'][1] is None and by_idx[5]['sentence_score'] is None
   assert by_idx[8]['token_scores'][0] is None
   valid = [r['sample_index'] for r in rows if r['rank'] is not None]
-  want = {i: ref_token_paper(_probs_for(_src(i))[2]) for i in valid}
+  want = {i: ref_token_paper(crafted_probs(_src(i))[2]) for i in valid}
   assert valid == sorted(want, key=lambda i: (-want[i], i))
   assert sum(r['selected'] for r in rows) == 3
   # k=2: sentence level over the first two prompts only; sample 5 (nan in prompt 1) still bad.
   out2 = str(tmp_path / 'out2')
-  selection.run_selection(_config(scores_dir=sdir, k=2, output_dir=out2))
-  rows = _read_jsonl(os.path.join(out2, 'scores.jsonl'))
+  selection.run(select_cfg(scores_dir=sdir, k=2, output_dir=out2))
+  rows = read_jsonl(os.path.join(out2, 'scores.jsonl'))
   for r in rows:
     assert len(r['token_scores']) == 2
     if r['rank'] is not None:
@@ -227,21 +146,21 @@ def test_end_to_end_token_level_top_n_and_k(tmp_path, data_path):
 
 
 def test_end_to_end_model_level(tmp_path, data_path):
-  a = _write_store(tmp_path, 'small', data_path, 7_000_000_000)
-  b = _write_store(tmp_path, 'big', data_path, 13_000_000_000, skip=(2,), model_shift=0.01)
+  a = write_score_dir(tmp_path, 'small', data_path, 7_000_000_000)
+  b = write_score_dir(tmp_path, 'big', data_path, 13_000_000_000, skip=(2,), model_shift=0.01)
   out = str(tmp_path / 'out')
   with pytest.raises(ValueError, match='level'):
-    selection.run_selection(_config(scores_dir=f'{a},{b}', output_dir=out))
-  summary = selection.run_selection(_config(scores_dir=f'{a},{b}', level='model',
+    selection.run(select_cfg(scores_dir=f'{a},{b}', output_dir=out))
+  summary = selection.run(select_cfg(scores_dir=f'{a},{b}', level='model',
                                             output_dir=out))
   assert summary['models'] == ['small', 'big'] and summary['weights'] == [7e9, 13e9]
-  rows = _read_jsonl(os.path.join(out, 'scores.jsonl'))
+  rows = read_jsonl(os.path.join(out, 'scores.jsonl'))
   by_idx = {r['sample_index']: r for r in rows}
   assert by_idx[2]['reject_reason'] == 'missing_scores:big'
   assert by_idx[5]['reject_reason'] == 'nonfinite_probs:small'
 
   def sent(i, shift):
-    p = _probs_for(i, shift)
+    p = crafted_probs(i, shift)
     return ref_sentence([ref_token_paper(v) for v in p], 0.2)
 
   for i in (0, 1, 12):
@@ -254,29 +173,29 @@ def test_end_to_end_model_level(tmp_path, data_path):
     assert set(r['token_scores']) == {'small', 'big'}
   # Explicit (released-style) weights, code mode.
   out2 = str(tmp_path / 'out2')
-  summary = selection.run_selection(_config(scores_dir=f'{a},{b}', level='model', mode='code',
+  summary = selection.run(select_cfg(scores_dir=f'{a},{b}', level='model', mode='code',
                                             weights='7/20,13/20', output_dir=out2))
-  r = {x['sample_index']: x for x in _read_jsonl(os.path.join(out2, 'scores.jsonl'))}[0]
-  sa = ref_sentence([ref_token_code(v) for v in _probs_for(0)], 0.2)
-  sb = ref_sentence([ref_token_code(v) for v in _probs_for(0, 0.01)], 0.2)
+  r = {x['sample_index']: x for x in read_jsonl(os.path.join(out2, 'scores.jsonl'))}[0]
+  sa = ref_sentence([ref_token_code(v) for v in crafted_probs(0)], 0.2)
+  sb = ref_sentence([ref_token_code(v) for v in crafted_probs(0, 0.01)], 0.2)
   assert r['model_score'] == pytest.approx((0.35 * sa + 0.65 * sb) / 1.0, rel=1e-12)
 
 
 def test_missing_input_data_still_ranks(tmp_path, data_path):
-  sdir = _write_store(tmp_path, 'm', data_path, 1000)
+  sdir = write_score_dir(tmp_path, 'm', data_path, 1000)
   os.remove(data_path)
   out = str(tmp_path / 'out')
-  summary = selection.run_selection(_config(scores_dir=sdir, output_dir=out))
+  summary = selection.run(select_cfg(scores_dir=sdir, output_dir=out))
   assert 'selected' not in summary['outputs']
   assert any('not found' in n for n in summary['notes'])
-  rows = _read_jsonl(os.path.join(out, 'scores.jsonl'))
+  rows = read_jsonl(os.path.join(out, 'scores.jsonl'))
   # Without the records the axis is the stored sample indices (7 stored once as 6).
   assert sorted(r['sample_index'] for r in rows) == [0, 1, 2, 4, 5, 6, 8, 9, 10, 11, 12]
   assert os.path.exists(os.path.join(out, 'report.md'))
 
 
 def test_cli_subprocess(tmp_path, data_path):
-  sdir = _write_store(tmp_path, 'm', data_path, 1000)
+  sdir = write_score_dir(tmp_path, 'm', data_path, 1000)
   out = str(tmp_path / 'cli_out')
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   cmd = [sys.executable, '-m', 'selectit_jax.select', '--config=configs/select.py',
@@ -285,7 +204,7 @@ def test_cli_subprocess(tmp_path, data_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
-  rows = _read_jsonl(os.path.join(out, 'scores.jsonl'))
+  rows = read_jsonl(os.path.join(out, 'scores.jsonl'))
   ranked = [r for r in rows if r['rank'] is not None]
   assert len(ranked) == 10 and sum(r['selected'] for r in rows) == 2   # floor(10 * 0.2)
   with open(os.path.join(out, 'selected.json'), encoding='utf-8') as f:

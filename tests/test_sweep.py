@@ -10,13 +10,12 @@ import pytest
 from scipy import stats
 
 from configs import sweep as sweep_config
+from selectit_jax.selection import ranking
 from selectit_jax.selection import runner as selection
 from selectit_jax.sweeps import grid
 from selectit_jax.sweeps import metrics
 from selectit_jax.sweeps import runner as sweep_runner
-from tests.test_selection import _config as select_cfg
-from tests.test_selection import _read_jsonl, _write_store
-from tests.test_selection import data_path  # noqa: F401  (pytest fixture)
+from conftest import read_jsonl, select_cfg, write_score_dir
 
 # ------------------------------------------------------------------ grid
 
@@ -85,13 +84,13 @@ def _select_run(tmp_path, name, row, sdir):
     assert row['prompts'] == ','.join(map(str, range(row['k'])))   # first-k subsets only
   if row['level'] == 'model':
     kw['weights'] = '' if row['weights'] == 'theta' else row['weights']
-  selection.run_selection(select_cfg(**kw))
-  rows = _read_jsonl(os.path.join(str(tmp_path / name), 'scores.jsonl'))
+  selection.run(select_cfg(**kw))
+  rows = read_jsonl(os.path.join(str(tmp_path / name), 'scores.jsonl'))
   return [r['sample_index'] for r in rows if r['selected']]   # in rank order
 
 
 def test_sweep_setting_equals_select_single_model(tmp_path, data_path):  # noqa: F811
-  sdir = _write_store(tmp_path, 'm', data_path, 1000, skip=(11,))
+  sdir = write_score_dir(tmp_path, 'm', data_path, 1000, skip=(11,))
   out = str(tmp_path / 'sweep')
   sweep_runner.run(_cfg(scores_dir=sdir, output_dir=out, alphas='0,0.3',
                         prompt_subsets='first:2,3', proportions='0.2,0.5', top_ns='3',
@@ -107,13 +106,13 @@ def test_sweep_setting_equals_select_single_model(tmp_path, data_path):  # noqa:
   # 11 never scored, 5 and 8 have bad probabilities: not ranked at sentence level.
   sent = [r for r in rows if r['level'] == 'sentence']
   assert sent and all(r['n_ranked'] == 9 and r['n_unranked'] == 3 for r in sent)
-  missing = _read_jsonl(os.path.join(out, 'missing.jsonl'))
+  missing = read_jsonl(os.path.join(out, 'missing.jsonl'))
   assert {r['sample_index'] for r in missing} == {5, 8, 11}
 
 
 def test_sweep_model_level_equals_select_and_reports_missing(tmp_path, data_path):  # noqa: F811
-  a = _write_store(tmp_path, 'small', data_path, 7_000_000_000)
-  b = _write_store(tmp_path, 'big', data_path, 13_000_000_000, skip=(2,), model_shift=0.01)
+  a = write_score_dir(tmp_path, 'small', data_path, 7_000_000_000)
+  b = write_score_dir(tmp_path, 'big', data_path, 13_000_000_000, skip=(2,), model_shift=0.01)
   out = str(tmp_path / 'sweep')
   summary = sweep_runner.run(_cfg(scores_dir=f'{a},{b}', output_dir=out,
                                   levels='sentence,model', alphas='0.2,1',
@@ -133,7 +132,7 @@ def test_sweep_model_level_equals_select_and_reports_missing(tmp_path, data_path
   assert sel[row['setting_id']] == _select_run(tmp_path, 'big_only', row, b)
   # Sample 2 was never scored by 'big': reported, unranked at model level, still
   # ranked by 'small' alone; no sample is dropped or shifted.
-  missing = _read_jsonl(os.path.join(out, 'missing.jsonl'))
+  missing = read_jsonl(os.path.join(out, 'missing.jsonl'))
   big_missing = [r for r in missing if r['model'] == 'big' and r['sample_index'] == 2]
   assert big_missing and big_missing[0]['missing_prompts'] == [0, 1, 2]
   assert all(2 not in sel[r['setting_id']] for r in model_rows)
@@ -148,8 +147,8 @@ def test_sweep_model_level_equals_select_and_reports_missing(tmp_path, data_path
 
 
 def test_multi_model_without_records_aligns_by_index(tmp_path, data_path):  # noqa: F811
-  a = _write_store(tmp_path, 'small', data_path, 7)
-  b = _write_store(tmp_path, 'big', data_path, 13, skip=(2, 4))
+  a = write_score_dir(tmp_path, 'small', data_path, 7)
+  b = write_score_dir(tmp_path, 'big', data_path, 13, skip=(2, 4))
   os.remove(data_path)
   inputs = sweep_runner.load_inputs([a, b])
   ld = inputs.loaded
@@ -163,8 +162,8 @@ def test_multi_model_without_records_aligns_by_index(tmp_path, data_path):  # no
 
 
 def test_scores_bit_identical_to_selection(tmp_path, data_path):  # noqa: F811
-  a = _write_store(tmp_path, 'small', data_path, 7)
-  b = _write_store(tmp_path, 'big', data_path, 13, model_shift=0.01)
+  a = write_score_dir(tmp_path, 'small', data_path, 7)
+  b = write_score_dir(tmp_path, 'big', data_path, 13, model_shift=0.01)
   inputs = sweep_runner.load_inputs([a, b])
   ld = inputs.loaded
   c = _cfg(alphas='0,0.3,1', prompt_subsets='first;set:0,2', weights='theta;uniform;1,3')
@@ -176,7 +175,7 @@ def test_scores_bit_identical_to_selection(tmp_path, data_path):  # noqa: F811
     probs = ld.probs[:, [j]] if spec.level != 'model' else ld.probs
     if spec.level != 'token':
       probs = probs[:, :, list(spec.prompts)]
-    want = selection.compute_scores(
+    want = ranking.compute_scores(
         probs, spec.mode, spec.level, 0.0 if spec.level == 'token' else spec.alpha,
         spec.prompts[0] if spec.level == 'token' else 0,
         weights[spec.weights] if spec.weights else None)['score']
@@ -196,7 +195,7 @@ def test_kendall_against_scipy_with_ties():
 
 
 def test_sweep_metrics_against_scipy(tmp_path, data_path):  # noqa: F811
-  sdir = _write_store(tmp_path, 'm', data_path, 1000)
+  sdir = write_score_dir(tmp_path, 'm', data_path, 1000)
   out = str(tmp_path / 'sweep')
   sweep_runner.run(_cfg(scores_dir=sdir, output_dir=out, modes='code', levels='token',
                         token_prompts='1', proportions='0.3,0.5', kendall_max_samples=0,
@@ -206,13 +205,13 @@ def test_sweep_metrics_against_scipy(tmp_path, data_path):  # noqa: F811
   inputs = sweep_runner.load_inputs([sdir])
   ld = inputs.loaded
   # Reference: paper sentence level, alpha 0.2, all prompts, proportion 0.2.
-  ref = selection.compute_scores(ld.probs, 'paper', 'sentence', 0.2, 0, None)['score']
-  mine = selection.compute_scores(ld.probs, 'code', 'token', 0.2, 1, None)['score']
+  ref = ranking.compute_scores(ld.probs, 'paper', 'sentence', 0.2, 0, None)['score']
+  mine = ranking.compute_scores(ld.probs, 'code', 'token', 0.2, 1, None)['score']
   ref_ok = ~inputs.bad[:, 0].any(axis=1)
   mine_ok = ~inputs.bad[:, 0, 1]
   common = ref_ok & mine_ok
   ref_order = metrics.ranking(ref, ref_ok, ld.sample_index, 'paper')
-  ref_sel = set(ld.sample_index[ref_order[:selection.num_selected(ref_order.size, 0.2)]])
+  ref_sel = set(ld.sample_index[ref_order[:ranking.num_selected(ref_order.size, 0.2)]])
   length = inputs.ins_len + inputs.res_len
   for row in rows:
     s = set(sel[row['setting_id']])
@@ -228,7 +227,7 @@ def test_sweep_metrics_against_scipy(tmp_path, data_path):  # noqa: F811
     assert row['instruction_len_selected'] == pytest.approx(inputs.ins_len[chosen].mean())
     assert row['response_len_rejected'] == pytest.approx(inputs.res_len[rest].mean())
     # Same-cut overlap: the reference ranking cut at this row's proportion.
-    n_c = selection.num_selected(ref_order.size, row['proportion'])
+    n_c = ranking.num_selected(ref_order.size, row['proportion'])
     ref_c = set(ld.sample_index[ref_order[:n_c]])
     assert row['jaccard_same_cut'] == pytest.approx(len(s & ref_c) / len(s | ref_c))
   # A Kendall subsample stays a valid tau.
@@ -238,7 +237,7 @@ def test_sweep_metrics_against_scipy(tmp_path, data_path):  # noqa: F811
 
 
 def test_default_setting_in_grid_is_identity(tmp_path, data_path):  # noqa: F811
-  sdir = _write_store(tmp_path, 'm', data_path, 1000)
+  sdir = write_score_dir(tmp_path, 'm', data_path, 1000)
   inputs = sweep_runner.load_inputs([sdir])
   res = sweep_runner.sweep(inputs, _cfg(modes='paper', levels='sentence', alphas='0.2',
                                         prompt_subsets='all', proportions='0.2'))
@@ -252,7 +251,7 @@ def test_default_setting_in_grid_is_identity(tmp_path, data_path):  # noqa: F811
 
 
 def test_cli_subprocess(tmp_path, data_path):  # noqa: F811
-  sdir = _write_store(tmp_path, 'm', data_path, 1000)
+  sdir = write_score_dir(tmp_path, 'm', data_path, 1000)
   out = str(tmp_path / 'cli')
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   cmd = [sys.executable, '-m', 'selectit_jax.sweep', '--config=configs/sweep.py',

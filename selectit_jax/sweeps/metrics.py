@@ -17,13 +17,13 @@ import math
 import numpy as np
 from scipy import stats
 
-from selectit_jax.selection import runner as selection
+from selectit_jax.selection import ranking as ranking_lib
 
 
 def ranking(score, valid, sample_index, mode) -> np.ndarray:
-  """Positions of ranked samples, best first (selection.rank_order on the valid ones)."""
+  """Positions of ranked samples, best first (ranking_lib.rank_order on the valid ones)."""
   pos = np.nonzero(valid)[0]
-  return pos[selection.rank_order(score[pos], sample_index[pos], mode)]
+  return pos[ranking_lib.rank_order(score[pos], sample_index[pos], mode)]
 
 
 def kendall(a, b) -> float:
@@ -105,11 +105,11 @@ def cut_metrics(order, cuts, mode, ref: Reference, ins_len, res_len) -> list:
   n_ref = int(ref.selected.sum())
   rows = []
   for c in cuts:
-    n_keep = selection.num_selected(n_valid, 0.0 if c.top_n else c.proportion, c.top_n, mode)
+    n_keep = ranking_lib.num_selected(n_valid, 0.0 if c.top_n else c.proportion, c.top_n, mode)
     inter = int(in_ref[n_keep])
     union = n_keep + n_ref - inter
     # The reference ranking cut at this setting's proportion / top_n.
-    n_ref_c = selection.num_selected(ref.n_ranked, 0.0 if c.top_n else c.proportion,
+    n_ref_c = ranking_lib.num_selected(ref.n_ranked, 0.0 if c.top_n else c.proportion,
                                      c.top_n, ref.mode)
     inter_c = int(np.sum(ref_rank_here[:n_keep] < n_ref_c))
     union_c = n_keep + n_ref_c - inter_c

@@ -8,7 +8,7 @@ selection is the one selectit_jax.select writes. The blocks run as eager jnp
 ops, not under jit: eager results are bit-identical to selection's scores, while
 a jit'd block fuses mean/std differently (1-ulp differences that could reorder
 near-ties); the price is a few seconds of per-shape op compilation once. Same
-validity rules (selection.sample_reasons' cells), same rank_order tie-break,
+validity rules (ranking.sample_reasons' cells), same rank_order tie-break,
 same num_selected. The cut is applied to a vector's ranking with cumulative
 sums, so proportions cost O(1) each.
 
@@ -31,7 +31,8 @@ import pyarrow as pa
 
 from selectit_jax import fileio
 from selectit_jax.selection import formulas
-from selectit_jax.selection import runner as selection
+from selectit_jax.selection import inputs as selection_inputs
+from selectit_jax.selection import ranking
 from selectit_jax.sweeps import grid
 from selectit_jax.sweeps import metrics
 from selectit_jax.sweeps import report
@@ -42,7 +43,7 @@ from selectit_jax.sweeps.grid import ScoreSpec
 
 @dataclasses.dataclass
 class Inputs:
-  loaded: selection.Loaded
+  loaded: selection_inputs.Loaded
   ins_len: np.ndarray      # [N] characters, NaN without records
   res_len: np.ndarray
   bad: np.ndarray          # [N, M, K] cell cannot be used (missing or invalid)
@@ -52,8 +53,8 @@ class Inputs:
 def load_inputs(scores_dirs: Sequence[str], k: int = 0) -> Inputs:
   """Score dirs on one sample axis, with the records re-read as select does."""
   notes = []
-  recs, _ = selection.load_input_records(scores_dirs, notes)
-  loaded = selection.load_scores(scores_dirs, k=k,
+  recs, _ = selection_inputs.load_input_records(scores_dirs, notes)
+  loaded = selection_inputs.load_scores(scores_dirs, k=k,
                                  samples=None if recs is None else list(recs.values()))
   notes += loaded.notes
   n = loaded.sample_index.size
@@ -159,7 +160,7 @@ def iter_scores(inputs: Inputs, specs: Sequence[ScoreSpec], weights: dict,
 
 
 def _valid(inputs: Inputs, model_pos: list, prompts: tuple) -> np.ndarray:
-  """The cells select checks for this level (selection.sample_reasons) are all usable."""
+  """The cells select checks for this level (ranking.sample_reasons) are all usable."""
   return ~inputs.bad[:, model_pos][:, :, list(prompts)].any(axis=(1, 2))
 
 
@@ -208,7 +209,7 @@ def _reference(inputs: Inputs, dspec: ScoreSpec, dcut: grid.Cut, weights: dict,
   n = ld.probs.shape[0]
   dscore, dvalid = one_score(inputs, dspec, weights)
   dorder = metrics.ranking(dscore, dvalid, ld.sample_index, dspec.mode)
-  dkeep = selection.num_selected(dorder.size, 0.0 if dcut.top_n else dcut.proportion,
+  dkeep = ranking.num_selected(dorder.size, 0.0 if dcut.top_n else dcut.proportion,
                                  dcut.top_n, dspec.mode)
   dsel = np.zeros(n, bool)
   dsel[dorder[:dkeep]] = True
@@ -320,7 +321,7 @@ def _write_selections(path: str, selections: dict) -> None:
 
 def run(config) -> dict:
   """Loads score dirs, sweeps the grid, writes sweep.parquet, sweep.md, plots."""
-  dirs = selection.scores_dirs_of(config)
+  dirs = selection_inputs.scores_dirs_of(config)
   out_dir = config.output_dir
   os.makedirs(out_dir, exist_ok=True)
   t0 = time.time()
