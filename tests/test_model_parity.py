@@ -2,6 +2,7 @@
 import dataclasses
 import os
 
+import gguf
 import jax
 import ml_collections
 import numpy as np
@@ -11,6 +12,7 @@ import transformers
 
 from conftest import REFERENCE_PROMPTS, sharegpt_records, write_tiny_checkpoint
 from selectit_jax import assets, checkpoints, engine, prompts, sharding
+from selectit_jax.gguf_pretokenizers import apply_gguf_pre_tokenizer
 from selectit_jax.model import Llama
 from selectit_jax.tokenizer import load_tokenizer, rating_token_ids
 
@@ -187,6 +189,11 @@ def test_gguf_tokenizer_matches_transformers_auto_tokenizer(smollm2):
   path, _, ours = smollm2
   theirs = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
                                                       gguf_file=os.path.basename(path))
+  # transformers drops SmolLM2's "smollm" pre-tokenizer (digits alone); restore it so both
+  # sides cut text as the model was trained (ours against llama.cpp: test_gguf_tokenizer.py).
+  fields = gguf.GGUFReader(path).fields
+  apply_gguf_pre_tokenizer(theirs.backend_tokenizer, fields["tokenizer.ggml.model"].contents(),
+                           fields["tokenizer.ggml.pre"].contents(), path)
   recs = sharegpt_records(20)
   texts = [prompts.build_text(p, r.instruction, r.response)
            for r in recs for p in prompts.default_prompts()[:1]]
