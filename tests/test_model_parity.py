@@ -2,6 +2,7 @@
 import dataclasses
 import os
 
+import gguf
 import jax
 import ml_collections
 import numpy as np
@@ -18,6 +19,7 @@ from selectit_jax.scoring import engine
 from selectit_jax.data import prompts
 from selectit_jax.parallel import sharding
 from selectit_jax.models.llama import Llama
+from selectit_jax.checkpoints.gguf_pretokenizers import apply_gguf_pre_tokenizer
 from selectit_jax.checkpoints.tokenizer import load_tokenizer, rating_token_ids
 
 
@@ -192,6 +194,11 @@ def test_gguf_tokenizer_matches_transformers_auto_tokenizer(smollm2):
   path, _, ours = smollm2
   theirs = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
                                                       gguf_file=os.path.basename(path))
+  # transformers drops SmolLM2's "smollm" pre-tokenizer (digits alone); restore it so both
+  # sides cut text as the model was trained (ours against llama.cpp: test_gguf_tokenizer.py).
+  fields = gguf.GGUFReader(path).fields
+  apply_gguf_pre_tokenizer(theirs.backend_tokenizer, fields["tokenizer.ggml.model"].contents(),
+                           fields["tokenizer.ggml.pre"].contents(), path)
   recs = sharegpt_records(20)
   texts = [prompts.build_text(p, r.instruction, r.response)
            for r in recs for p in prompts.default_prompts()[:1]]

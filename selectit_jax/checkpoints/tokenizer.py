@@ -61,6 +61,8 @@ def _gguf_tokenizer(path: str):
   import transformers
   from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
 
+  from selectit_jax.checkpoints.gguf_pretokenizers import apply_gguf_pre_tokenizer
+
   fields = gguf.GGUFReader(path).fields
   meta = {k: f.contents() for k, f in fields.items()
           if k.startswith("tokenizer.") or k == "general.architecture"}
@@ -73,6 +75,9 @@ def _gguf_tokenizer(path: str):
     key = {"unknown": "unk", "padding": "pad"}.get(name, name) + "_token"
     config[key] = tokens["tokens"][token_id] if token_id is not None else None
   backend, extra = mapping.convert_gguf_tokenizer(meta["general.architecture"], tokens)
+  # The converter drops pre-types it does not know (SmolLM2's "smollm"); set llama.cpp's.
+  apply_gguf_pre_tokenizer(backend, meta.get("tokenizer.ggml.model"),
+                           meta.get("tokenizer.ggml.pre"), path)
   return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
 
 
