@@ -14,7 +14,8 @@ import numpy as np
 from selectit_jax.checkpoints import gguf as gguf_lib
 from selectit_jax.checkpoints import hf
 from selectit_jax.parallel import sharding
-from selectit_jax.models.llama import Llama, LlamaConfig
+from selectit_jax.models import registry
+from selectit_jax.models.layers import DecoderConfig
 
 # Hash whole files up to this size; above it, hash sizes, headers and tails (fast on 70B).
 _FULL_HASH_BYTES = 2 << 30
@@ -23,7 +24,7 @@ _PART_BYTES = 1 << 20
 
 @dataclasses.dataclass
 class LoadedModel:
-  config: LlamaConfig
+  config: DecoderConfig
   params: Any
   source_path: str
   fingerprint: str  # content hash of the weight files; part of every stored score's key
@@ -34,7 +35,7 @@ class LoadedModel:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.params)))
 
 
-def tensor_source(path: str) -> tuple[hf.TensorSource, LlamaConfig]:
+def tensor_source(path: str) -> tuple[hf.TensorSource, DecoderConfig]:
   """The tensor source and architecture of a GGUF file or HF checkpoint directory."""
   if os.path.isdir(path):
     return hf.SafetensorsSource(path), hf.read_hf_config(path)
@@ -44,14 +45,14 @@ def tensor_source(path: str) -> tuple[hf.TensorSource, LlamaConfig]:
   raise ValueError(f"{path}: not a HF checkpoint directory or a .gguf file")
 
 
-def param_shapes(cfg: LlamaConfig):
+def param_shapes(cfg: DecoderConfig):
   """Abstract param tree (shapes, dtypes, logical-axis metadata) without allocating."""
-  model = Llama(cfg)
+  model = registry.build(cfg)
   tokens = jnp.zeros((1, 1), jnp.int32)
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, tokens, tokens + 1))
 
 
-def load_params(cfg: LlamaConfig, source: hf.TensorSource, shardings=None):
+def load_params(cfg: DecoderConfig, source: hf.TensorSource, shardings=None):
   """Reads every leaf from `source`; with `shardings` (a tree of `jax.sharding.Sharding`
   matching the params), each device's block is read on its own, so no process
   materialises more than the blocks its devices own plus one HF tensor."""

@@ -10,6 +10,7 @@ import re
 import gguf
 import numpy as np
 
+from selectit_jax.models import registry
 from selectit_jax.models.llama import LlamaConfig
 
 _GLOBAL_NAMES = {
@@ -54,8 +55,10 @@ class GGUFSource:
     self.path = path
     self.reader = gguf.GGUFReader(path)
     arch = self.field("general.architecture")
-    if arch != "llama":
-      raise ValueError(f"{path}: unsupported GGUF architecture {arch!r} (only 'llama')")
+    try:
+      registry.for_gguf(arch)
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from None
     self._tensors = {}
     for t in self.reader.tensors:
       hf = _hf_name(t.name)

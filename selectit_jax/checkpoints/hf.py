@@ -16,7 +16,8 @@ import numpy as np
 import safetensors.numpy
 
 from selectit_jax import fileio
-from selectit_jax.models.llama import LlamaConfig
+from selectit_jax.models import registry
+from selectit_jax.models.layers import DecoderConfig
 
 
 class TensorSource(Protocol):
@@ -32,8 +33,8 @@ class ParamSpec:
   """One param-tree leaf: its HF tensor name and the layout change between the two."""
   path: tuple[str, ...]
   hf_name: str                      # `{i}` is the layer index for stacked params
-  to_ours: Callable[[np.ndarray, LlamaConfig], np.ndarray]
-  to_hf: Callable[[np.ndarray, LlamaConfig], np.ndarray]
+  to_ours: Callable[[np.ndarray, DecoderConfig], np.ndarray]
+  to_hf: Callable[[np.ndarray, DecoderConfig], np.ndarray]
 
   @property
   def stacked(self) -> bool:
@@ -98,7 +99,7 @@ _transpose.hf_block = lambda idx, c: (idx[::-1], lambda w: w.T)
 _L = "model.layers.{i}."
 
 
-def param_table(cfg: LlamaConfig) -> list[ParamSpec]:
+def param_table(cfg: DecoderConfig) -> list[ParamSpec]:
   """Our param paths and their HF tensors, for this architecture."""
   q, k = _in_proj("num_heads"), _in_proj("num_kv_heads")
   table = [
@@ -120,7 +121,7 @@ def param_table(cfg: LlamaConfig) -> list[ParamSpec]:
   return table
 
 
-def read_param(spec: ParamSpec, source: TensorSource, cfg: LlamaConfig, shape: tuple[int, ...],
+def read_param(spec: ParamSpec, source: TensorSource, cfg: DecoderConfig, shape: tuple[int, ...],
                dtype, index: tuple[slice, ...] | None = None) -> np.ndarray:
   """The block `index` (default: all) of one leaf in our layout.
 
@@ -176,7 +177,7 @@ def _converted(spec, name, source, cfg, shape, dtype):
   return out.astype(dtype, copy=False)
 
 
-def check_complete(cfg: LlamaConfig, source: TensorSource) -> None:
+def check_complete(cfg: DecoderConfig, source: TensorSource) -> None:
   """Fails naming the first tensor the architecture needs and the checkpoint lacks."""
   keys = source.keys()
   for spec in param_table(cfg):
@@ -247,12 +248,12 @@ class SafetensorsSource:
     return np.array(self._mapped(name)[index])
 
 
-def read_hf_config(directory: str, **overrides) -> LlamaConfig:
+def read_hf_config(directory: str, **overrides) -> DecoderConfig:
   with open(os.path.join(directory, "config.json")) as f:
-    return LlamaConfig.from_hf(json.load(f), **overrides)
+    return registry.config_from_hf(json.load(f), **overrides)
 
 
-def hf_tensors(cfg: LlamaConfig, params) -> Iterator[tuple[str, np.ndarray]]:
+def hf_tensors(cfg: DecoderConfig, params) -> Iterator[tuple[str, np.ndarray]]:
   """Our param tree as (HF name, HF-layout fp32 array), one tensor at a time."""
   for spec in param_table(cfg):
     leaf = params
@@ -266,7 +267,7 @@ def hf_tensors(cfg: LlamaConfig, params) -> Iterator[tuple[str, np.ndarray]]:
       yield spec.hf_name, np.ascontiguousarray(spec.to_hf(leaf, cfg))
 
 
-def save_hf(directory: str, cfg: LlamaConfig, params, max_shard_bytes: int = 2 << 30) -> None:
+def save_hf(directory: str, cfg: DecoderConfig, params, max_shard_bytes: int = 2 << 30) -> None:
   """Writes config.json and (sharded) safetensors that `transformers` loads."""
   os.makedirs(directory, exist_ok=True)
   fileio.write_json(os.path.join(directory, "config.json"), cfg.to_hf(), indent=2)

@@ -1,22 +1,16 @@
-"""A LLaMA-family decoder in Flax linen.
-
-Parameters and main activations carry logical axis names (`vocab`, `embed`, `heads`,
-`kv_heads`, `head_dim`, `mlp`, `layers`); `sharding.py` maps them onto a device mesh.
-Layers are stacked with `nn.scan` (one compiled block, a leading `layers` axis).
-Rotary embeddings use HF's half-split layout, so HF safetensors load unpermuted.
-"""
+"""The LLaMA family (LLaMA-2, SmolLM2, Mistral-style GQA) in Flax linen: its config and
+decoder, built from the shared layers. Layers are stacked with `nn.scan` (one compiled
+block, a leading `layers` axis)."""
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-# Finite, so fully masked rows (padding) give a uniform softmax instead of NaN.
-_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+from selectit_jax.models.layers import Attention, Mlp, Prefix, RMSNorm, attention_mask, rope_inv_freq
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,152 +90,6 @@ class LlamaConfig:
     }
 
 
-def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
-  """Rotary inverse frequencies [head_dim/2], with HF's `rope_scaling` variants."""
-  hd = cfg.head_dim
-  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-  if not cfg.rope_scaling:
-    return inv_freq
-  s = dict(cfg.rope_scaling)
-  kind = s.get("rope_type", s.get("type"))
-  if kind in (None, "default"):
-    return inv_freq
-  if kind == "linear":
-    return inv_freq / s["factor"]
-  if kind == "llama3":
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_len = s["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (old_len / wavelen - low) / (high - low)
-    mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    return jnp.where(wavelen > old_len / low, inv_freq / factor,
-                     jnp.where(wavelen < old_len / high, inv_freq, mid))
-  raise ValueError(f"unsupported rope_scaling type {kind!r}")
-
-
-def apply_rope(x_bnth: jax.Array, sin_bth: jax.Array, cos_bth: jax.Array) -> jax.Array:
-  """Half-split rotation (HF `rotate_half`) of head-major [b, heads, t, hd], in fp32."""
-  x = x_bnth.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  sin, cos = sin_bth[:, None], cos_bth[:, None]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_bnth.dtype)
-
-
-def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
-  """Causal mask within equal, non-zero segment ids: [b, 1, 1, t, s] bool.
-
-  Right-padded scoring batches use segment 1 for tokens and 0 for padding;
-  packed training batches use one id per packed sample.
-  """
-  t = segment_ids_bt.shape[1]
-  causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-  same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-  real = (segment_ids_bt != 0)[:, None, :]
-  return (causal[None] & same & real)[:, None, None]
-
-
-class RMSNorm(nn.Module):
-  eps: float
-  dtype: Any
-  param_dtype: Any
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                       (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (y * scale.astype(jnp.float32)).astype(self.dtype)
-
-
-def _weight(module: nn.Module, name: str, shape, axes, fan_in: int):
-  init = nn.initializers.normal(stddev=fan_in ** -0.5)
-  w = module.param(name, nn.with_logical_partitioning(init, axes), shape,
-                   module.cfg.param_dtype)
-  return w.astype(module.cfg.dtype)
-
-
-class Attention(nn.Module):
-  """Grouped-query self-attention (num_kv_heads ≤ num_heads), softmax in fp32.
-
-  Heads are kept head-major ([b, heads, t, hd]) from the projections on, so the score and
-  value matmuls of every query block read contiguous rows (on CPU ~25 % faster attention
-  than slicing token-major blocks and transposing each).
-  """
-  cfg: LlamaConfig
-
-  @nn.compact
-  def __call__(self, x_btd, sin, cos, mask, prefix_kv=None, queries=None):
-    """`prefix_kv`: keys and values [b, kv, p, hd] of earlier positions (already rotated)
-    that every row attends to first; `mask` is then [b, 1, 1, t, p + t]. `queries` [b, s]:
-    only these positions query (output [b, s, d]); all t still give keys and values.
-    Returns the output and this call's own (k, v)."""
-    c = self.cfg
-    d, h, kv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-    wq = _weight(self, "q", (d, h, hd), ("embed", "heads", "head_dim"), d)
-    wk = _weight(self, "k", (d, kv, hd), ("embed", "kv_heads", "head_dim"), d)
-    wv = _weight(self, "v", (d, kv, hd), ("embed", "kv_heads", "head_dim"), d)
-    wo = _weight(self, "o", (h, hd, d), ("heads", "head_dim", "embed"), h * hd)
-    k = apply_rope(jnp.einsum("btd,dnh->bnth", x_btd, wk), sin, cos)
-    v = jnp.einsum("btd,dnh->bnth", x_btd, wv)
-    own_kv = (k, v)
-    if prefix_kv is not None:
-      k, v = (jnp.concatenate([cached.astype(new.dtype), new], axis=2)
-              for cached, new in zip(prefix_kv, own_kv))
-    if queries is not None:
-      x_btd, sin, cos = (jnp.take_along_axis(a, queries[..., None], axis=1)
-                         for a in (x_btd, sin, cos))
-      mask = jnp.take_along_axis(mask, queries[:, None, None, :, None], axis=3)
-    q = apply_rope(jnp.einsum("btd,dnh->bnth", x_btd, wq), sin, cos)
-    q = nn.with_logical_constraint(q, ("activation_batch", "activation_heads", "activation_length", None))
-    b, t = x_btd.shape[:2]
-    # Query head n uses kv head n // (h // kv), as HF's repeat_kv.
-    q = q.reshape(b, kv, h // kv, t, hd)
-    if queries is not None:  # anywhere in the row: one block against all keys
-      out = _attend(q, k, v, mask, hd ** -0.5)
-    else:
-      # Causal: rows [start, end) attend to keys [0, p + end) only; the mask handles the
-      # rest (segments, padding, the diagonal block's upper half). Static slices, unrolled
-      # in the scan body.
-      block, p = c.attention_block or t, k.shape[2] - t
-      out = jnp.concatenate(
-          [_attend(q[:, :, :, start:start + block], k[:, :, :p + start + block],
-                   v[:, :, :p + start + block],
-                   mask[..., start:start + block, :p + start + block], hd ** -0.5)
-           for start in range(0, t, block)], axis=3)
-    out = out.reshape(b, h, t, hd).astype(v.dtype)
-    return jnp.einsum("bnth,nhd->btd", out, wo), own_kv
-
-
-def _attend(q_bkgth, k_bksh, v_bksh, mask, scale):
-  """Softmax attention in fp32 with normalisation after PV: the [t, s] scores are read
-  three times (max, exp+sum, PV), not five, and the division touches [t, head_dim] only."""
-  logits = jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh,
-                      preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(mask, logits, _MASK_VALUE)
-  unnorm = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-  out = jnp.einsum("bkgts,bksh->bkgth", unnorm.astype(v_bksh.dtype), v_bksh,
-                   preferred_element_type=jnp.float32)
-  return out / jnp.sum(unnorm, axis=-1, keepdims=True)
-
-
-class Mlp(nn.Module):
-  """SwiGLU feed-forward."""
-  cfg: LlamaConfig
-
-  @nn.compact
-  def __call__(self, x_btd):
-    c = self.cfg
-    d, f = c.hidden_size, c.intermediate_size
-    gate = _weight(self, "gate", (d, f), ("embed", "mlp"), d)
-    up = _weight(self, "up", (d, f), ("embed", "mlp"), d)
-    down = _weight(self, "down", (f, d), ("mlp", "embed"), f)
-    hidden = nn.silu(x_btd @ gate) * (x_btd @ up)
-    hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
-    return hidden @ down
-
-
 class Block(nn.Module):
   """Pre-norm decoder block; a scan body, so it carries `x` and outputs its layer's (k, v)
   when `collect_kv`."""
@@ -273,15 +121,6 @@ class Block(nn.Module):
     rows = jnp.take_along_axis(x, readout[..., None], axis=1) + attn
     rows = rows + self.mlp(self.mlp_norm(rows))
     return x.at[jnp.arange(x.shape[0])[:, None], readout].set(rows), kv
-
-
-class Prefix(NamedTuple):
-  """Keys and values of a shared prefix, computed once (`Llama(collect_kv=True)`) and
-  attended to by every row: k, v [layers, b, kv_heads, p, head_dim]; valid [b, p] marks the
-  real prefix positions of each row."""
-  k: jax.Array
-  v: jax.Array
-  valid: jax.Array
 
 
 class Llama(nn.Module):

@@ -29,7 +29,8 @@ from selectit_jax import checkpoints
 from selectit_jax.models import costs
 from selectit_jax.parallel import devices
 from selectit_jax.parallel import sharding
-from selectit_jax.models.llama import LlamaConfig
+from selectit_jax.models import registry
+from selectit_jax.models.layers import DecoderConfig
 
 @dataclasses.dataclass
 class Estimate:
@@ -49,7 +50,7 @@ def _bytes(dtype) -> int:
   return jnp.dtype(dtype).itemsize
 
 
-def estimate(cfg: LlamaConfig, mesh_sizes: dict[str, int], batch_size: int,
+def estimate(cfg: DecoderConfig, mesh_sizes: dict[str, int], batch_size: int,
              length: int, segments: int = 1) -> Estimate:
   """Per-device bytes for one rating step of [batch_size, length] on a mesh of these sizes.
   Raises the sharding module's error when a weight does not divide the mesh."""
@@ -84,7 +85,7 @@ def estimate(cfg: LlamaConfig, mesh_sizes: dict[str, int], batch_size: int,
   return Estimate(params, gathered, activations, attention, b, t)
 
 
-def arch(config, model_path: str = "") -> LlamaConfig:
+def arch(config, model_path: str = "") -> DecoderConfig:
   """The architecture: the checkpoint's own when it is here, else config.model.arch (HF
   config.json fields), so runs can be planned before the weights are downloaded."""
   overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
@@ -95,7 +96,7 @@ def arch(config, model_path: str = "") -> LlamaConfig:
     _, cfg = checkpoints.tensor_source(path)
     return dataclasses.replace(cfg, **overrides)
   if config.model.get("arch"):
-    return LlamaConfig.from_hf(config.model.arch.to_dict(), **overrides)
+    return registry.config_from_hf(config.model.arch.to_dict(), **overrides)
   raise ValueError(f"model path {path!r} does not exist and the config has no model.arch")
 
 
@@ -105,7 +106,7 @@ def max_length(config) -> int:
   return -(-config.engine.max_tokens // m) * m
 
 
-def fit_lines(cfg: LlamaConfig, mesh_sizes: dict[str, int], batch_size: int, length: int,
+def fit_lines(cfg: DecoderConfig, mesh_sizes: dict[str, int], batch_size: int, length: int,
            device: str, local_devices: int = 1, headroom: float = 0.9,
            segments: int = 1) -> tuple[bool, list[str]]:
   """(fits, lines) for the worst-case step; lines say what to change when it does not fit."""

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selectit_jax.models.llama import Llama, LlamaConfig, Prefix
+from selectit_jax.models import registry
+from selectit_jax.models.layers import DecoderConfig, Prefix
 from selectit_jax.parallel import sharding
 from selectit_jax.scoring.batching import Batch
 
@@ -68,7 +69,7 @@ def pad_batch(batch: Batch, batch_size: int, max_segments: int, pad_id: int) -> 
   return BatchArrays(tokens, segments, positions, prompt, last, np.asarray(item_slot, np.int64))
 
 
-def rating_probs_fn(model: Llama, rating_ids: np.ndarray) -> Callable:
+def rating_probs_fn(model: nn.Module, rating_ids: np.ndarray) -> Callable:
   """(params, prefix table, tokens, segments, positions [b,t], prompt [b], last [b,s]) ->
   (rating logits [b,s,5], logsumexp [b,s]) at each segment's last token, fp32.
 
@@ -85,7 +86,7 @@ def rating_probs_fn(model: Llama, rating_ids: np.ndarray) -> Callable:
         for x in (table.k, table.v)), valid_bp)
     last_bsd = model.apply({"params": params}, tokens_bt, positions, segments_bt, prefix,
                            readout=last_bs)
-    logits_bsv = model.apply({"params": params}, last_bsd, method=Llama.logits)
+    logits_bsv = model.apply({"params": params}, last_bsd, method="logits")
     return logits_bsv[..., rating_ids], jax.nn.logsumexp(logits_bsv, axis=-1)
 
   return step
@@ -100,7 +101,7 @@ class Scorer:
   the ones `owned_rows` gives it.
   """
 
-  def __init__(self, cfg: LlamaConfig, params, rating_ids: np.ndarray, mesh, batch_size: int,
+  def __init__(self, cfg: DecoderConfig, params, rating_ids: np.ndarray, mesh, batch_size: int,
                prefixes: Sequence[Sequence[int]] = (), max_segments: int = 1, pad_id: int = 0):
     self.mesh = mesh
     self.batch_size = batch_size
@@ -115,14 +116,14 @@ class Scorer:
     out_sharding = sharding.replicated(mesh)
     self.prefill_seconds = 0.0
     self._table = self._prefill(cfg, prefixes)
-    step = rating_probs_fn(Llama(cfg), rating_ids)
+    step = rating_probs_fn(registry.build(cfg), rating_ids)
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     self._step = jax.jit(step, in_shardings=(param_sh, out_sharding) + (self._batch_sharding,) * 5,
                          out_shardings=(out_sharding, out_sharding))
     self.compiled_shapes: set[tuple[int, int, int]] = set()  # (rows, length, segments)
     self.compile_seconds = 0.0
 
-  def _prefill(self, cfg: LlamaConfig, prefixes: Sequence[Sequence[int]]) -> Prefix:
+  def _prefill(self, cfg: DecoderConfig, prefixes: Sequence[Sequence[int]]) -> Prefix:
     """Keys and values of every prompt's shared prefix, replicated: [layers, prompts, kv, p, hd]
     (p = 0 without prefixes: rows then hold whole texts)."""
     start = time.perf_counter()
@@ -137,7 +138,7 @@ class Scorer:
     tokens = np.zeros((n, p), np.int32)
     for k, ids in enumerate(prefixes):
       tokens[k, :len(ids)] = ids
-    model = Llama(cfg, collect_kv=True)
+    model = registry.build(cfg, collect_kv=True)
 
     def prefill(params, tokens_np, valid_np):
       positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (n, p))

@@ -16,7 +16,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from selectit_jax import checkpoints
 from selectit_jax.parallel import sharding
-from selectit_jax.models.llama import Llama, LlamaConfig
+from selectit_jax.models import registry
+from selectit_jax.models.layers import DecoderConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -45,7 +46,7 @@ def optimizer(train_cfg, sched: optax.Schedule) -> optax.GradientTransformation:
                   eps=float(train_cfg.eps), weight_decay=float(train_cfg.weight_decay)))
 
 
-def state_shardings(cfg: LlamaConfig, tx, mesh):
+def state_shardings(cfg: DecoderConfig, tx, mesh):
   """NamedShardings of the state: params by the logical-axis rules; AdamW moments like
   their params (optax maps over the boxed params, keeping the axis names); scalars
   replicated."""
@@ -55,7 +56,7 @@ def state_shardings(cfg: LlamaConfig, tx, mesh):
   return {"step": sharding.replicated(mesh), "params": params_sh, "opt_state": opt_sh}
 
 
-def abstract_state(cfg: LlamaConfig, tx, shardings):
+def abstract_state(cfg: DecoderConfig, tx, shardings):
   """ShapeDtypeStructs with shardings: the restore target (no weights are read)."""
   params = nn.unbox(checkpoints.param_shapes(cfg)["params"])
   shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
@@ -70,11 +71,11 @@ def init_state(params, tx, shardings):
   return {"step": step, "params": params, "opt_state": opt_state}
 
 
-def loss_sums(model: Llama, params, batch):
+def loss_sums(model: nn.Module, params, batch):
   """(Σ weighted token NLL, Σ weights) of one micro-batch; logits and log-softmax in fp32."""
   variables = {"params": params}
   hidden = model.apply(variables, batch["inputs"], batch["positions"], batch["segment_ids"])
-  logits = model.apply(variables, hidden, method=Llama.logits)
+  logits = model.apply(variables, hidden, method="logits")
   logz = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
   w = batch["weights"].astype(jnp.float32)
@@ -86,13 +87,13 @@ def accumulation_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(None, ("data", "fsdp")))
 
 
-def make_train_step(cfg: LlamaConfig, tx, sched, mesh, shardings):
+def make_train_step(cfg: DecoderConfig, tx, sched, mesh, shardings):
   """jit'd step(state, batch[accum, micro, length]) -> (state, metrics); state donated.
 
   The loss is the mean NLL over all response tokens of the global batch (token-weighted
   across micro-batches), so accumulation equals one big batch exactly in real arithmetic.
   """
-  model = Llama(cfg)
+  model = registry.build(cfg)
 
   def step(state, batch):
     params = state["params"]
@@ -123,9 +124,9 @@ def make_train_step(cfg: LlamaConfig, tx, sched, mesh, shardings):
   return run
 
 
-def make_eval_step(cfg: LlamaConfig, mesh, shardings):
+def make_eval_step(cfg: DecoderConfig, mesh, shardings):
   """jit'd eval(params, batch[micro, length]) -> (Σ NLL, Σ weights)."""
-  model = Llama(cfg)
+  model = registry.build(cfg)
   jitted = jax.jit(lambda p, b: loss_sums(model, p, b),
                    in_shardings=(shardings["params"], sharding.batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh))

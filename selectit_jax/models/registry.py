@@ -1,0 +1,64 @@
+"""The one map from a checkpoint's architecture to a model family: its config class, its
+decoder module, and the names it is known by in HF `config.json` and GGUF metadata.
+Everything else (loaders, sharding, planner, engine, trainer) asks here instead of
+branching on an architecture name."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+
+from selectit_jax.models import llama
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  name: str
+  config_class: type
+  module: type                    # the flax decoder: module(cfg, **kw)
+  hf_model_types: tuple[str, ...]  # config.json "model_type"
+  gguf_archs: tuple[str, ...]     # GGUF "general.architecture"
+
+
+FAMILIES = (
+    Family("llama", llama.LlamaConfig, llama.Llama, ("llama", "mistral"), ("llama",)),
+)
+
+
+def for_config(cfg) -> Family:
+  """The family of a config instance."""
+  for family in FAMILIES:
+    if isinstance(cfg, family.config_class):
+      return family
+  raise TypeError(f"no model family for config type {type(cfg).__name__}")
+
+
+def for_hf(hf: dict[str, Any]) -> Family:
+  """The family of a HF config.json dict (by model_type)."""
+  model_type = hf.get("model_type") or (
+      "llama" if any("Llama" in a for a in hf.get("architectures") or []) else "")
+  for family in FAMILIES:
+    if model_type in family.hf_model_types:
+      return family
+  known = sorted(t for f in FAMILIES for t in f.hf_model_types)
+  raise ValueError(f"unsupported architecture: model_type={model_type!r} "
+                   f"architectures={hf.get('architectures')}; supported: {known}")
+
+
+def for_gguf(arch: str) -> Family:
+  for family in FAMILIES:
+    if arch in family.gguf_archs:
+      return family
+  known = sorted(a for f in FAMILIES for a in f.gguf_archs)
+  raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {known}")
+
+
+def build(cfg, **kwargs) -> nn.Module:
+  """The decoder module of a config's family."""
+  return for_config(cfg).module(cfg, **kwargs)
+
+
+def config_from_hf(hf: dict[str, Any], **overrides):
+  """A family config from a HF config.json dict."""
+  return for_hf(hf).config_class.from_hf(hf, **overrides)
