@@ -32,6 +32,7 @@ def score_config() -> ml_collections.ConfigDict:
   config.prompts = ml_collections.ConfigDict(dict(
       file="",             # '' = our own default prompts; else one prompt per line
       k=5,                 # K rating prompts (first k)
+      scale=5,             # ratings 1..scale (2..9; the paper ties it to K); code mode: 5
       template=prompts.DEFAULT_TEMPLATE,
   ))
   config.engine = ml_collections.ConfigDict(dict(

@@ -165,6 +165,24 @@ def test_bad_mode_and_shape():
   with pytest.raises(ValueError):
     formulas.token_scores(jnp.ones(5), 'nope')
   with pytest.raises(ValueError):
-    formulas.token_scores(jnp.ones(4))
+    formulas.token_scores(jnp.ones(1))  # a one-point scale
+  with pytest.raises(ValueError):
+    formulas.token_scores(jnp.ones(4), 'code')  # the released scripts rate 1..5
   with pytest.raises(ValueError):
     formulas.scores(np.ones((2, 1, 1, 5)), level='nope')
+
+
+@pytest.mark.parametrize('scale', [2, 3, 7])
+def test_token_scores_on_other_scales(x64, scale):
+  """Eq. 3 on ratings 1..R divides by R-1; code mode exists for R = 5 only."""
+  rng = np.random.default_rng(scale)
+  p = rng.gamma(0.7, size=(20, scale))
+  got = np.asarray(formulas.token_scores(p, 'paper'))
+  for row, s in zip(p, got):
+    q = row / row.sum()
+    b = int(np.argmax(q))
+    assert s == pytest.approx((b + 1) * np.abs(q - q[b]).sum() / (scale - 1), rel=1e-12)
+  with pytest.raises(ValueError, match='five|5-point'):
+    formulas.token_scores(p, 'code')
+  with pytest.raises(ValueError, match='2..9'):
+    formulas.token_scores(np.ones((2, 10)), 'paper')

@@ -39,7 +39,7 @@ def test_round_trip_and_shard_names(tmp_path):
   t = st.read_table()
   assert t.schema == S.SCHEMA
   assert t.to_pylist() == [{**r, "probs": [float(x) for x in r["probs"]]} for r in rows]
-  assert pq.read_schema(p0).field("probs").type == pa.list_(pa.float64(), 5)
+  assert pq.read_schema(p0).field("probs").type == pa.list_(pa.float64())
   assert sorted(os.listdir(st.shards_dir)) == ["00003-000000.parquet", "00003-000001.parquet"]
   # A new store object continues the sequence; other processes keep their own.
   assert os.path.basename(S.ScoreStore(str(tmp_path), 3).write_shard(rows[:1])) == \
@@ -54,7 +54,7 @@ def test_write_shard_validates(tmp_path):
   with pytest.raises(ValueError, match="lack columns"):
     st.write_shard([{k: v for k, v in r.items() if k != "logsumexp"}])
   with pytest.raises(ValueError, match="probs"):
-    st.write_shard([{**r, "probs": [0.1, 0.2]}])
+    st.write_shard([r, {**r, "probs": [0.1, 0.2]}])
   with pytest.raises(ValueError, match="null"):
     st.write_shard([{**r, "model": None}])
   assert st.shard_paths() == [] and os.listdir(st.shards_dir) == []
@@ -200,3 +200,21 @@ def test_manifest_and_rejects(tmp_path):
     assert all(json.loads(line) for line in f)
 
 
+
+
+def test_shards_of_the_five_point_layout_still_read(tmp_path):
+  """Shards written before the scale was a setting hold fixed-size lists of five."""
+  st = S.ScoreStore(str(tmp_path))
+  old = pa.schema([f if f.name != "probs" else pa.field("probs", pa.list_(pa.float64(), 5))
+                   for f in S.SCHEMA])
+  row = dict(sample_id="a", sample_index=0, content_hash="c", model="m", num_params=1,
+             prompt_index=0, prompt_hash="h", probs=[0.1, 0.2, 0.3, 0.2, 0.1], logsumexp=0.0,
+             num_tokens=3)
+  pq.write_table(pa.Table.from_pylist([row], schema=old),
+                 os.path.join(st.shards_dir, "00000-000000.parquet"))
+  st.write_shard([dict(row, content_hash="d", sample_index=1)])
+  out = S.probs_array(st.read_table())
+  assert out.probs.shape == (2, 1, 1, 5) and S.rating_scale(st.read_table()) == 5
+  st.write_shard([dict(row, content_hash="e", sample_index=2, probs=[0.5, 0.5, 0.0])])
+  with pytest.raises(ValueError, match="mix rating scales"):
+    S.probs_array(st.read_table())

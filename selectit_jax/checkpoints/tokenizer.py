@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-RATING_DIGITS = "12345"
+RATING_DIGITS = "123456789"  # a scale K rates with the first K
 
 
 class Tokenizer:
@@ -81,8 +81,8 @@ def _gguf_tokenizer(path: str):
   return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
 
 
-def rating_token_ids(tokenizer: Tokenizer, context: str) -> np.ndarray:
-  """Ids of "1".."5" as the model would emit them right after `context`.
+def rating_token_ids(tokenizer: Tokenizer, context: str, scale: int = 5) -> np.ndarray:
+  """Ids of "1".."scale" as the model would emit them right after `context`.
 
   The digit's token is the last token of `context + digit`; it must be the digit alone
   (one token, decoding to exactly that digit), or a single next-token probability would
@@ -91,7 +91,7 @@ def rating_token_ids(tokenizer: Tokenizer, context: str) -> np.ndarray:
   read from the text with the digit appended.
   """
   ids = []
-  for digit in RATING_DIGITS:
+  for digit in RATING_DIGITS[:scale]:
     last = tokenizer.encode(context + digit)[-1]
     if tokenizer.decode([last]) != digit:
       raise ValueError(

@@ -16,23 +16,31 @@ TEMPLATE_FIELDS = frozenset({"prompt", "instruction", "response"})
 # is one of the five rating digits.
 _DEFAULT_PROMPTS = (
     "Judge how well the response below carries out the instruction and rate its "
-    "quality from 1 (very poor) to 5 (excellent); answer with a single digit.\n",
+    "quality from 1 (very poor) to {top} (excellent); answer with a single digit.\n",
     "Read the instruction and the response, then give the response a quality score "
-    "between 1 and 5, where 5 is best; reply with one digit only.\n",
-    "On a scale from 1 to 5, how helpful, correct and complete is the response to "
+    "between 1 and {top}, where {top} is best; reply with one digit only.\n",
+    "On a scale from 1 to {top}, how helpful, correct and complete is the response to "
     "the instruction? Answer with a single digit.\n",
-    "Rate the answer to the task below from 1 (fails the task) to 5 (fully and "
+    "Rate the answer to the task below from 1 (fails the task) to {top} (fully and "
     "accurately solves it), and write only the digit.\n",
     "Considering accuracy, relevance and clarity, score the following response to "
-    "the instruction with a whole number from 1 to 5; give just that digit.\n",
+    "the instruction with a whole number from 1 to {top}; give just that digit.\n",
     "Assess the quality of the response to the given instruction and reply with "
-    "one digit from 1 (worst) to 5 (best).\n",
+    "one digit from 1 (worst) to {top} (best).\n",
 )
 
 
-def default_prompts() -> list[str]:
-  """The project's own rating prompts, each ending with "\\n"."""
-  return list(_DEFAULT_PROMPTS)
+def default_prompts(scale: int = 5) -> list[str]:
+  """The project's own rating prompts for ratings 1..scale, each ending with "\\n"."""
+  check_scale(scale)
+  return [p.format(top=scale) for p in _DEFAULT_PROMPTS]
+
+
+def check_scale(scale: int) -> int:
+  """A rating scale 1..K with K in 2..9: each rating is one digit token."""
+  if not 2 <= int(scale) <= 9:
+    raise ValueError(f"prompts.scale={scale}; expected 2..9 (each rating one digit)")
+  return int(scale)
 
 
 def load_prompts(path: str) -> list[str]:
@@ -74,7 +82,8 @@ def prompts_from_config(cfg_prompts) -> list[str]:
   """cfg.file ('' = default_prompts()) and cfg.k (first k; 0 or missing = all)."""
   path = cfg_prompts.get("file", "") if cfg_prompts is not None else ""
   k = int(cfg_prompts.get("k", 0) or 0) if cfg_prompts is not None else 0
-  prompts = load_prompts(path) if path else default_prompts()
+  scale = int(cfg_prompts.get("scale", 5) or 5) if cfg_prompts is not None else 5
+  prompts = load_prompts(path) if path else default_prompts(scale)
   if k < 0:
     raise ValueError(f"prompts.k={k}; expected >= 1 (0 = all)")
   if k > len(prompts):

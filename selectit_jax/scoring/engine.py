@@ -107,6 +107,7 @@ class Scorer:
     self.batch_size = batch_size
     self.max_segments = max_segments
     self.pad_id = pad_id
+    self.scale = len(rating_ids)
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % rows:
       raise ValueError(f"engine.batch_size={batch_size} is not a multiple of the mesh's "
@@ -172,7 +173,8 @@ class Scorer:
     with self.mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
       args = (sharding.global_array(x, self._batch_sharding) for x in rows[:5])
       rating_logits, lse = self._step(self.params, self._table, *args)
-      rating_logits = np.asarray(rating_logits, np.float64).reshape(-1, 5)[rows.item_slot]
+      rating_logits = np.asarray(rating_logits, np.float64).reshape(
+          -1, self.scale)[rows.item_slot]
       lse = np.asarray(lse, np.float64).reshape(-1)[rows.item_slot]
     if shape not in self.compiled_shapes:
       self.compiled_shapes.add(shape)

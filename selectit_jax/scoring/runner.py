@@ -52,7 +52,7 @@ class Summary:
            f"{1 - self.row_tokens / max(self.padded_tokens, 1):.1%}, "
            f"{1 - self.row_tokens / max(self.tokens, 1):.1%} of the tokens in shared prefixes"]
     if self.rated_rows:
-      out.append(f"digit mass (P(1..5) summed): mean {self.digit_mass_mean:.3f}, "
+      out.append(f"digit mass (P(1..K) summed): mean {self.digit_mass_mean:.3f}, "
                  f"min {self.digit_mass_min:.3g}")
     return out
 
@@ -66,8 +66,8 @@ def model_settings(config) -> dict:
 
 
 def run_manifest(config, data_cfg, info: records_lib.ReadInfo, model_key: str,
-                 model: checkpoints.LoadedModel, model_path: str, prompts, template
-                 ) -> manifest_lib.Manifest:
+                 model: checkpoints.LoadedModel, model_path: str, prompts, template,
+                 scale: int = 5) -> manifest_lib.Manifest:
   """This run's manifest: what its rows will mean."""
   hashes = [prompts_lib.prompt_hash(p, template) for p in prompts]
   data = {k: data_cfg.get(k) for k in manifest_lib.DATA_KEYS if k in data_cfg}
@@ -78,8 +78,8 @@ def run_manifest(config, data_cfg, info: records_lib.ReadInfo, model_key: str,
   run_entry = manifest_lib.RunEntry(model=model_key, prompt_hashes=tuple(hashes),
                                     limit=int(data_cfg.limit), num_read=info.num_read,
                                     truncated_at=info.truncated_at)
-  return manifest_lib.Manifest(data=data, template=template, prompts=dict(zip(hashes, prompts)),
-                               models=[entry], runs=[run_entry])
+  return manifest_lib.Manifest(data=data, template=template, scale=scale,
+                               prompts=dict(zip(hashes, prompts)), models=[entry], runs=[run_entry])
 
 
 def read_input(config):
@@ -114,6 +114,7 @@ def run(config) -> Summary:
   data_cfg, records, rejects, info = read_input(config)
   template = prompts_lib.template_from_config(config.prompts)
   prompts = prompts_lib.prompts_from_config(config.prompts)
+  scale = prompts_lib.check_scale(config.prompts.get("scale", 5))
   store = store_lib.ScoreStore(config.output_dir, jax.process_index())
 
   mesh = sharding.make_mesh(config.mesh)
@@ -124,7 +125,8 @@ def run(config) -> Summary:
   tokenizer = load_tokenizer(model_path)
   model_key = f"{config.model.name}@{model.fingerprint}"
   logging.info("model %s: %s, θ=%d", model_key, model_path, model.num_params)
-  this_run = run_manifest(config, data_cfg, info, model_key, model, model_path, prompts, template)
+  this_run = run_manifest(config, data_cfg, info, model_key, model, model_path, prompts, template,
+                          scale)
   stored_manifest = store.read_manifest()
   manifest = stored_manifest.merged(this_run) if stored_manifest else this_run
 
@@ -147,7 +149,8 @@ def run(config) -> Summary:
                "to run", len(items), len(plan.batches), plan.buckets,
                [len(p) for p in plan.prefixes], len(todo))
 
-  rating_ids = rating_token_ids(tokenizer, prompts_lib.build_text(prompts[0], "", "", template))
+  rating_ids = rating_token_ids(tokenizer, prompts_lib.build_text(prompts[0], "", "", template),
+                                scale)
   scorer = engine.Scorer(model.config, model.params, rating_ids, mesh, config.engine.batch_size,
                          plan.prefixes, config.engine.max_segments, tokenizer.pad_id)
   logging.info("shared prefixes prefilled in %.1fs (compile included)", scorer.prefill_seconds)

@@ -16,13 +16,13 @@ import re
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from selectit_jax import fileio
 from selectit_jax.data import records as records_lib
 from selectit_jax.scoring import manifest as manifest_lib
 
-NUM_RATINGS = 5
 KEY_COLUMNS = ("content_hash", "model", "prompt_hash")
 SCHEMA = pa.schema([
     ("sample_id", pa.string()),
@@ -32,7 +32,7 @@ SCHEMA = pa.schema([
     ("num_params", pa.int64()),
     ("prompt_index", pa.int32()),
     ("prompt_hash", pa.string()),
-    ("probs", pa.list_(pa.float64(), NUM_RATINGS)),
+    ("probs", pa.list_(pa.float64())),  # P("1".."K"); one scale per dir (the manifest's)
     ("logsumexp", pa.float64()),
     ("num_tokens", pa.int32()),
 ])
@@ -98,11 +98,12 @@ class ScoreStore:
     for name in SCHEMA.names:
       vals = [r[name] for r in rows]
       if name == "probs":
+        lengths = {len(v) for v in vals}
+        if len(lengths) != 1:
+          raise ValueError(f"probs must have one length (the scale) for all rows, got {lengths}")
         vals = np.asarray(vals, dtype=np.float64)
-        if vals.shape != (len(rows), NUM_RATINGS):
-          raise ValueError(f"probs must be [{NUM_RATINGS}] per row, got {vals.shape[1:]}")
-        cols[name] = pa.FixedSizeListArray.from_arrays(
-            pa.array(vals.reshape(-1)), NUM_RATINGS)
+        offsets = np.arange(0, vals.size + 1, vals.shape[1], dtype=np.int32)
+        cols[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(vals.reshape(-1)))
       else:
         if any(v is None for v in vals):
           raise ValueError(f"score rows have null {name}")
@@ -130,7 +131,8 @@ class ScoreStore:
     paths = self.shard_paths()
     if not paths:
       return SCHEMA.empty_table()
-    table = pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in paths])
+    # Shards written before the scale became a setting hold fixed-size lists of 5.
+    table = pa.concat_tables([pq.read_table(p).cast(SCHEMA) for p in paths])
     return dedup(table)
 
 
@@ -150,7 +152,7 @@ def dedup(table: pa.Table) -> pa.Table:
 @dataclasses.dataclass(frozen=True)
 class ProbsArray:
   """probs_array's result: the stored probabilities on dense axes."""
-  probs: np.ndarray          # [N, M, K, 5] float64, NaN where a cell is missing
+  probs: np.ndarray          # [N, M, K, R] float64, NaN where a cell is missing
   sample_index: np.ndarray   # [N] int64
   sample_id: np.ndarray      # [N] object (str)
   models: list               # [M]
@@ -165,9 +167,19 @@ def _codes(values, order):
   return np.fromiter((pos.get(v, -1) for v in values), dtype=np.int64, count=len(values))
 
 
+def rating_scale(table: pa.Table) -> int:
+  """K of the rows' P("1".."K") (5 for an empty table); refuses rows of mixed scales."""
+  if table.num_rows == 0:
+    return 5
+  lengths = np.unique(pc.list_value_length(table.column("probs")).to_numpy(zero_copy_only=False))
+  if len(lengths) != 1:
+    raise ValueError(f"score rows mix rating scales {lengths.tolist()}")
+  return int(lengths[0])
+
+
 def probs_array(table: pa.Table, models=None, prompt_hashes=None,
                 samples=None) -> ProbsArray:
-  """Dense [N, M, K, 5] probabilities from score rows.
+  """Dense [N, M, K, R] probabilities from score rows.
 
   models: names in the wanted order (default: all, sorted by name).
   prompt_hashes: in prompt order (default: all, ordered by prompt_index).
@@ -205,15 +217,16 @@ def probs_array(table: pa.Table, models=None, prompt_hashes=None,
       raise ValueError(f"model {models[j]!r} has rows with num_params {vals.tolist()}")
     num_params[j] = vals[0] if len(vals) else 0
 
-  row_probs = (t.column("probs").combine_chunks().flatten().to_numpy()
-               .reshape(-1, NUM_RATINGS) if t.num_rows else np.zeros((0, NUM_RATINGS)))
+  scale = rating_scale(t)
+  row_probs = (t.column("probs").combine_chunks().flatten().to_numpy().reshape(-1, scale)
+               if t.num_rows else np.zeros((0, scale)))
   if samples is not None:
     samples = list(samples)
     hashes = [records_lib.content_hash(r) for r in samples]
     order = list(dict.fromkeys(hashes))
     c_code = _codes(t.column("content_hash").to_pylist(), order)
     keep = c_code >= 0
-    cells = np.full((len(order), M, K, NUM_RATINGS), np.nan)
+    cells = np.full((len(order), M, K, scale), np.nan)
     cells[c_code[keep], m_code[keep], k_code[keep]] = row_probs[keep]  # keys are unique
     probs = cells[_codes(hashes, order)] if samples else cells[:0]
     sample_index = np.array([r.index for r in samples], np.int64)
@@ -229,7 +242,7 @@ def probs_array(table: pa.Table, models=None, prompt_hashes=None,
       raise ValueError(
           f"sample_index {sample_index[n]} has several rows for model {models[m]!r}, "
           f"prompt {k}: the store mixes different data files; pass samples=records")
-    probs = np.full((len(sample_index), M, K, NUM_RATINGS), np.nan)
+    probs = np.full((len(sample_index), M, K, scale), np.nan)
     probs[n_code, m_code, k_code] = row_probs
   missing = [(int(sample_index[n]), models[m], int(k))
              for n, m, k in np.argwhere(np.isnan(probs).any(axis=-1))]

@@ -7,10 +7,11 @@ so rankings match a numpy float64 reference bit for bit up to rounding order.
 float32 input is accepted (tests check it agrees with float64 to ~1e-6
 relative), but near-ties may then order differently.
 
-Modes:
-  paper: q = P / sum(P); b = argmax q (first max); S = (b+1) * sum_i |q_i - q_b| / 4
+Modes, for ratings 1..R (R = the scale, the last axis; the paper's K = 5):
+  paper: q = P / sum(P); b = argmax q (first max); S = (b+1) * sum_i |q_i - q_b| / (R-1)
   code:  r = exp(q) / sum(exp(q)) (the released second softmax); b = argmax r
-         (first max, 0-based); S = (b+1) * sum_k (r_b - r_k) / 4
+         (first max, 0-based); S = (b+1) * sum_k (r_b - r_k) / 4, R = 5 only: the released
+         scripts hard-code five digit ids.
 The released token-level script divides by (k - 1) with k its prompt count;
 with the default k = 5 that is the same 4 used here for both modes.
 Model level divides by sum(w) in both modes (the released script does not);
@@ -23,7 +24,7 @@ import numpy as np
 
 MODES = ('paper', 'code')
 LEVELS = ('token', 'sentence', 'model')
-NUM_RATINGS = 5
+CODE_SCALE = 5  # code mode reproduces scripts that exist for five ratings only
 
 # Reasons a sample's probabilities are unusable; order = precedence.
 # A (sample, model, prompt) cell has no stored row: never scored, or its text changed since
@@ -39,17 +40,27 @@ def _check_mode(mode: str) -> None:
     raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
 
 
+def check_scale(scale: int, mode: str = 'paper') -> int:
+  """Ratings 1..scale, 2 <= scale <= 9; code mode exists for the released five only."""
+  if not 2 <= scale <= 9:
+    raise ValueError(f'rating scale must be 2..9, got {scale}')
+  if mode == 'code' and scale != CODE_SCALE:
+    raise ValueError(f"mode='code' reproduces the released scripts, which exist for a "
+                     f'{CODE_SCALE}-point scale only; this store rates 1..{scale}: use '
+                     "mode='paper'")
+  return scale
+
+
 def normalize(probs: jnp.ndarray) -> jnp.ndarray:
   """q_k = P_k / sum_j P_j over the last axis (paper Eq. 2)."""
   return probs / jnp.sum(probs, axis=-1, keepdims=True)
 
 
 def token_scores(probs: jnp.ndarray, mode: str = 'paper') -> jnp.ndarray:
-  """Token-level score from P("1")..P("5"): [..., 5] -> [...]."""
+  """Token-level score from P("1")..P("R"): [..., R] -> [...] (Eq. 2-3)."""
   _check_mode(mode)
   probs = jnp.asarray(probs)
-  if probs.shape[-1] != NUM_RATINGS:
-    raise ValueError(f'last axis must be {NUM_RATINGS}, got {probs.shape}')
+  scale = check_scale(probs.shape[-1], mode)
   q = normalize(probs)
   if mode == 'code':
     # Released code: plain exp/sum (no max shift; q is in [0, 1] so it is safe
@@ -59,7 +70,7 @@ def token_scores(probs: jnp.ndarray, mode: str = 'paper') -> jnp.ndarray:
   base = jnp.argmax(q, axis=-1)  # first maximum wins, as numpy
   q_base = jnp.take_along_axis(q, base[..., None], axis=-1)
   spread = jnp.sum(jnp.abs(q - q_base), axis=-1)
-  return (base + 1).astype(q.dtype) * spread / (NUM_RATINGS - 1)
+  return (base + 1).astype(q.dtype) * spread / (scale - 1)
 
 
 def sentence_scores(token: jnp.ndarray, alpha: float = 0.2) -> jnp.ndarray:
@@ -149,8 +160,9 @@ def scores(probs_nmk5,
   if level not in LEVELS:
     raise ValueError(f'level must be one of {LEVELS}, got {level!r}')
   probs = jnp.asarray(probs_nmk5)
-  if probs.ndim != 4 or probs.shape[-1] != NUM_RATINGS:
-    raise ValueError(f'expected probs [N, M, K, 5], got {probs.shape}')
+  if probs.ndim != 4:
+    raise ValueError(f'expected probs [N, M, K, R], got {probs.shape}')
+  check_scale(probs.shape[-1], mode)
   _, m, k, _ = probs.shape
   if not 0 <= prompt_index < k:
     raise ValueError(f'prompt_index {prompt_index} out of range for K={k}')

@@ -15,7 +15,7 @@ from selectit_jax.scoring import store as store_lib
 @dataclasses.dataclass
 class Loaded:
   """Probabilities of one or more score dirs on one sample axis."""
-  probs: np.ndarray          # [N, M, K, 5] float64, NaN where missing
+  probs: np.ndarray          # [N, M, K, R] float64, NaN where missing
   present: np.ndarray        # [N, M, K] bool: a row is stored for the cell
   sample_index: np.ndarray   # [N]
   sample_id: list
@@ -73,6 +73,10 @@ def load_scores(scores_dirs: Sequence[str], k: int = 0, samples=None) -> Loaded:
                       sidx=np.asarray(pa_.sample_index, np.int64), sid=list(pa_.sample_id),
                       models=list(pa_.models), nparams=np.asarray(pa_.num_params, np.int64),
                       rejects=st.read_rejects()))
+  scales = {p['probs'].shape[3] for p in parts}
+  if len(scales) != 1:
+    raise ValueError(f'score dirs rate on different scales {sorted(scales)} '
+                     f'({[p["dir"] for p in parts]}); select them separately')
   ks = {p['probs'].shape[2] for p in parts}
   if len(ks) != 1:
     raise ValueError(f'score dirs have different prompt counts {sorted(ks)}; set config.k')
@@ -80,7 +84,7 @@ def load_scores(scores_dirs: Sequence[str], k: int = 0, samples=None) -> Loaded:
   all_idx = np.unique(np.concatenate([p['sidx'] for p in parts]))
   n = all_idx.size
   m = sum(len(p['models']) for p in parts)
-  probs = np.full((n, m, kk, 5), np.nan)
+  probs = np.full((n, m, kk, scales.pop()), np.nan)
   present = np.zeros((n, m, kk), bool)
   ids = [None] * n
   col = 0
