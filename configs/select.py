@@ -20,5 +20,8 @@ def get_config():
   c.proportion = 0.2        # Fraction kept: floor(N * proportion).
   c.top_n = 0               # > 0 overrides proportion.
   c.weights = ''            # '' = theta (parameter counts); 'uniform'; 'w1,w2,..'.
+  # Rank even if some input records lack rows the scorer did not reject them for (a killed
+  # or partial run): they are reported as missing. False: refuse, naming the coverage.
+  c.allow_partial = False
   c.output_dir = ''
   return c

@@ -74,8 +74,11 @@ def _expected_sentence(i, mode, alpha, k=K):
 def test_end_to_end_sentence(tmp_path, data_path, mode):
   sdir = write_score_dir(tmp_path, 'm135', data_path, 135_000_000, skip=(11,))
   out = str(tmp_path / f'out_{mode}')
+  with pytest.raises(ValueError, match=r'cover 11 of 12 input records.*allow_partial'):
+    selection.run(select_cfg(scores_dir=sdir, mode=mode, output_dir=out))
   summary = selection.run(select_cfg(scores_dir=sdir, mode=mode, alpha=0.3,
-                                            proportion=0.5, output_dir=out))
+                                     proportion=0.5, output_dir=out, allow_partial=True))
+  assert summary['coverage']['missing_unexplained'] == 1
   rows = read_jsonl(os.path.join(out, 'scores.jsonl'))
   by_idx = {r['sample_index']: r for r in rows}
   # 12 readable records (3 rejected by the reader); 5 nan, 8 zero mass, 11 unscored.
@@ -152,7 +155,7 @@ def test_end_to_end_model_level(tmp_path, data_path):
   with pytest.raises(ValueError, match='level'):
     selection.run(select_cfg(scores_dir=f'{a},{b}', output_dir=out))
   summary = selection.run(select_cfg(scores_dir=f'{a},{b}', level='model',
-                                            output_dir=out))
+                                     output_dir=out, allow_partial=True))
   assert summary['models'] == ['small', 'big'] and summary['weights'] == [7e9, 13e9]
   rows = read_jsonl(os.path.join(out, 'scores.jsonl'))
   by_idx = {r['sample_index']: r for r in rows}
@@ -174,7 +177,7 @@ def test_end_to_end_model_level(tmp_path, data_path):
   # Explicit (released-style) weights, code mode.
   out2 = str(tmp_path / 'out2')
   summary = selection.run(select_cfg(scores_dir=f'{a},{b}', level='model', mode='code',
-                                            weights='7/20,13/20', output_dir=out2))
+                                     weights='7/20,13/20', output_dir=out2, allow_partial=True))
   r = {x['sample_index']: x for x in read_jsonl(os.path.join(out2, 'scores.jsonl'))}[0]
   sa = ref_sentence([ref_token_code(v) for v in crafted_probs(0)], 0.2)
   sb = ref_sentence([ref_token_code(v) for v in crafted_probs(0, 0.01)], 0.2)

@@ -84,7 +84,7 @@ def _select_run(tmp_path, name, row, sdir):
     assert row['prompts'] == ','.join(map(str, range(row['k'])))   # first-k subsets only
   if row['level'] == 'model':
     kw['weights'] = '' if row['weights'] == 'theta' else row['weights']
-  selection.run(select_cfg(**kw))
+  selection.run(select_cfg(allow_partial=True, **kw))  # stores with unscored samples
   rows = read_jsonl(os.path.join(str(tmp_path / name), 'scores.jsonl'))
   return [r['sample_index'] for r in rows if r['selected']]   # in rank order
 

@@ -108,6 +108,31 @@ def _load(config, dirs: list, notes: list):
   return recs, container, loaded
 
 
+def coverage(loaded: inputs.Loaded) -> dict:
+  """How many samples have all K x M cells stored, and how many lack cells the scorer did
+  not reject them for (a partial store: an interrupted or narrower run)."""
+  complete = loaded.present.all(axis=(1, 2))
+  rejected = {r['index'] for r in loaded.store_rejects}
+  unexplained = [int(i) for i, ok in zip(loaded.sample_index, complete)
+                 if not ok and int(i) not in rejected]
+  return {'samples': int(complete.size), 'complete': int(complete.sum()),
+          'models': len(loaded.models), 'prompts': int(loaded.present.shape[2]),
+          'missing_unexplained': len(unexplained), 'first_missing': unexplained[:5]}
+
+
+def check_coverage(cov: dict, allow_partial: bool, notes: list) -> None:
+  if not cov['missing_unexplained']:
+    return
+  msg = (f"the scores cover {cov['complete']} of {cov['samples']} input records with all "
+         f"{cov['prompts']} prompts x {cov['models']} models; {cov['missing_unexplained']} "
+         f"lack rows the scorer did not reject them for (sample indices "
+         f"{cov['first_missing']}...)")
+  if not allow_partial:
+    raise ValueError(msg + ": finish scoring (score resumes) or set --config.allow_partial")
+  notes.append(msg + '; ranked without them (allow_partial)')
+  logging.warning('%s', msg)
+
+
 def run(config) -> dict:
   """Reads score dirs, ranks, writes selected records, scores.jsonl and report.md."""
   dirs = inputs.scores_dirs_of(config)
@@ -118,6 +143,10 @@ def run(config) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   notes = []
   recs, container, loaded = _load(config, dirs, notes)
+  cov = coverage(loaded)
+  notes.append(f"coverage: {cov['complete']} of {cov['samples']} input records have all "
+               f"{cov['prompts']} prompts x {cov['models']} models stored")
+  check_coverage(cov, bool(config.get('allow_partial', False)), notes)
   weights = formulas.resolve_weights(config.weights, loaded.num_params)
   if mode == 'paper' and str(config.weights).strip() and level == 'model':
     notes.append(f'explicit model weights {config.weights!r} (Eq. 5 uses theta)')
@@ -145,7 +174,7 @@ def run(config) -> dict:
             'top_n': int(config.top_n), 'weights': [float(w) for w in weights],
             'models': loaded.models, 'num_params': [int(x) for x in loaded.num_params],
             'num_selected': int(ranked.num_kept), 'data_container': container}
-  summary = dict(params, num_samples=n, num_ranked=int(ranked.valid.sum()),
+  summary = dict(params, num_samples=n, num_ranked=int(ranked.valid.sum()), coverage=cov,
                  num_selection_rejects=len(sel_rejects),
                  num_store_rejects=len(loaded.store_rejects), outputs=outputs, notes=notes)
   fileio.write_json(os.path.join(out_dir, 'summary.json'), summary)
