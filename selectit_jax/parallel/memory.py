@@ -114,7 +114,7 @@ def fit_lines(cfg: DecoderConfig, mesh_sizes: dict[str, int], batch_size: int, l
   cap, desc = devices.capacity(device, local_devices)
   budget = int(cap * headroom)
   fits = est.total <= budget
-  g = lambda x: f"{x / devices.GiB:8.2f} devices.GiB"
+  g = lambda x: f"{x / devices.GiB:8.2f} GiB"
   lines = [
       f"model: {costs.num_params(cfg) / 1e9:.2f}B params, {cfg.param_dtype} weights, "
       f"{cfg.dtype} activations",

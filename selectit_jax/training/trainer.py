@@ -138,15 +138,9 @@ _OPTIMIZER_FIELDS = ("learning_rate", "epochs", "warmup_ratio", "schedule", "wei
                      "b2", "eps", "max_grad_norm", "micro_batch_size")
 
 
-def run(config) -> dict:
-  """Trains (or resumes) as configured; returns the summary also written to
-  train_summary.json."""
-  out = config.output_dir
-  if not out:
-    raise ValueError("config.output_dir is required")
-  os.makedirs(out, exist_ok=True)
-  t, d, c = config.train, config.data, config.checkpoint
-  mesh = sharding.make_mesh(config.mesh)
+def _batch_sizes(config, mesh) -> tuple[int, int, int]:
+  """(global batch, micro-batch, accumulation steps), checked against the mesh."""
+  t = config.train
   rows_per_shard = mesh.shape["data"] * mesh.shape["fsdp"]
   batch, micro = int(t.batch_size), int(t.micro_batch_size)
   if batch % micro:
@@ -155,7 +149,99 @@ def run(config) -> dict:
   if micro % rows_per_shard:
     raise ValueError(f"train.micro_batch_size={micro} is not a multiple of the mesh's "
                      f"data×fsdp={rows_per_shard}")
-  accum = batch // micro
+  return batch, micro, batch // micro
+
+
+def _start_state(model_path, cfg, tx, mesh, shardings, mngr, iterator, run_meta, out):
+  """(state, resumed_from): the latest checkpoint of the same run, else the loaded weights.
+  Resuming continues the saved optimizer state, so it is refused under other data, weights
+  or optimisation settings rather than mixing two runs."""
+  resumed_from = mngr.latest_step()
+  if resumed_from is None:
+    loaded = checkpoints.load_model(model_path, mesh, dtype=cfg.dtype,
+                                    param_dtype=cfg.param_dtype, remat=cfg.remat)
+    return step_lib.init_state(loaded.params, tx, shardings), None
+  state, meta = checkpointing.restore(
+      mngr, step_lib.abstract_state(cfg, tx, shardings), resumed_from)
+  for k, v in run_meta.items():
+    if meta.get(k) != v:
+      raise ValueError(f"{out}/checkpoints holds a run with {k}={meta.get(k)!r}, this "
+                       f"config gives {v!r}; use a new output_dir or the same data/config")
+  iterator.set_state(meta["iterator"])
+  logging.info("resumed from step %d", resumed_from)
+  return state, resumed_from
+
+
+class _Throughput:
+  """Tokens/s and MFU per step; the steady rate leaves out each process's first (compiling)
+  step."""
+
+  def __init__(self, cfg, seq_len: int, peak: float):
+    self.cfg, self.seq_len, self.peak = cfg, seq_len, peak
+    self.tokens, self.seconds, self.first = 0, 0.0, True
+
+  def mfu(self, tokens_per_second: float) -> float:
+    return perf.mfu(tokens_per_second, self.cfg, self.seq_len, self.peak, jax.device_count())
+
+  def step(self, tokens: int, seconds: float) -> dict:
+    if not self.first:
+      self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+    self.first = False
+    tok_s = tokens / seconds
+    return dict(tokens=tokens, tokens_per_second=tok_s, step_seconds=seconds,
+                mfu=self.mfu(tok_s))
+
+  def steady(self) -> dict:
+    if not self.seconds:
+      return dict(steady_tokens_per_second=float("nan"), steady_mfu=float("nan"))
+    rate = self.tokens / self.seconds
+    return dict(steady_tokens_per_second=rate, steady_mfu=self.mfu(rate))
+
+
+def _train_loop(state, step, last_step, iterator, train_step, eval_fn, speed, log, mngr,
+                run_meta, accum, micro, train_shard, log_every, eval_every):
+  """Steps to last_step: one global batch each (accum micro-batches), metrics, evaluation
+  and checkpoints (the iterator's state saved with each)."""
+  last_metrics, last_eval = {}, {}
+  bar = tqdm(total=last_step, initial=step, desc="train", disable=jax.process_index() != 0)
+  while step < last_step:
+    host_batch = next(iterator)
+    tokens = int((host_batch["segment_ids"] > 0).sum())
+    device_batch = {k: sharding.global_array(v.reshape((accum, micro) + v.shape[1:]), train_shard)
+                    for k, v in host_batch.items()}
+    start = time.perf_counter()
+    state, metrics = train_step(state, device_batch)
+    metrics = jax.device_get(metrics)  # syncs: the step time below is real
+    step += 1
+    scalars = {k: float(v) for k, v in metrics.items()}
+    scalars.update(speed.step(tokens, time.perf_counter() - start))
+    last_metrics = scalars
+    if step % max(log_every, 1) == 0 or step == last_step:
+      log.write(step, scalars)
+    bar.update(1)
+    bar.set_postfix(loss=f"{scalars['loss']:.4f}", tok_s=f"{scalars['tokens_per_second']:.0f}",
+                    mfu=f"{scalars['mfu']:.2%}")
+    if eval_fn and ((eval_every and step % eval_every == 0) or step == last_step):
+      last_eval = eval_fn(state["params"])
+      log.write(step, last_eval)
+      bar.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f} "
+                f"ppl {last_eval['eval_perplexity']:.2f}")
+    checkpointing.save(mngr, step, state, {**run_meta, "iterator": iterator.get_state(),
+                                           "step": step}, force=step == last_step)
+  bar.close()
+  return state, step, last_metrics, last_eval
+
+
+def run(config) -> dict:
+  """Trains (or resumes) as configured; returns the summary also written to
+  train_summary.json."""
+  out = config.output_dir
+  if not out:
+    raise ValueError("config.output_dir is required")
+  os.makedirs(out, exist_ok=True)
+  t, d = config.train, config.data
+  mesh = sharding.make_mesh(config.mesh)
+  batch, micro, accum = _batch_sizes(config, mesh)
 
   model_path = assets.model_path(config.model)
   tokenizer = load_tokenizer(model_path)
@@ -181,32 +267,19 @@ def run(config) -> dict:
   train_shard = step_lib.accumulation_sharding(mesh)
   eval_shard = sharding.batch_sharding(mesh)
 
-  dataset = data_lib.train_dataset(train_rows, int(t.epochs), batch, int(d.seed))
-  iterator = iter(dataset.to_iter_dataset())
-  # Resuming continues the saved optimizer state: refuse it under other data, weights or
-  # optimisation settings rather than mix two runs.
+  iterator = iter(data_lib.train_dataset(train_rows, int(t.epochs), batch,
+                                         int(d.seed)).to_iter_dataset())
   run_meta = {"train_rows_digest": _rows_digest(train_rows), "total_steps": total_steps,
               "batch_size": batch, "model_fingerprint": checkpoints.fingerprint(model_path),
               "optimizer": json.dumps({k: t[k] for k in _OPTIMIZER_FIELDS}, sort_keys=True)}
-  mngr = checkpointing.manager(os.path.join(out, "checkpoints"), c)
-  resumed_from = mngr.latest_step()
-  if resumed_from is not None:
-    state, meta = checkpointing.restore(
-        mngr, step_lib.abstract_state(cfg, tx, shardings), resumed_from)
-    for k, v in run_meta.items():
-      if meta.get(k) != v:
-        raise ValueError(f"{out}/checkpoints holds a run with {k}={meta.get(k)!r}, this "
-                         f"config gives {v!r}; use a new output_dir or the same data/config")
-    iterator.set_state(meta["iterator"])
-    logging.info("resumed from step %d", resumed_from)
-  else:
-    loaded = checkpoints.load_model(model_path, mesh, dtype=cfg.dtype,
-                                    param_dtype=cfg.param_dtype, remat=cfg.remat)
-    state = step_lib.init_state(loaded.params, tx, shardings)
+  mngr = checkpointing.manager(os.path.join(out, "checkpoints"), config.checkpoint)
+  state, resumed_from = _start_state(model_path, cfg, tx, mesh, shardings, mngr, iterator,
+                                     run_meta, out)
   step = int(jax.device_get(state["step"]))
 
   seq_len = int(d.max_length)
   peak = perf.peak_flops_per_device(float(t.peak_flops_per_device))
+  speed = _Throughput(cfg, seq_len, peak)
   log = MetricsLog(out)
   eval_every = int(t.eval_every)
   summary = {"data": data_report, "total_steps": total_steps, "last_step": last_step,
@@ -218,51 +291,18 @@ def run(config) -> dict:
   logging.info("%d train rows, %d steps (%d this run), global batch %d = %d x %d micro",
                num_rows, total_steps, last_step - step, batch, accum, micro)
 
-  if val_rows is not None and resumed_from is None:
-    log.write(step, evaluate(eval_step, state["params"], val_rows, micro, eval_shard))
-  steady_tokens, steady_time, last_metrics, last_eval = 0, 0.0, {}, {}
-  bar = tqdm(total=last_step, initial=step, desc="train", disable=jax.process_index() != 0)
-  first = True
-  while step < last_step:
-    host_batch = next(iterator)
-    tokens = int((host_batch["segment_ids"] > 0).sum())
-    device_batch = {k: sharding.global_array(v.reshape((accum, micro) + v.shape[1:]), train_shard)
-                    for k, v in host_batch.items()}
-    start = time.perf_counter()
-    state, metrics = train_step(state, device_batch)
-    metrics = jax.device_get(metrics)  # syncs: the step time below is real
-    dt = time.perf_counter() - start
-    step += 1
-    if not first:  # the first step of a process includes compilation
-      steady_tokens, steady_time = steady_tokens + tokens, steady_time + dt
-    first = False
-    tok_s = tokens / dt
-    scalars = {k: float(v) for k, v in metrics.items()}
-    scalars.update(tokens=tokens, tokens_per_second=tok_s, step_seconds=dt,
-                   mfu=perf.mfu(tok_s, cfg, seq_len, peak, jax.device_count()))
-    last_metrics = scalars
-    if step % max(int(t.log_every), 1) == 0 or step == last_step:
-      log.write(step, scalars)
-    bar.update(1)
-    bar.set_postfix(loss=f"{scalars['loss']:.4f}", tok_s=f"{tok_s:.0f}",
-                    mfu=f"{scalars['mfu']:.2%}")
-    if val_rows is not None and ((eval_every and step % eval_every == 0) or step == last_step):
-      last_eval = evaluate(eval_step, state["params"], val_rows, micro, eval_shard)
-      log.write(step, last_eval)
-      bar.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f} "
-                f"ppl {last_eval['eval_perplexity']:.2f}")
-    checkpointing.save(mngr, step, state, {**run_meta, "iterator": iterator.get_state(),
-                                           "step": step}, force=step == last_step)
-  bar.close()
+  eval_fn = None if val_rows is None else (
+      lambda params: evaluate(eval_step, params, val_rows, micro, eval_shard))
+  if eval_fn and resumed_from is None:
+    log.write(step, eval_fn(state["params"]))
+  state, step, last_metrics, last_eval = _train_loop(
+      state, step, last_step, iterator, train_step, eval_fn, speed, log, mngr, run_meta,
+      accum, micro, train_shard, int(t.log_every), eval_every)
   mngr.wait_until_finished()
   mngr.close()
   log.close()
 
-  steady = steady_tokens / steady_time if steady_time else float("nan")
-  summary.update(final_step=step, final=last_metrics, final_eval=last_eval,
-                 steady_tokens_per_second=steady,
-                 steady_mfu=perf.mfu(steady, cfg, seq_len, peak, jax.device_count())
-                 if steady_time else float("nan"))
+  summary.update(final_step=step, final=last_metrics, final_eval=last_eval, **speed.steady())
   if config.export.enabled:
     summary["export_dir"] = export_lib.export_hf(os.path.join(out, "hf"), cfg,
                                                  state["params"], tokenizer)
