@@ -9,6 +9,7 @@ mesh sizes come from the config; a -1 axis takes memory.num_devices, default all
 from absl import app
 from ml_collections import config_flags
 
+from selectit_jax import cli
 from selectit_jax.parallel import memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Scoring config file.",
@@ -24,4 +25,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_main(main)

@@ -7,6 +7,7 @@
 from absl import app
 from ml_collections import config_flags
 
+from selectit_jax import cli
 from selectit_jax.parallel import distributed
 from selectit_jax.scoring import runner as scoring
 
@@ -22,4 +23,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_main(main)

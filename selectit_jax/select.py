@@ -9,6 +9,7 @@ python -m selectit_jax.select --config=configs/select.py \
 from absl import app
 from ml_collections import config_flags
 
+from selectit_jax import cli
 from selectit_jax.selection import runner as selection
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -22,4 +23,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_main(main)

@@ -8,6 +8,7 @@ Run the same command again to resume from DIR/checkpoints; the model is exported
 from absl import app
 from ml_collections import config_flags
 
+from selectit_jax import cli
 from selectit_jax.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
@@ -21,4 +22,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_main(main)

@@ -8,7 +8,7 @@ import os
 import pytest
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from conftest import write_tiny_checkpoint
+from conftest import write_sentencepiece, write_tiny_checkpoint
 from selectit_jax import assets
 from selectit_jax import checkpoints
 from selectit_jax.checkpoints import gguf_pretokenizers
@@ -127,3 +127,53 @@ def test_exported_tokenizer_keeps_the_rule(smollm2_tok, tmp_path):
   ids = exported.encode("\n\n1")
   assert [exported.decode([i]) for i in ids] == ["\n\n", "1"]
   assert ids == smollm2_tok.encode("\n\n1")
+
+
+def _write_sentencepiece_gguf(path, sp_dir, add_bos):
+  """A SentencePiece GGUF ("llama") with conftest's tiny vocabulary, as llama.cpp's converter
+  writes one: pieces, scores, token types, special ids; `add_bos` None leaves the key out."""
+  import gguf
+  import sentencepiece as spm
+  sp = spm.SentencePieceProcessor(model_file=os.path.join(sp_dir, "tokenizer.model"))
+  n = sp.get_piece_size()
+
+  def token_type(i):
+    for check, kind in ((sp.is_unknown, gguf.TokenType.UNKNOWN),
+                        (sp.is_control, gguf.TokenType.CONTROL),
+                        (sp.is_byte, gguf.TokenType.BYTE), (sp.is_unused, gguf.TokenType.UNUSED)):
+      if check(i):
+        return kind
+    return gguf.TokenType.NORMAL
+
+  writer = gguf.GGUFWriter(path, "llama")
+  writer.add_tokenizer_model("llama")
+  writer.add_token_list([sp.id_to_piece(i) for i in range(n)])
+  writer.add_token_scores([sp.get_score(i) for i in range(n)])
+  writer.add_token_types([token_type(i) for i in range(n)])
+  writer.add_unk_token_id(sp.unk_id())
+  writer.add_bos_token_id(sp.bos_id())
+  writer.add_eos_token_id(sp.eos_id())
+  if add_bos is not None:
+    writer.add_add_bos_token(add_bos)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+
+@pytest.mark.parametrize("add_bos", [None, False, True])
+def test_sentencepiece_gguf_bos_like_transformers(add_bos, tmp_path):
+  """Without tokenizer.ggml.add_bos_token a SentencePiece GGUF gets BOS (transformers,
+  llama.cpp and LLaMA-2's own tokenizer do); the key, when present, decides."""
+  import transformers
+  write_sentencepiece(str(tmp_path))
+  name = f"sp_{add_bos}.gguf"
+  _write_sentencepiece_gguf(str(tmp_path / name), str(tmp_path), add_bos)
+  ours = load_tokenizer(str(tmp_path / name))
+  ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=name)
+  texts = ["Rate the response from 1 to 5.\nInstruction:Write a poem.\nThe answer is: \n",
+           "The sea is wide and deep; 2345 waves roll in."]
+  for text in texts:
+    assert ours.encode(text) == ref(text)["input_ids"]
+  assert (ours.encode(texts[0])[0] == ours.bos_id) == (add_bos is not False)
+  assert ours.bos_id == 1

@@ -1,11 +1,13 @@
 """Tests for selectit_jax.data.prompts."""
 import os
+import re
 
 import ml_collections
 import pytest
 
 from conftest import REFERENCE_PROMPTS
 from selectit_jax.data import prompts as P
+from selectit_jax.errors import UserError
 
 RELEASED = REFERENCE_PROMPTS
 
@@ -62,11 +64,36 @@ def test_prompts_from_config(tmp_path):
     P.prompts_from_config(cfg(k=len(P.default_prompts()) + 1))
   with pytest.raises(ValueError, match=">= 1"):
     P.prompts_from_config(cfg(k=-1))
-  (tmp_path / "p.txt").write_text("one\r\ntwo\n\nthree", encoding="utf-8")
-  assert P.load_prompts(str(tmp_path / "p.txt")) == ["one\n", "two\n", "\n", "three"]
+  (tmp_path / "p.txt").write_text("one\r\ntwo\n three", encoding="utf-8")
+  assert P.load_prompts(str(tmp_path / "p.txt")) == ["one\n", "two\n", " three"]
   (tmp_path / "e.txt").write_text("")
   with pytest.raises(ValueError, match="empty"):
     P.prompts_from_config(cfg(file=str(tmp_path / "e.txt")))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("one\ntwo\none", r"repeated prompt on lines 1 and 3"),
+    # The last line lacks its "\n", yet repeats line 1; so does a copy with spaces around it.
+    ("one\ntwo\n one \none", r"repeated prompt on lines 1 and 3; 1 and 4"),
+    ("one\n\ntwo\n", r"blank line\(s\) 2\b"),
+    ("one\ntwo\n  \t\n\n", r"blank line\(s\) 3, 4"),
+    ("one\n\none\n", r"blank line\(s\) 2; repeated prompt on lines 1 and 3"),
+])
+def test_blank_or_repeated_prompt_lines_are_refused(tmp_path, text, message):
+  path = tmp_path / "prompts.txt"
+  path.write_text(text, encoding="utf-8")
+  for load in (lambda: P.load_prompts(str(path)),
+               lambda: P.prompts_from_config(cfg(file=str(path), k=1))):
+    with pytest.raises(UserError, match=re.escape(str(path)) + ".*" + message):
+      load()
+
+
+def test_k_larger_than_the_file_is_refused(tmp_path):
+  path = tmp_path / "prompts.txt"
+  path.write_text("one\ntwo\nthree", encoding="utf-8")
+  assert P.prompts_from_config(cfg(file=str(path), k=3)) == ["one\n", "two\n", "three"]
+  with pytest.raises(UserError, match=r"prompts.k=4 but .*prompts.txt has only 3 prompts"):
+    P.prompts_from_config(cfg(file=str(path), k=4))
 
 
 def test_template_from_config_and_checks():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from typing import Any
 
@@ -13,13 +12,10 @@ import numpy as np
 
 from selectit_jax.checkpoints import gguf as gguf_lib
 from selectit_jax.checkpoints import hf
+from selectit_jax.checkpoints.fingerprints import fingerprint
 from selectit_jax.parallel import sharding
 from selectit_jax.models import registry
 from selectit_jax.models.layers import DecoderConfig
-
-# Hash whole files up to this size; above it, hash sizes, headers and tails (fast on 70B).
-_FULL_HASH_BYTES = 2 << 30
-_PART_BYTES = 1 << 20
 
 
 @dataclasses.dataclass
@@ -88,28 +84,6 @@ def load_model(path: str, mesh=None, **config_overrides) -> LoadedModel:
     shardings = sharding.param_shardings(param_shapes(cfg)["params"], mesh)
   params = load_params(cfg, source, shardings)
   return LoadedModel(cfg, params, path, fingerprint(path))
-
-
-def fingerprint(path: str) -> str:
-  """sha256 (16 hex) of the weight files: whole files up to 2 GiB in total, else each
-  file's size, first and last MiB (safetensors headers hold every tensor's offsets)."""
-  files = ([os.path.join(path, f) for f in sorted(os.listdir(path))
-            if f.endswith((".safetensors", ".json", ".model"))]
-           if os.path.isdir(path) else [path])
-  total = sum(os.path.getsize(f) for f in files)
-  h = hashlib.sha256()
-  for f in files:
-    size = os.path.getsize(f)
-    h.update(f"{os.path.basename(f)}:{size}\0".encode())
-    with open(f, "rb") as fh:
-      if total <= _FULL_HASH_BYTES:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-          h.update(chunk)
-      else:
-        h.update(fh.read(_PART_BYTES))
-        fh.seek(max(0, size - _PART_BYTES))
-        h.update(fh.read())
-  return h.hexdigest()[:16]
 
 
 def _leaf(tree, path):

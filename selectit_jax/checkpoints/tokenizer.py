@@ -70,6 +70,7 @@ def _gguf_tokenizer(path: str):
                     if f"tokenizer.{key}" in meta}
             for group, renames in mapping.GGUF_TOKENIZER_MAPPING.items()}
   tokens, config = groups["tokenizer"], groups["tokenizer_config"]
+  _default_add_bos(tokens.get("tokenizer_type"), config)
   for name in ("bos", "eos", "unknown", "padding"):
     token_id = meta.get(f"tokenizer.ggml.{name}_token_id")
     key = {"unknown": "unk", "padding": "pad"}.get(name, name) + "_token"
@@ -79,6 +80,19 @@ def _gguf_tokenizer(path: str):
   apply_gguf_pre_tokenizer(backend, meta.get("tokenizer.ggml.model"),
                            meta.get("tokenizer.ggml.pre"), path)
   return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
+
+
+def _default_add_bos(tokenizer_type: str | None, config: dict) -> None:
+  """transformers' `get_gguf_tokenizer` defaults, which PyTorch-free loading must repeat.
+
+  A SentencePiece vocabulary ("llama") that does not say gets BOS, as llama.cpp adds it and
+  LLaMA-2 was trained with it (the released code's `tokenizer(text)` prepends <s>); older
+  files lack the key. gemma4 files say true, but its reference tokenizer adds none.
+  """
+  if tokenizer_type == "llama":
+    config.setdefault("add_bos_token", True)
+  elif tokenizer_type == "gemma4":
+    config["add_bos_token"] = False
 
 
 def rating_token_ids(tokenizer: Tokenizer, context: str, scale: int = 5) -> np.ndarray:

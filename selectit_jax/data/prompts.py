@@ -8,6 +8,8 @@ released code does (every line keeps its "\\n", the last one may lack it).
 import hashlib
 import string
 
+from selectit_jax.errors import UserError
+
 DEFAULT_TEMPLATE = "{prompt}\nInstruction:{instruction}\nResponse:{response}\nThe answer is: \n"
 TEMPLATE_FIELDS = frozenset({"prompt", "instruction", "response"})
 
@@ -48,8 +50,29 @@ def load_prompts(path: str) -> list[str]:
   with open(path, "r", encoding="utf-8") as f:
     prompts = f.readlines()
   if not prompts:
-    raise ValueError(f"prompts file {path} is empty")
+    raise UserError(f"prompts file {path} is empty")
+  check_prompts(prompts, path)
   return prompts
+
+
+def check_prompts(prompts: list[str], source: str) -> None:
+  """Refuses blank lines and repeated prompts, naming their 1-based line numbers.
+
+  An exact repeat has its twin's prompt hash, so both columns share one store key: every row
+  lands in one column, every sample is dropped as non-finite and the selection comes out
+  empty. Text is compared stripped (the last line lacks its "\\n"): a near repeat asks the
+  same question twice. A blank line asks nothing.
+  """
+  blank = [n for n, p in enumerate(prompts, 1) if not p.strip()]
+  first_line, repeats = {}, []
+  for n, p in enumerate(prompts, 1):
+    if p.strip() and first_line.setdefault(p.strip(), n) != n:
+      repeats.append(f"{first_line[p.strip()]} and {n}")
+  problems = ([f"blank line(s) {', '.join(map(str, blank))}"] if blank else []) + (
+      [f"repeated prompt on lines {'; '.join(repeats)}"] if repeats else [])
+  if problems:
+    raise UserError(f"prompts file {source}: {'; '.join(problems)}; "
+                    "write one distinct prompt a line")
 
 
 def check_template(template: str) -> str:
@@ -85,10 +108,10 @@ def prompts_from_config(cfg_prompts) -> list[str]:
   scale = int(cfg_prompts.get("scale", 5) or 5) if cfg_prompts is not None else 5
   prompts = load_prompts(path) if path else default_prompts(scale)
   if k < 0:
-    raise ValueError(f"prompts.k={k}; expected >= 1 (0 = all)")
+    raise UserError(f"prompts.k={k}; expected >= 1 (0 = all)")
   if k > len(prompts):
-    raise ValueError(f"prompts.k={k} but {path or 'the default prompts'} has only "
-                     f"{len(prompts)} prompts")
+    raise UserError(f"prompts.k={k} but {path or 'the default prompts'} has only "
+                    f"{len(prompts)} prompts")
   return prompts[:k] if k else prompts
 
 

@@ -159,9 +159,10 @@ def check_config(config, model_path: str, mesh) -> None:
   for line in lines:
     logging.info("memory: %s", line)
   if not fits:
-    msg = "this run will not fit in device memory:\n" + "\n".join(lines)
+    # The summary comes last: the command prints it as its `error:` line, the table above it.
+    msg = "\n".join(lines) + f"\nthis run will not fit in the memory of {device}"
     if config.memory.check:
-      raise MemoryError(msg + "\n(set --config.memory.check=False to run anyway)")
+      raise MemoryError(msg + " (set --config.memory.check=False to run anyway)")
     logging.warning("%s", msg)
 
 
