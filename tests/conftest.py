@@ -201,7 +201,7 @@ def write_score_dir(tmp_path, name, data_path, num_params, skip=(), model_shift=
       models=[manifest_lib.ModelEntry(name, name, '', '0' * 16, num_params)],
       runs=[manifest_lib.RunEntry(name, hashes, 0, 0)]))
   recs, rejects, _ = records_lib.read_records({'path': data_path, 'format': 'sharegpt'})
-  st.append_rejects(rejects)
+  st.write_rejects(rejects)
   rows, seen = [], set()
   for r in recs:
     h = records_lib.content_hash(r)
