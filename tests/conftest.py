@@ -191,7 +191,8 @@ def crafted_probs(i, model_shift=0.0):
   return p
 
 
-def write_score_dir(tmp_path, name, data_path, num_params, skip=(), model_shift=0.0):
+def write_score_dir(tmp_path, name, data_path, num_params, skip=(), model_shift=0.0,
+                    truncated=()):
   d = str(tmp_path / name)
   st = store_lib.ScoreStore(d)
   hashes = tuple(prompts_lib.prompt_hash(p) for p in PROMPTS)
@@ -213,7 +214,7 @@ def write_score_dir(tmp_path, name, data_path, num_params, skip=(), model_shift=
       rows.append(dict(sample_id=r.id, sample_index=r.index, content_hash=h, model=name,
                        num_params=num_params, prompt_index=k,
                        prompt_hash=prompts_lib.prompt_hash(prompt), probs=probs[k].tolist(),
-                       logsumexp=0.0, num_tokens=10))
+                       logsumexp=0.0, num_tokens=10, truncated=r.index in truncated))
   st.write_shard(rows[:len(rows) // 2])
   st.write_shard(rows[len(rows) // 2:])
   return d
