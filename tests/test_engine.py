@@ -257,3 +257,19 @@ def test_repeated_texts_are_rated_once_and_share_rejects(tiny):
                                   tok, max_tokens=150, too_long="reject")
   assert [(it.sample_index, it.prompt_index) for it in items] == [(0, 0), (0, 1)]
   assert [r.index for r in rejects] == [1, 3] and rejects[0].reason == rejects[1].reason
+
+
+def test_truncation_rule_is_a_model_setting():
+  """A dir scored with the earlier per-prompt cut is refused rather than mixed with this one."""
+  from configs import smollm2_135m
+  from selectit_jax.scoring import manifest, runner
+  config = smollm2_135m.get_config()
+  assert runner.model_settings(config)["engine.truncation"] == "shared_cut"
+  entry = lambda settings: manifest.Manifest(
+      data={}, template="t", models=[manifest.ModelEntry("m", "m", "", "f", 1, settings)])
+  new = runner.model_settings(config)
+  old = {k: v for k, v in new.items() if k != "engine.truncation"}
+  with pytest.raises(ValueError, match="engine.truncation"):
+    entry(old).check_compatible(entry(new))
+  config.engine.too_long = "reject"  # unchanged by the cut: old reject dirs stay usable
+  assert "engine.truncation" not in runner.model_settings(config)

@@ -63,8 +63,13 @@ def model_settings(config) -> dict:
   """The settings besides the weights that change a stored probability: a dir's rows of one
   model key must all be made with the same ones (`Manifest.check_compatible`)."""
   e = config.engine
-  return {"model.dtype": config.model.dtype, "model.param_dtype": config.model.param_dtype,
-          "engine.max_tokens": int(e.max_tokens), "engine.too_long": e.too_long}
+  settings = {"model.dtype": config.model.dtype, "model.param_dtype": config.model.param_dtype,
+              "engine.max_tokens": int(e.max_tokens), "engine.too_long": e.too_long}
+  if e.too_long == "truncate":
+    # Truncated rows made before the one shared cut (a cut per prompt, the response only)
+    # mean other texts under the same keys: such a dir is refused, not silently reused.
+    settings["engine.truncation"] = "shared_cut"
+  return settings
 
 
 def run_manifest(config, data_cfg, info: records_lib.ReadInfo, model_key: str,
