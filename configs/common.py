@@ -38,7 +38,7 @@ def score_config() -> ml_collections.ConfigDict:
   config.engine = ml_collections.ConfigDict(dict(
       batch_size=4,        # rows per step; a multiple of mesh data×fsdp
       max_tokens=2048,     # longer texts: see too_long
-      too_long="truncate",  # truncate the response (closing line kept) | reject the record
+      too_long="truncate",  # truncate (one cut for all prompts; README) | reject the record
       max_shapes=5,        # compiled sequence lengths (buckets: see fit_buckets)
       bucket_multiple=16,
       prefix_cache=True,   # each prompt's shared leading tokens computed once, not per row

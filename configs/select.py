@@ -18,6 +18,9 @@ def get_config():
   c.prompt_index = 0        # Prompt used at token level.
   c.k = 0                   # 0 = all stored prompts, else the first k.
   c.proportion = 0.2        # Fraction kept: floor(N * proportion).
+  # N: 'rankable' = samples with usable scores (default); 'input' = all input samples,
+  # unrankable ones (rejected while scoring, missing or bad scores) included.
+  c.count_from = 'rankable'
   c.top_n = 0               # > 0 overrides proportion.
   c.weights = ''            # '' = theta (parameter counts); 'uniform'; 'w1,w2,..'.
   # Rank even if some input records lack rows the scorer did not reject them for (a killed

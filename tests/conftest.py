@@ -191,7 +191,8 @@ def crafted_probs(i, model_shift=0.0):
   return p
 
 
-def write_score_dir(tmp_path, name, data_path, num_params, skip=(), model_shift=0.0):
+def write_score_dir(tmp_path, name, data_path, num_params, skip=(), model_shift=0.0,
+                    truncated=()):
   d = str(tmp_path / name)
   st = store_lib.ScoreStore(d)
   hashes = tuple(prompts_lib.prompt_hash(p) for p in PROMPTS)
@@ -201,7 +202,7 @@ def write_score_dir(tmp_path, name, data_path, num_params, skip=(), model_shift=
       models=[manifest_lib.ModelEntry(name, name, '', '0' * 16, num_params)],
       runs=[manifest_lib.RunEntry(name, hashes, 0, 0)]))
   recs, rejects, _ = records_lib.read_records({'path': data_path, 'format': 'sharegpt'})
-  st.append_rejects(rejects)
+  st.write_rejects(rejects)
   rows, seen = [], set()
   for r in recs:
     h = records_lib.content_hash(r)
@@ -213,7 +214,7 @@ def write_score_dir(tmp_path, name, data_path, num_params, skip=(), model_shift=
       rows.append(dict(sample_id=r.id, sample_index=r.index, content_hash=h, model=name,
                        num_params=num_params, prompt_index=k,
                        prompt_hash=prompts_lib.prompt_hash(prompt), probs=probs[k].tolist(),
-                       logsumexp=0.0, num_tokens=10))
+                       logsumexp=0.0, num_tokens=10, truncated=r.index in truncated))
   st.write_shard(rows[:len(rows) // 2])
   st.write_shard(rows[len(rows) // 2:])
   return d

@@ -175,18 +175,71 @@ def test_truncation_keeps_the_closing_line(tiny):
   assert text.endswith("\nThe answer is: \n") and "Instruction:Write a poem" in text
 
 
-def test_too_long_records_are_rejected_whole(tiny):
+def _parts(tok, item):
+  """(instruction, response) of a rated text, read back from its tokens."""
+  text = tok.decode(item.ids)
+  assert text.endswith("\nThe answer is: \n")
+  instruction, response = text.split("\nInstruction:", 1)[1].split("\nResponse:", 1)
+  return instruction, response[:-len("\nThe answer is: \n")]
+
+
+def test_one_cut_for_all_prompts(tiny):
+  """Prompts of different lengths rate the same cut text, fitted under the tightest prompt;
+  the response is cut first, down to half the budget, then the instruction."""
+  _, tok = tiny
+  ps = prompts.default_prompts()[:4]
+  frames = [len(tok.encode(prompts.build_text(p, "", ""))) for p in ps]
+  assert len(set(frames)) > 1
+  cases = {0: ("Write a poem about the sea.", "The sea is wide and deep. " * 200),
+           1: ("Explain the sea. " * 200, "It is wide."),
+           2: ("Explain the sea. " * 200, "The sea is wide and deep. " * 200)}
+  recs = [_record(i, *texts) for i, texts in cases.items()]
+  items, rejects = batching.prepare(recs, ps, prompts.DEFAULT_TEMPLATE, tok, max_tokens=200)
+  assert not rejects and len(items) == 3 * len(ps) and all(it.truncated for it in items)
+  for i, (instruction, response) in cases.items():
+    mine = [it for it in items if it.sample_index == i]
+    assert max(len(it.ids) for it in mine) <= 200
+    parts = {_parts(tok, it) for it in mine}
+    assert len(parts) == 1, parts  # the same instruction and response under every prompt
+    (cut_ins, cut_res), = parts
+    assert instruction.startswith(cut_ins) and response.startswith(cut_res)
+    n_ins, n_res = len(tok.token_ends(cut_ins)), len(tok.token_ends(cut_res))
+    budget = 200 - max(frames)
+    if i == 0:    # short instruction: kept whole, the response fills the rest
+      assert cut_ins == instruction and n_res > budget - n_ins - 8
+    elif i == 1:  # short response: kept whole, the instruction cut
+      assert cut_res == response and n_ins > budget - n_res - 8
+    else:         # both long: the response keeps half the budget
+      assert abs(n_res - budget // 2) <= 4 and n_ins > budget // 2 - 8
+
+
+def test_split_budget():
+  assert batching.split_budget(10, 500, 100) == (10, 90)
+  assert batching.split_budget(500, 10, 100) == (90, 10)
+  assert batching.split_budget(500, 500, 100) == (50, 50)
+  assert batching.split_budget(30, 40, 100) == (30, 40)
+  assert batching.split_budget(5, 5, -3) == (0, 0)
+
+
+def test_too_long_records_are_truncated_or_rejected_whole(tiny):
   _, tok = tiny
   recs = [_record(0, "short", "fine"), _record(1, "Explain. " * 300, "ok"),
           _record(2, "short", "long answer " * 300)]
   ps = prompts.default_prompts()[:2]
   items, rejects = batching.prepare(recs, ps, prompts.DEFAULT_TEMPLATE, tok, max_tokens=150)
-  assert {it.sample_index for it in items} == {0, 2}
-  assert [(r.index, "alone exceed" in r.reason) for r in rejects] == [(1, True)]
+  # An instruction alone over the budget is cut too, not rejected.
+  assert not rejects and {it.sample_index for it in items} == {0, 1, 2}
+  assert [it.truncated for it in items] == [False, False, True, True, True, True]
+  assert all(len(it.ids) <= 150 for it in items)
+  assert _parts(tok, items[2])[1] == "ok"
   items, rejects = batching.prepare(recs, ps, prompts.DEFAULT_TEMPLATE, tok, max_tokens=150,
                                   too_long="reject")
   assert {it.sample_index for it in items} == {0}
   assert [r.index for r in rejects] == [1, 2] and "engine.max_tokens=150" in rejects[1].reason
+  # Only a prompt and template that alone exceed the budget reject a record when truncating.
+  items, rejects = batching.prepare(recs, ps, prompts.DEFAULT_TEMPLATE, tok, max_tokens=20)
+  assert not items and [(r.index, "alone exceed" in r.reason) for r in rejects] == [
+      (0, True), (1, True), (2, True)]
 
 
 def test_batch_size_must_divide_over_the_mesh(tiny):
@@ -201,6 +254,22 @@ def test_repeated_texts_are_rated_once_and_share_rejects(tiny):
   recs = [_record(0, "short", "fine"), _record(1, "Explain. " * 300, "ok"),
           _record(2, "short", "fine"), _record(3, "Explain. " * 300, "ok")]
   items, rejects = batching.prepare(recs, prompts.default_prompts()[:2], prompts.DEFAULT_TEMPLATE,
-                                  tok, max_tokens=150)
+                                  tok, max_tokens=150, too_long="reject")
   assert [(it.sample_index, it.prompt_index) for it in items] == [(0, 0), (0, 1)]
   assert [r.index for r in rejects] == [1, 3] and rejects[0].reason == rejects[1].reason
+
+
+def test_truncation_rule_is_a_model_setting():
+  """A dir scored with the earlier per-prompt cut is refused rather than mixed with this one."""
+  from configs import smollm2_135m
+  from selectit_jax.scoring import manifest, runner
+  config = smollm2_135m.get_config()
+  assert runner.model_settings(config)["engine.truncation"] == "shared_cut"
+  entry = lambda settings: manifest.Manifest(
+      data={}, template="t", models=[manifest.ModelEntry("m", "m", "", "f", 1, settings)])
+  new = runner.model_settings(config)
+  old = {k: v for k, v in new.items() if k != "engine.truncation"}
+  with pytest.raises(ValueError, match="engine.truncation"):
+    entry(old).check_compatible(entry(new))
+  config.engine.too_long = "reject"  # unchanged by the cut: old reject dirs stay usable
+  assert "engine.truncation" not in runner.model_settings(config)

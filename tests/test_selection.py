@@ -29,6 +29,19 @@ def test_num_selected_floor_and_top_n():
     ranking.num_selected(10, 1.5)
 
 
+def test_count_base_and_tie_at_cut():
+  assert ranking.count_base(9, 12, 'rankable') == 9
+  assert ranking.count_base(9, 12, 'input') == 12
+  with pytest.raises(ValueError, match='count_from'):
+    ranking.count_base(9, 12, 'all')
+  s = np.array([5.0, 4.0, 3.0, 3.0, 3.0, 1.0])
+  assert ranking.tie_at_cut(s, 3) == (1, 2)   # last kept 3.0 == first dropped 3.0
+  assert ranking.tie_at_cut(s, 4) == (2, 1)
+  assert ranking.tie_at_cut(s, 2) == (0, 0)   # 4.0 kept, 3.0 dropped: a clean cut
+  assert ranking.tie_at_cut(s, 5) == (0, 0)
+  assert ranking.tie_at_cut(s, 0) == ranking.tie_at_cut(s, 6) == (0, 0)
+
+
 def test_rank_order_tie_break_both_modes():
   score = np.array([0.5, 0.9, 0.5, 0.1, 0.9, 0.5])
   idx = np.array([10, 11, 12, 13, 14, 15])
@@ -221,3 +234,90 @@ def test_cli_subprocess(tmp_path, data_path):
   res = subprocess.run([sys.executable, '-c', probe], cwd=repo, env=env, capture_output=True,
                        text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
+
+
+def _report(out):
+  with open(os.path.join(out, 'report.md'), encoding='utf-8') as f:
+    return f.read()
+
+
+def test_count_from_input_counts_unrankable_samples(tmp_path, data_path):
+  """12 readable samples, 9 rankable (5, 8 bad; 11 unscored): floor(N * 0.5) is 4 from the
+  rankable ones (default) and 6 from all input samples."""
+  sdir = write_score_dir(tmp_path, 'm', data_path, 1000, skip=(11,))
+  summary = selection.run(select_cfg(scores_dir=sdir, proportion=0.5, allow_partial=True,
+                                     output_dir=str(tmp_path / 'a')))
+  assert (summary['num_counted'], summary['num_selected'], summary['count_from']) == (
+      9, 4, 'rankable')
+  assert ('- N of floor(N * proportion): 9 (ranked samples only; unrankable ones do not '
+          'count; count_from=rankable)') in _report(tmp_path / 'a')
+  summary = selection.run(select_cfg(scores_dir=sdir, proportion=0.5, count_from='input',
+                                     allow_partial=True, output_dir=str(tmp_path / 'b')))
+  assert (summary['num_counted'], summary['num_selected']) == (12, 6)
+  assert sum(r['selected'] for r in read_jsonl(tmp_path / 'b' / 'scores.jsonl')) == 6
+  assert 'N of floor(N * proportion): 12 (input samples, unrankable ones included' in _report(
+      tmp_path / 'b')
+  # Never more than the rankable samples.
+  summary = selection.run(select_cfg(scores_dir=sdir, proportion=1.0, count_from='input',
+                                     allow_partial=True, output_dir=str(tmp_path / 'c')))
+  assert (summary['num_counted'], summary['num_selected']) == (12, 9)
+  with pytest.raises(ValueError, match='count_from'):
+    selection.run(select_cfg(scores_dir=sdir, count_from='records', allow_partial=True,
+                             output_dir=str(tmp_path / 'd')))
+
+
+def test_cut_inside_equal_scores_warns(tmp_path, data_path, caplog):
+  """Samples 1, 4 and 9 score equal: a cut between them is decided by the tie-break alone."""
+  sdir = write_score_dir(tmp_path, 'm', data_path, 1000)
+  summary = selection.run(select_cfg(scores_dir=sdir, output_dir=str(tmp_path / 'all')))
+  rank = {r['sample_index']: r['rank'] for r in read_jsonl(tmp_path / 'all' / 'scores.jsonl')}
+  first = min(rank[1], rank[4], rank[9])
+  assert sorted((rank[1], rank[4], rank[9])) == [first, first + 1, first + 2]
+  with caplog.at_level('WARNING'):
+    summary = selection.run(select_cfg(scores_dir=sdir, top_n=first + 1,
+                                       output_dir=str(tmp_path / 'tie')))
+  assert (summary['num_tied_at_cut'], summary['num_tied_dropped']) == (3, 2)
+  assert 'group of 3 samples with equal score' in summary['warnings'][0]
+  assert any('group of 3 samples with equal score' in r.getMessage() for r in caplog.records)
+  assert '**Warning**: the cut falls inside a group of 3 samples' in _report(tmp_path / 'tie')
+  # The group wholly kept, or wholly dropped (top_n=0 is off, so proportion 0 drops all).
+  for n, cut in enumerate((dict(top_n=first + 3),
+                           dict(top_n=first) if first else dict(proportion=0.0))):
+    summary = selection.run(select_cfg(scores_dir=sdir, output_dir=str(tmp_path / f'c{n}'), **cut))
+    assert summary['num_tied_at_cut'] == 0 and not summary['warnings']
+    assert '**Warning**: the cut' not in _report(tmp_path / f'c{n}')
+
+
+def test_truncated_samples_are_counted(tmp_path, data_path):
+  sdir = write_score_dir(tmp_path, 'm', data_path, 1000, truncated=(2, 6, 12))
+  summary = selection.run(select_cfg(scores_dir=sdir, proportion=0.5,
+                                     output_dir=str(tmp_path / 'out')))
+  rows = {r['sample_index']: r for r in read_jsonl(tmp_path / 'out' / 'scores.jsonl')}
+  # 7 repeats 6's text: stored once, as 6, so it shares the cut.
+  assert {i for i, r in rows.items() if r['truncated']} == {2, 6, 7, 12}
+  chosen = {i for i, r in rows.items() if r['selected'] and r['truncated']}
+  assert summary['num_truncated'] == 4 and summary['num_selected_truncated'] == len(chosen)
+  assert (f'- truncated to engine.max_tokens while scoring: 4 (selected: {len(chosen)})'
+          in _report(tmp_path / 'out'))
+
+
+def test_select_counts_rejects_of_the_covered_records_only(tmp_path, data_path):
+  """A dir whose rejects.jsonl still holds an earlier, longer run's rejects (written before
+  it was rewritten per run) counts only those of the records its manifest covers."""
+  from selectit_jax.data import records as records_lib
+  from selectit_jax.scoring import manifest as manifest_lib
+  from selectit_jax.scoring import store as store_lib
+  sdir = write_score_dir(tmp_path, 'm', data_path, 1000)
+  st = store_lib.ScoreStore(sdir)
+  man = st.read_manifest()
+  st.write_manifest(manifest_lib.Manifest(
+      data=man.data, template=man.template, prompts=man.prompts, models=man.models,
+      runs=[manifest_lib.RunEntry('m', tuple(man.prompts), 6, 6)]))
+  records_lib.write_rejects(st.rejects_path, [
+      records_lib.Reject(3, 's3', 'empty response'),
+      records_lib.Reject(9, 's9', '900 tokens with prompt 0, more than engine.max_tokens=512')])
+  summary = selection.run(select_cfg(scores_dir=sdir, output_dir=str(tmp_path / 'out')))
+  assert summary['num_store_rejects'] == 1 and summary['num_samples'] == 5
+  assert any('1 rejects in rejects.jsonl are of records beyond the 6' in n
+             for n in summary['notes'])
+  assert 'max_tokens=512' not in _report(tmp_path / 'out')

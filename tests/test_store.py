@@ -38,7 +38,8 @@ def test_round_trip_and_shard_names(tmp_path):
                                                      "00003-000001.parquet"]
   t = st.read_table()
   assert t.schema == S.SCHEMA
-  assert t.to_pylist() == [{**r, "probs": [float(x) for x in r["probs"]]} for r in rows]
+  assert t.to_pylist() == [{**r, "probs": [float(x) for x in r["probs"]], "truncated": False}
+                           for r in rows]
   assert pq.read_schema(p0).field("probs").type == pa.list_(pa.float64())
   assert sorted(os.listdir(st.shards_dir)) == ["00003-000000.parquet", "00003-000001.parquet"]
   # A new store object continues the sequence; other processes keep their own.
@@ -191,11 +192,13 @@ def test_manifest_and_rejects(tmp_path):
   assert st.read_manifest().template == "u"
   assert sorted(os.listdir(tmp_path)) == ["manifest.json", "shards"]
   rej = [R.Reject(1, "x", "empty response"), R.Reject(4, None, "too long")]
-  assert st.append_rejects(rej) == 2
-  assert st.append_rejects(rej + [R.Reject(5, "y", "too long")]) == 1  # resume: no repeats
+  assert st.write_rejects(rej + rej[:1]) == 2  # no repeats
   assert st.read_rejects() == [{"index": 1, "id": "x", "reason": "empty response"},
-                               {"index": 4, "id": None, "reason": "too long"},
-                               {"index": 5, "id": "y", "reason": "too long"}]
+                               {"index": 4, "id": None, "reason": "too long"}]
+  # The next run's rejects replace them: each run's rejects are its own.
+  assert st.write_rejects([R.Reject(5, "y", "too long")]) == 1
+  assert st.read_rejects() == [{"index": 5, "id": "y", "reason": "too long"}]
+  assert st.write_rejects([]) == 0 and st.read_rejects() == []
   with open(st.rejects_path) as f:
     assert all(json.loads(line) for line in f)
 
@@ -206,7 +209,7 @@ def test_shards_of_the_five_point_layout_still_read(tmp_path):
   """Shards written before the scale was a setting hold fixed-size lists of five."""
   st = S.ScoreStore(str(tmp_path))
   old = pa.schema([f if f.name != "probs" else pa.field("probs", pa.list_(pa.float64(), 5))
-                   for f in S.SCHEMA])
+                   for f in S.SCHEMA if f.name != "truncated"])
   row = dict(sample_id="a", sample_index=0, content_hash="c", model="m", num_params=1,
              prompt_index=0, prompt_hash="h", probs=[0.1, 0.2, 0.3, 0.2, 0.1], logsumexp=0.0,
              num_tokens=3)
@@ -218,3 +221,16 @@ def test_shards_of_the_five_point_layout_still_read(tmp_path):
   st.write_shard([dict(row, content_hash="e", sample_index=2, probs=[0.5, 0.5, 0.0])])
   with pytest.raises(ValueError, match="mix rating scales"):
     S.probs_array(st.read_table())
+
+
+def test_truncated_column_defaults_and_old_shards_read_false(tmp_path):
+  st = S.ScoreStore(str(tmp_path))
+  st.write_shard([dict(row(rec(0)), truncated=True), row(rec(1))])
+  # A shard written before the column existed.
+  old = [row(rec(2))]
+  table = pa.Table.from_pylist(old, schema=pa.schema([f for f in S.SCHEMA if f.name != "truncated"]))
+  pq.write_table(table, os.path.join(st.shards_dir, "00000-000009.parquet"))
+  t = st.read_table()
+  assert t.schema == S.SCHEMA
+  assert dict(zip(t.column("sample_index").to_pylist(), t.column("truncated").to_pylist())) == {
+      0: True, 1: False, 2: False}

@@ -38,6 +38,17 @@ class Tokenizer:
   def decode(self, ids: Sequence[int]) -> str:
     return self.hf.decode(list(ids))
 
+  def token_ends(self, text: str) -> list[int]:
+    """Per token of `text` (no special tokens), the character offset its span ends at:
+    text[:ends[n - 1]] is the text of the first n tokens, cut in the original string (a
+    decode could differ from it in spaces or split characters)."""
+    spans = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+    ends, end = [], 0
+    for _, stop in spans["offset_mapping"]:
+      end = max(end, stop)  # byte-fallback pieces of one character share its span
+      ends.append(end)
+    return ends
+
 
 def load_tokenizer(path: str) -> Tokenizer:
   """From a GGUF file (its metadata) or a checkpoint directory (tokenizer.json, or the

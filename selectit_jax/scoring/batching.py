@@ -40,17 +40,26 @@ class WorkItem:
     return (self.content_hash, model_key, self.prompt_hash)
 
 
+# Truncation split: the response is cut first, but keeps at least this share of a sample's
+# token budget (all of it if shorter); the instruction is cut to the rest. The rater needs
+# both the task and enough of the answer to judge it, and long samples are the ones the
+# paper says matter, so neither part is dropped whole.
+RESPONSE_MIN_SHARE = 0.5
+
+
 def prepare(records: Sequence[records_lib.Record], prompts: Sequence[str], template: str,
             tokenizer: Tokenizer, max_tokens: int, too_long: str = "truncate"
             ) -> tuple[list[WorkItem], list[records_lib.Reject]]:
   """Tokenizes every (record, prompt) text once.
 
-  Too long for `max_tokens`: 'reject' the record, or 'truncate' its response, keeping the
-  prompt's closing line ("The answer is: ") intact. A record whose text does not fit even
-  with an empty response is rejected either way. A rejected record is rejected for all
-  its prompts, so it never gets a partial set of scores. A record whose text repeats an
-  earlier one's is not rated again: rows are keyed by content, so the first copy's scores
-  serve every copy (and its reject, if any, is repeated for each copy).
+  A record with a text over `max_tokens`: 'reject' it, or 'truncate' it (`fit_sample`): one
+  cut of its instruction and response, the same for all K prompts and fitting under the
+  tightest one, so the prompts rate the same text (Eq. 4's std measures the prompts, not the
+  cut); the template's closing line ("The answer is: ") stays at the end. A record is
+  rejected either way only if a prompt and the template alone exceed `max_tokens`. A rejected
+  record is rejected for all its prompts, so it never gets a partial set of scores. A record
+  whose text repeats an earlier one's is not rated again: rows are keyed by content, so the
+  first copy's scores serve every copy (and its reject, if any, is repeated for each copy).
   """
   if too_long not in ("truncate", "reject"):
     raise ValueError(f"engine.too_long={too_long!r}; expected 'truncate' or 'reject'")
@@ -63,45 +72,60 @@ def prepare(records: Sequence[records_lib.Record], prompts: Sequence[str], templ
       if first_reject[content]:
         rejects.append(records_lib.Reject(rec.index, rec.id, first_reject[content]))
       continue
-    texts = [prompts_lib.build_text(p, rec.instruction, rec.response, template) for p in prompts]
-    ids = tokenizer.encode_batch(texts)
-    rec_items, reason = [], None
-    for k, (p, seq) in enumerate(zip(prompts, ids)):
-      truncated = False
-      if len(seq) > max_tokens:
-        if too_long == "reject":
-          reason = f"{len(seq)} tokens with prompt {k}, more than engine.max_tokens={max_tokens}"
-          break
-        seq = _truncate_response(p, rec, template, tokenizer, max_tokens)
-        if seq is None:
-          reason = (f"instruction and prompt {k} alone exceed engine.max_tokens={max_tokens}")
-          break
-        truncated = True
-      rec_items.append(WorkItem(rec.index, rec.id, content, k, hashes[k], tuple(seq), truncated))
+    ids = tokenizer.encode_batch(
+        [prompts_lib.build_text(p, rec.instruction, rec.response, template) for p in prompts])
+    over = [k for k, seq in enumerate(ids) if len(seq) > max_tokens]
+    reason = None
+    if over and too_long == "reject":
+      reason = (f"{len(ids[over[0]])} tokens with prompt {over[0]}, more than "
+                f"engine.max_tokens={max_tokens}")
+    elif over:
+      ids, reason = fit_sample(prompts, rec, template, tokenizer, max_tokens)
     first_reject[content] = reason
     if reason:
       rejects.append(records_lib.Reject(rec.index, rec.id, reason))
     else:
-      items.extend(rec_items)
+      items.extend(WorkItem(rec.index, rec.id, content, k, hashes[k], tuple(seq), bool(over))
+                   for k, seq in enumerate(ids))
   return items, rejects
 
 
-def _truncate_response(prompt, rec, template, tokenizer, max_tokens):
-  """Longest prefix of the response (in tokens) whose full text fits, or None."""
-  if len(tokenizer.encode(prompts_lib.build_text(prompt, rec.instruction, "", template))) > max_tokens:
-    return None
-  response_ids = tokenizer.encode(rec.response)
-  bos = 1 if response_ids[:1] == [tokenizer.bos_id] else 0
-  keep = len(response_ids)
-  # Token boundaries can shift when the cut text is re-tokenized in context; shrink until
-  # the whole text fits (a few rounds at most).
-  while keep > 0:
-    seq = tokenizer.encode(prompts_lib.build_text(
-        prompt, rec.instruction, tokenizer.decode(response_ids[bos:keep]), template))
-    if len(seq) <= max_tokens:
-      return seq
-    keep -= len(seq) - max_tokens
-  return tokenizer.encode(prompts_lib.build_text(prompt, rec.instruction, "", template))
+def split_budget(num_instruction: int, num_response: int, budget: int) -> tuple[int, int]:
+  """(instruction, response) tokens to keep within `budget`: the response is cut first,
+  down to RESPONSE_MIN_SHARE of the budget (or its length), then the instruction."""
+  budget = max(budget, 0)
+  response_min = min(num_response, int(budget * RESPONSE_MIN_SHARE))
+  keep_instruction = min(num_instruction, budget - response_min)
+  return keep_instruction, min(num_response, budget - keep_instruction)
+
+
+def fit_sample(prompts, rec, template, tokenizer, max_tokens):
+  """(token ids per prompt, None) with one cut of the instruction and the response for all
+  prompts, or (None, reason) when a prompt and the template alone do not fit.
+
+  The budget is max_tokens less the tightest prompt's tokens without instruction and
+  response, split by `split_budget`; each part keeps its leading tokens, cut in the original
+  string.
+  """
+  frames = [len(seq) for seq in tokenizer.encode_batch(
+      [prompts_lib.build_text(p, "", "", template) for p in prompts])]
+  tightest = int(np.argmax(frames))
+  if frames[tightest] > max_tokens:
+    return None, (f"prompt {tightest} and the template alone exceed "
+                  f"engine.max_tokens={max_tokens}")
+  ends = tokenizer.token_ends(rec.instruction), tokenizer.token_ends(rec.response)
+  keep = split_budget(len(ends[0]), len(ends[1]), max_tokens - frames[tightest])
+  # Parts tokenize a little differently in context than alone; cut further until every
+  # prompt's text fits (each round drops at least one token, so it ends).
+  while True:
+    instruction, response = (text[:e[n - 1]] if n else ""
+                             for text, e, n in zip((rec.instruction, rec.response), ends, keep))
+    ids = tokenizer.encode_batch(
+        [prompts_lib.build_text(p, instruction, response, template) for p in prompts])
+    over = max(map(len, ids)) - max_tokens
+    if over <= 0:
+      return ids, None
+    keep = split_budget(*keep, sum(keep) - over)
 
 
 def choose_buckets(lengths: Iterable[int], max_shapes: int, multiple: int,

@@ -31,6 +31,7 @@ class Summary:
   skipped_rows: int = 0      # already in the store (resume)
   rejected: int = 0
   truncated_rows: int = 0
+  truncated_samples: int = 0  # cut to engine.max_tokens (the same cut for all its texts)
   tokens: int = 0             # tokens of the rated texts
   row_tokens: int = 0         # of them in the batch rows (not in a shared prefix)
   padded_tokens: int = 0      # row slots, padding included
@@ -44,7 +45,8 @@ class Summary:
   def lines(self) -> list[str]:
     steady = max(self.loop_seconds - self.compile_seconds, 1e-9)
     out = [f"scored {self.scored_rows} texts ({self.skipped_rows} already stored), "
-           f"rejected {self.rejected} records, truncated {self.truncated_rows} texts",
+           f"rejected {self.rejected} records, truncated {self.truncated_samples} samples "
+           f"({self.truncated_rows} texts)",
            f"wall {self.wall_seconds:.1f}s, of it rating {self.loop_seconds:.1f}s (first calls "
            f"incl. compile {self.compile_seconds:.1f}s, {self.compiled_shapes} shapes); "
            f"{self.tokens / max(self.loop_seconds, 1e-9):.0f} tok/s overall, "
@@ -61,8 +63,13 @@ def model_settings(config) -> dict:
   """The settings besides the weights that change a stored probability: a dir's rows of one
   model key must all be made with the same ones (`Manifest.check_compatible`)."""
   e = config.engine
-  return {"model.dtype": config.model.dtype, "model.param_dtype": config.model.param_dtype,
-          "engine.max_tokens": int(e.max_tokens), "engine.too_long": e.too_long}
+  settings = {"model.dtype": config.model.dtype, "model.param_dtype": config.model.param_dtype,
+              "engine.max_tokens": int(e.max_tokens), "engine.too_long": e.too_long}
+  if e.too_long == "truncate":
+    # Truncated rows made before the one shared cut (a cut per prompt, the response only)
+    # mean other texts under the same keys: such a dir is refused, not silently reused.
+    settings["engine.truncation"] = "shared_cut"
+  return settings
 
 
 def run_manifest(config, data_cfg, info: records_lib.ReadInfo, model_key: str,
@@ -134,9 +141,10 @@ def run(config) -> Summary:
                                      config.engine.max_tokens, config.engine.too_long)
   rejects = list(rejects) + too_long
   if jax.process_index() == 0:  # shared files (rejects, manifest) have one writer
-    store.append_rejects(rejects)
+    store.write_rejects(rejects)
     store.write_manifest(manifest)
-  summary = Summary(rejected=len(rejects), truncated_rows=sum(it.truncated for it in items))
+  summary = Summary(rejected=len(rejects), truncated_rows=sum(it.truncated for it in items),
+                    truncated_samples=len({it.sample_index for it in items if it.truncated}))
   if not items:
     logging.warning("nothing to score")
     return summary
@@ -182,7 +190,8 @@ def rate_into_store(scorer: engine.Scorer, batches, store: store_lib.ScoreStore,
       rows.append(dict(sample_id=it.sample_id, sample_index=it.sample_index,
                        content_hash=it.content_hash, model=model_key, num_params=num_params,
                        prompt_index=it.prompt_index, prompt_hash=it.prompt_hash,
-                       probs=out.probs[r], logsumexp=out.logsumexp[r], num_tokens=len(it.ids)))
+                       probs=out.probs[r], logsumexp=out.logsumexp[r], num_tokens=len(it.ids),
+                       truncated=it.truncated))
     summary.rated_rows += len(batch.items)
     summary.tokens += batch.real_tokens
     summary.row_tokens += batch.row_tokens

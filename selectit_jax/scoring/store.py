@@ -5,7 +5,7 @@ Layout under a scores dir:
                                           fsync, os.replace); tmp files start with '.'
                                           and are never read.
   manifest.json                           run description (atomic json).
-  rejects.jsonl                           {index, id, reason}.
+  rejects.jsonl                           {index, id, reason} of the last run (atomic).
 Key of a row = (content_hash, model, prompt_hash): the same text rated by the same
 model with the same prompt is computed once, whatever its index or id.
 """
@@ -35,7 +35,11 @@ SCHEMA = pa.schema([
     ("probs", pa.list_(pa.float64())),  # P("1".."K"); one scale per dir (the manifest's)
     ("logsumexp", pa.float64()),
     ("num_tokens", pa.int32()),
+    ("truncated", pa.bool_()),  # the sample's text was cut to engine.max_tokens
 ])
+# Columns added after the first shards were written: rows may leave them out, and shards
+# without them read as this value.
+DEFAULTS = {"truncated": False}
 _SHARD = re.compile(r"^(\d{5})-(\d{6})\.parquet$")
 
 
@@ -63,17 +67,13 @@ class ScoreStore:
     return manifest_lib.read(self.dir)
 
   # -- rejects
-  def append_rejects(self, rejects) -> int:
-    """Appends Rejects not already in rejects.jsonl (same index and reason); returns #new."""
-    seen = {(r["index"], r["reason"]) for r in self.read_rejects()}
-    new, added = [], set()
-    for r in rejects:
-      if (r.index, r.reason) not in seen and (r.index, r.reason) not in added:
-        new.append(r)
-        added.add((r.index, r.reason))
-    if new:
-      records_lib.write_rejects(self.rejects_path, new, append=True)
-    return len(new)
+  def write_rejects(self, rejects) -> int:
+    """Replaces rejects.jsonl (atomically) with this run's Rejects, one per (index, reason);
+    returns how many. Each run's rejects are its own: a run over other records or settings
+    must not leave earlier runs' rejects to be counted as its own."""
+    unique = list({(r.index, r.reason): r for r in rejects}.values())
+    records_lib.write_rejects(self.rejects_path, unique)
+    return len(unique)
 
   def read_rejects(self) -> list[dict]:
     if not os.path.exists(self.rejects_path):
@@ -91,6 +91,7 @@ class ScoreStore:
     """Writes rows (dicts with every SCHEMA column) as one new shard; returns its path."""
     if not rows:
       return None
+    rows = [{**DEFAULTS, **r} for r in rows]
     missing = [c for c in SCHEMA.names if c not in rows[0]]
     if missing:
       raise ValueError(f"score rows lack columns {missing}")
@@ -131,9 +132,19 @@ class ScoreStore:
     paths = self.shard_paths()
     if not paths:
       return SCHEMA.empty_table()
-    # Shards written before the scale became a setting hold fixed-size lists of 5.
-    table = pa.concat_tables([pq.read_table(p).cast(SCHEMA) for p in paths])
+    table = pa.concat_tables([_read_shard(p) for p in paths])
     return dedup(table)
+
+
+def _read_shard(path: str) -> pa.Table:
+  """One shard in today's SCHEMA: columns added since it was written get their DEFAULTS, and
+  probs written as fixed-size lists of 5 (before the scale was a setting) become lists."""
+  table = pq.read_table(path)
+  for name, value in DEFAULTS.items():
+    if name not in table.column_names:
+      table = table.append_column(name, pa.array([value] * table.num_rows,
+                                                 SCHEMA.field(name).type))
+  return table.select(SCHEMA.names).cast(SCHEMA)
 
 
 def dedup(table: pa.Table) -> pa.Table:

@@ -23,6 +23,7 @@ class Loaded:
   num_params: np.ndarray     # [M]
   store_rejects: list
   notes: list
+  truncated: np.ndarray = None  # [N] bool: its text was cut to engine.max_tokens (any model)
 
 
 def _stored_models(man: Optional[manifest_lib.Manifest], table, notes: list, d: str):
@@ -32,6 +33,20 @@ def _stored_models(man: Optional[manifest_lib.Manifest], table, notes: list, d: 
   if man and len(listed) < len(man.model_keys):
     notes.append(f'{d}: manifest models {man.model_keys} not all among stored models {stored}')
   return listed or stored
+
+
+def current_rejects(st: store_lib.ScoreStore, man: Optional[manifest_lib.Manifest],
+                    notes: list) -> list:
+  """The dir's scoring rejects of the input records its manifest covers (index < its limit).
+  A dir written before rejects.jsonl was rewritten per run may hold earlier runs' rejects of
+  other records; they are left out with a note."""
+  rejects = st.read_rejects()
+  limit = man.limit if man else 0
+  kept = [r for r in rejects if not limit or int(r['index']) < limit]
+  if len(kept) < len(rejects):
+    notes.append(f'{st.dir}: {len(rejects) - len(kept)} rejects in rejects.jsonl are of records '
+                 f'beyond the {limit} the manifest covers (an earlier run); not counted')
+  return kept
 
 
 def load_scores(scores_dirs: Sequence[str], k: int = 0, samples=None) -> Loaded:
@@ -64,6 +79,12 @@ def load_scores(scores_dirs: Sequence[str], k: int = 0, samples=None) -> Loaded:
     present = np.array([[[(mname, ph, rk) in keys for ph in pa_.prompt_hashes]
                          for mname in pa_.models] for rk in row_key], bool)
     present = present.reshape(len(row_key), len(pa_.models), len(pa_.prompt_hashes))
+    cut = table.filter(table.column('truncated'))
+    cut_keys = {(mname, rk) for mname, rk in zip(
+        cut.column('model').to_pylist(),
+        cut.column('content_hash' if samples is not None else 'sample_index').to_pylist())}
+    truncated = np.array([any((mname, rk) in cut_keys for mname in pa_.models)
+                          for rk in row_key], bool)
     probs = np.asarray(pa_.probs, np.float64)
     if k:
       if probs.shape[2] < k:
@@ -72,7 +93,7 @@ def load_scores(scores_dirs: Sequence[str], k: int = 0, samples=None) -> Loaded:
     parts.append(dict(dir=d, probs=probs, present=present,
                       sidx=np.asarray(pa_.sample_index, np.int64), sid=list(pa_.sample_id),
                       models=list(pa_.models), nparams=np.asarray(pa_.num_params, np.int64),
-                      rejects=st.read_rejects()))
+                      rejects=current_rejects(st, man, notes), truncated=truncated))
   scales = {p['probs'].shape[3] for p in parts}
   if len(scales) != 1:
     raise ValueError(f'score dirs rate on different scales {sorted(scales)} '
@@ -86,6 +107,7 @@ def load_scores(scores_dirs: Sequence[str], k: int = 0, samples=None) -> Loaded:
   m = sum(len(p['models']) for p in parts)
   probs = np.full((n, m, kk, scales.pop()), np.nan)
   present = np.zeros((n, m, kk), bool)
+  truncated = np.zeros(n, bool)
   ids = [None] * n
   col = 0
   for p in parts:
@@ -93,6 +115,7 @@ def load_scores(scores_dirs: Sequence[str], k: int = 0, samples=None) -> Loaded:
     mm = len(p['models'])
     probs[pos, col:col + mm] = p['probs']
     present[pos, col:col + mm] = p['present']
+    truncated[pos] |= p['truncated']
     for q, i, s in zip(pos, p['sidx'], p['sid']):
       if ids[q] is not None and ids[q] != s:
         raise ValueError(f'sample_index {i}: id {s!r} in {p["dir"]} vs {ids[q]!r}')
@@ -104,7 +127,7 @@ def load_scores(scores_dirs: Sequence[str], k: int = 0, samples=None) -> Loaded:
   return Loaded(probs=probs, present=present, sample_index=all_idx, sample_id=ids,
                 models=models, num_params=np.concatenate([p['nparams'] for p in parts]),
                 store_rejects=[dict(r, scores_dir=p['dir']) for p in parts for r in p['rejects']],
-                notes=notes)
+                notes=notes, truncated=truncated)
 
 
 def _data_config(manifests: list, notes: list) -> Optional[dict]:

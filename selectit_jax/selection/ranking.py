@@ -7,10 +7,13 @@ Decisions (see also formulas.py):
 - Tie-break. paper mode: higher score first; among equal scores the EARLIER
   sample index first (stable; our choice). code mode: the released order, a
   descending sort on (score, sample index), so the LATER index wins ties.
-- Count kept: floor(N * proportion) over the N samples that can be ranked;
+- Count kept: floor(N * proportion); N is the samples that can be ranked
+  (count_from='rankable', default), or all input samples, unrankable ones
+  included (count_from='input'; never more than the rankable ones are kept).
   paper mode floors exactly (decimal proportion, so 100 * 0.29 keeps 29), code
   mode uses the released int(N * proportion) (keeps 28 there). top_n > 0
-  overrides the proportion.
+  overrides the proportion. A cut that splits a group of equal scores is
+  warned about (`tie_at_cut`): the tie-break alone decides who is kept.
 - A sample is never ranked on garbage. Reasons, checked over the cells the
   level uses (token level: only prompt_index): 'missing_scores' (no stored row:
   never scored, or the text changed since; cells are matched by content hash),
@@ -44,6 +47,25 @@ def num_selected(n: int, proportion: float, top_n: int = 0, mode: str = 'paper')
   if mode == 'code':
     return int(n * proportion)  # released: float product, truncated
   return math.floor(n * fractions.Fraction(repr(float(proportion))))
+
+
+COUNT_FROM = ('rankable', 'input')
+
+
+def count_base(num_rankable: int, num_input: int, count_from: str) -> int:
+  """N of floor(N * proportion): the rankable samples, or all input samples."""
+  if count_from not in COUNT_FROM:
+    raise ValueError(f'count_from={count_from!r}; expected one of {COUNT_FROM}')
+  return num_rankable if count_from == 'rankable' else num_input
+
+
+def tie_at_cut(ordered_scores: np.ndarray, kept: int) -> tuple[int, int]:
+  """(kept, dropped) samples of the cut's score when the last kept and the first dropped
+  sample score equal (the cut splits a tie), else (0, 0). Scores in rank order."""
+  s = np.asarray(ordered_scores, np.float64)
+  if not 0 < kept < s.size or s[kept - 1] != s[kept]:
+    return 0, 0
+  return int((s[:kept] == s[kept]).sum()), int((s[kept:] == s[kept]).sum())
 
 
 def rank_order(score: np.ndarray, sample_index: np.ndarray, mode: str = 'paper') -> np.ndarray:

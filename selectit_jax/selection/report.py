@@ -32,6 +32,9 @@ class ReportData:
   response: Optional[Sequence[str]] = None
   notes: Sequence[str] = ()
   outputs: dict = dataclasses.field(default_factory=dict)
+  truncated: Optional[np.ndarray] = None  # [N] bool: text cut to engine.max_tokens
+  num_counted: Optional[int] = None       # N of floor(N * proportion)
+  warnings: Sequence[str] = ()
 
 
 def _trunc(s: str, n: int = TRUNCATE) -> str:
@@ -150,7 +153,17 @@ def write_report(out_dir: str, d: ReportData) -> str:
         f'- rejected at selection: {int((~valid).sum())}',
         f'- ranked: {int(valid.sum())}',
         f'- selected: {int(d.selected.sum())}',
-        f'- rejected while scoring (rejects.jsonl): {len(d.store_rejects)}', '']
+        f'- rejected while scoring (rejects.jsonl): {len(d.store_rejects)}']
+  if d.truncated is not None:
+    L.append(f'- truncated to engine.max_tokens while scoring: {int(d.truncated.sum())} '
+             f'(selected: {int((d.truncated & d.selected).sum())})')
+  if d.num_counted is not None:
+    base = d.params.get('count_from', 'rankable')
+    L.append(f'- N of floor(N * proportion): {d.num_counted} ('
+             + ('ranked samples only; unrankable ones do not count'
+                if base == 'rankable' else 'input samples, unrankable ones included')
+             + f'; count_from={base})')
+  L += [''] + [f'**Warning**: {w}' for w in d.warnings] + ([''] if d.warnings else [])
   L += ['## Parameters', '']
   L += md_table(['key', 'value'], [(k, _trunc(fmt_value(v), 200)) for k, v in d.params.items()])
   L.append('')

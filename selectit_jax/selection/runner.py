@@ -35,6 +35,8 @@ class Ranked:
   reasons: list          # [N] '' or why a sample cannot be ranked
   order: np.ndarray      # rankable positions, best first
   num_kept: int
+  num_counted: int = 0   # N of floor(N * proportion) (config.count_from)
+  tie: tuple = (0, 0)    # (kept, dropped) samples tied at the cut score (ranking.tie_at_cut)
 
   @property
   def valid(self) -> np.ndarray:
@@ -63,9 +65,12 @@ def rank_samples(loaded: inputs.Loaded, config, weights) -> Ranked:
   score = np.where(valid, sc['score'], np.nan)
   pos_valid = np.nonzero(valid)[0]
   order = pos_valid[ranking.rank_order(score[pos_valid], loaded.sample_index[pos_valid], mode)]
-  kept = ranking.num_selected(int(valid.sum()), float(config.proportion), int(config.top_n),
-                              mode)
-  return Ranked(sc, score, reasons, order, kept)
+  counted = ranking.count_base(int(valid.sum()), len(reasons),
+                               config.get('count_from', 'rankable'))
+  kept = min(ranking.num_selected(counted, float(config.proportion), int(config.top_n), mode),
+             int(valid.sum()))
+  return Ranked(sc, score, reasons, order, kept, counted,
+                ranking.tie_at_cut(score[order], kept))
 
 
 def score_rows(loaded: inputs.Loaded, ranked: Ranked) -> list[dict]:
@@ -89,6 +94,7 @@ def score_rows(loaded: inputs.Loaded, ranked: Ranked) -> list[dict]:
     row['score'] = _finite(ranked.score[i])
     row['rank'] = int(rank[i]) if valid[i] else None
     row['selected'] = bool(selected[i])
+    row['truncated'] = bool(loaded.truncated[i])
     if not valid[i]:
       row['reject_reason'] = ranked.reasons[i]
     rows.append(row)
@@ -152,6 +158,14 @@ def run(config) -> dict:
     notes.append(f'explicit model weights {config.weights!r} (Eq. 5 uses theta)')
   ranked = rank_samples(loaded, config, weights)
   n = len(ranked.reasons)
+  warnings = []
+  tied_kept, tied_dropped = ranked.tie
+  if tied_kept:
+    cut = ranked.score[ranked.order[ranked.num_kept]]
+    warnings.append(f'the cut falls inside a group of {tied_kept + tied_dropped} samples with '
+                    f'equal score {cut:.6g}: {tied_kept} kept, {tied_dropped} dropped by the '
+                    f'tie-break alone ({mode} mode)')
+    logging.warning('%s', warnings[-1])
 
   sel_rejects = [{'index': int(loaded.sample_index[i]), 'id': loaded.sample_id[i],
                   'reason': ranked.reasons[i]} for i in range(n) if ranked.reasons[i]]
@@ -171,12 +185,17 @@ def run(config) -> dict:
   params = {'scores_dir': ','.join(dirs), 'mode': mode, 'level': level,
             'alpha': float(config.alpha), 'prompt_index': int(config.prompt_index),
             'k': int(loaded.probs.shape[2]), 'proportion': float(config.proportion),
-            'top_n': int(config.top_n), 'weights': [float(w) for w in weights],
+            'top_n': int(config.top_n), 'count_from': config.get('count_from', 'rankable'),
+            'weights': [float(w) for w in weights],
             'models': loaded.models, 'num_params': [int(x) for x in loaded.num_params],
             'num_selected': int(ranked.num_kept), 'data_container': container}
   summary = dict(params, num_samples=n, num_ranked=int(ranked.valid.sum()), coverage=cov,
-                 num_selection_rejects=len(sel_rejects),
-                 num_store_rejects=len(loaded.store_rejects), outputs=outputs, notes=notes)
+                 num_counted=ranked.num_counted, num_selection_rejects=len(sel_rejects),
+                 num_store_rejects=len(loaded.store_rejects),
+                 num_truncated=int(loaded.truncated.sum()),
+                 num_selected_truncated=int((loaded.truncated & ranked.selected).sum()),
+                 num_tied_at_cut=tied_kept + tied_dropped, num_tied_dropped=tied_dropped,
+                 outputs=outputs, notes=notes, warnings=warnings)
   fileio.write_json(os.path.join(out_dir, 'summary.json'), summary)
 
   rep = report_lib.ReportData(
@@ -184,7 +203,8 @@ def run(config) -> dict:
       sample_id=loaded.sample_id, rank=ranked.rank, selected=ranked.selected,
       digit_mass=np.sum(loaded.probs, axis=-1), models=loaded.models,
       store_rejects=loaded.store_rejects, selection_rejects=sel_rejects,
-      instruction=instruction, response=response, notes=notes, outputs=outputs)
+      instruction=instruction, response=response, notes=notes, outputs=outputs,
+      truncated=loaded.truncated, num_counted=ranked.num_counted, warnings=warnings)
   summary['report'] = report_lib.write_report(out_dir, rep)
   logging.info('selected %d of %d ranked (%d samples, %d rejected) -> %s',
                ranked.num_kept, ranked.valid.sum(), n, len(sel_rejects), out_dir)
