@@ -47,11 +47,11 @@ def score_config() -> ml_collections.ConfigDict:
       shard_rows=256,      # rows per Parquet shard (the unit of resume)
   ))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 = the rest
-  # Multi-host (selectit_jax/distributed.py): '' / -1 = from JAX_COORDINATOR_ADDRESS,
+  # Multi-host (selectit_jax/parallel/distributed.py): '' / -1 = from JAX_COORDINATOR_ADDRESS,
   # JAX_NUM_PROCESSES, JAX_PROCESS_ID; initialize: auto | always (TPU pods) | never.
   config.distributed = ml_collections.ConfigDict(dict(
       initialize="auto", coordinator_address="", num_processes=-1, process_id=-1))
-  # Memory check before loading (selectit_jax/memory.py): device '' = detect from the
+  # Memory check before loading (selectit_jax/parallel/memory.py): device '' = detect from the
   # backend; names: v4, v5e, v5p, v6e, h100, a100, cpu. check=False only warns.
   # num_devices: for `plan` without the devices (0 = those present).
   config.memory = ml_collections.ConfigDict(dict(device="", check=True, headroom=0.9,

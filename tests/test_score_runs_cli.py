@@ -75,8 +75,9 @@ def test_long_samples_are_truncated_and_counted(tiny_checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_rejects_are_the_current_runs(tiny_checkpoint, tmp_path):
-  """too_long=reject over 8 records, then over 4 in the same dir: rejects.jsonl holds only
-  the second run's rejects, and select counts those."""
+  """too_long=reject over 8 records, then over 4 in the same dir: the records the second run
+  read carry its verdicts, those beyond it keep the first run's (same settings), and select
+  counts the rejects of the 8 records the store covers."""
   data = _dataset(tmp_path / "data.json")
   scores = str(tmp_path / "scores")
   _score(tiny_checkpoint, data, scores, "--config.engine.too_long=reject", "--config.data.limit=8")
@@ -84,6 +85,7 @@ def test_rejects_are_the_current_runs(tiny_checkpoint, tmp_path):
   log = _score(tiny_checkpoint, data, scores, "--config.engine.too_long=reject",
                "--config.data.limit=4")
   assert "rejected 2 records" in log
-  assert sorted(r["index"] for r in store_lib.ScoreStore(scores).read_rejects()) == [1, 3]
+  assert sorted(r["index"] for r in store_lib.ScoreStore(scores).read_rejects()) == [1, 3, 5, 6]
   summary = _select(scores, str(tmp_path / "sel"))
-  assert summary["num_store_rejects"] == 2 and summary["num_truncated"] == 0
+  assert summary["num_store_rejects"] == 4 and summary["num_truncated"] == 0
+  assert summary["coverage"]["missing_unexplained"] == 0

@@ -141,7 +141,7 @@ def run(config) -> Summary:
                                      config.engine.max_tokens, config.engine.too_long)
   rejects = list(rejects) + too_long
   if jax.process_index() == 0:  # shared files (rejects, manifest) have one writer
-    store.write_rejects(rejects)
+    store.write_rejects(rejects, info.num_read)
     store.write_manifest(manifest)
   summary = Summary(rejected=len(rejects), truncated_rows=sum(it.truncated for it in items),
                     truncated_samples=len({it.sample_index for it in items if it.truncated}))

@@ -67,11 +67,15 @@ class ScoreStore:
     return manifest_lib.read(self.dir)
 
   # -- rejects
-  def write_rejects(self, rejects) -> int:
-    """Replaces rejects.jsonl (atomically) with this run's Rejects, one per (index, reason);
-    returns how many. Each run's rejects are its own: a run over other records or settings
-    must not leave earlier runs' rejects to be counted as its own."""
-    unique = list({(r.index, r.reason): r for r in rejects}.values())
+  def write_rejects(self, rejects, num_read: int | None = None) -> int:
+    """Replaces rejects.jsonl (atomically) with this run's Rejects, one per (index, reason),
+    and earlier ones of records at index >= num_read, which this run did not read (the
+    manifest has already refused other settings, so those still hold); returns how many.
+    A record this run read keeps only this run's verdict."""
+    kept = [records_lib.Reject(r["index"], r["id"], r["reason"]) for r in self.read_rejects()
+            if num_read is not None and r["index"] >= num_read]
+    unique = list({(r.index, r.reason): r for r in list(rejects) + kept}.values())
+    unique.sort(key=lambda r: r.index)
     records_lib.write_rejects(self.rejects_path, unique)
     return len(unique)
 
