@@ -39,7 +39,7 @@ class Gemma3Config:
   sliding_window: int = 4096
   sliding_window_pattern: int = 6          # every 6th layer global, when no layer_types
   layer_types: tuple[str, ...] | None = None
-  query_pre_attn_scalar: float = 256.0
+  query_pre_attn_scalar: int = 256  # HF's config types it int
   final_logit_softcapping: float | None = None
   hidden_act: str = "gelu_pytorch_tanh"
   tie_word_embeddings: bool = True
@@ -146,6 +146,7 @@ class Gemma3Config:
         "rope_parameters": {GLOBAL: full, LOCAL: {"rope_type": "default",
                                                   "rope_theta": self.rope_local_base_freq}},
         "sliding_window": self.sliding_window,
+        "sliding_window_pattern": self.sliding_window_pattern,
         "layer_types": [LOCAL if local else GLOBAL for local in self.local_layers],
         "query_pre_attn_scalar": self.query_pre_attn_scalar,
         "final_logit_softcapping": self.final_logit_softcapping,
