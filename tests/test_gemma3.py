@@ -142,6 +142,7 @@ def gemma():
   return path, checkpoints.load_model(path), load_tokenizer(path)
 
 
+@pytest.mark.slow  # loading the 270M GGUF takes ~30 s on 2 cores
 def test_gguf_config_and_num_params(gemma):
   _, model, tok = gemma
   c = model.config
@@ -154,6 +155,7 @@ def test_gguf_config_and_num_params(gemma):
   assert tok.bos_id == 2 and tok.encode("hi")[0] == tok.bos_id  # Gemma adds BOS
 
 
+@pytest.mark.slow
 def test_gguf_tokenizer_matches_transformers_auto_tokenizer(gemma):
   path, _, ours = gemma
   theirs = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
