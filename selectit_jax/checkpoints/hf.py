@@ -1,7 +1,8 @@
-"""HF LLaMA checkpoints: the name/layout table, safetensors reading and writing.
+"""HF checkpoints: the layout converters of the families' name tables, safetensors reading
+and writing.
 
 Every loader presents its tensors under HF names in HF (torch `Linear`: [out, in]) layout;
-`PARAM_TABLE` turns them into our param tree. Tensors are read one at a time and written
+each family's `param_table` (registry) turns them into our param tree. Tensors are read one at a time and written
 straight into their slot of the stacked array, so a checkpoint is never held twice.
 """
 from __future__ import annotations
@@ -96,29 +97,27 @@ def _transpose(w, c):
 _transpose.hf_block = lambda idx, c: (idx[::-1], lambda w: w.T)
 
 
-_L = "model.layers.{i}."
+def _plus_one(w, c):
+  return w + 1
+
+
+def _minus_one(w, c):
+  return w - 1
+
+
+_plus_one.hf_block = lambda idx, c: (idx, lambda w: w + 1)
+
+# (to_ours, to_hf) pairs for the families' tables (ParamSpec(path, name, *pair)).
+SAME = (_same, _same)
+TRANSPOSE = (_transpose, _transpose)
+O_PROJ = (_o_to_ours, _o_to_hf)
+PLUS_ONE = (_plus_one, _minus_one)  # Gemma's RMSNorm weight w, our scale 1 + w
+in_proj = _in_proj
 
 
 def param_table(cfg: DecoderConfig) -> list[ParamSpec]:
-  """Our param paths and their HF tensors, for this architecture."""
-  q, k = _in_proj("num_heads"), _in_proj("num_kv_heads")
-  table = [
-      ParamSpec(("embedding",), "model.embed_tokens.weight", _same, _same),
-      ParamSpec(("layers", "attn_norm", "scale"), _L + "input_layernorm.weight", _same, _same),
-      ParamSpec(("layers", "attn", "q"), _L + "self_attn.q_proj.weight", *q),
-      ParamSpec(("layers", "attn", "k"), _L + "self_attn.k_proj.weight", *k),
-      ParamSpec(("layers", "attn", "v"), _L + "self_attn.v_proj.weight", *k),
-      ParamSpec(("layers", "attn", "o"), _L + "self_attn.o_proj.weight", _o_to_ours, _o_to_hf),
-      ParamSpec(("layers", "mlp_norm", "scale"), _L + "post_attention_layernorm.weight",
-                _same, _same),
-      ParamSpec(("layers", "mlp", "gate"), _L + "mlp.gate_proj.weight", _transpose, _transpose),
-      ParamSpec(("layers", "mlp", "up"), _L + "mlp.up_proj.weight", _transpose, _transpose),
-      ParamSpec(("layers", "mlp", "down"), _L + "mlp.down_proj.weight", _transpose, _transpose),
-      ParamSpec(("final_norm", "scale"), "model.norm.weight", _same, _same),
-  ]
-  if not cfg.tie_word_embeddings:
-    table.append(ParamSpec(("lm_head",), "lm_head.weight", _transpose, _transpose))
-  return table
+  """Our param paths and their HF tensors, for this architecture's family."""
+  return registry.for_config(cfg).param_table(cfg)
 
 
 def read_param(spec: ParamSpec, source: TensorSource, cfg: DecoderConfig, shape: tuple[int, ...],

@@ -28,7 +28,23 @@ def num_params(cfg) -> int:
   """Parameter count θ implied by the architecture (embeddings counted once if tied)."""
   d = cfg.hidden_size
   head = 0 if cfg.tie_word_embeddings else d * cfg.vocab_size
-  return matmul_params(cfg) + cfg.num_layers * 2 * d + cfg.vocab_size * d + d + head
+  # Two norms per block (LLaMA), or the family's own count (Gemma 3: four, and q/k norms).
+  norms = getattr(cfg, "layer_norm_params", 2 * d)
+  return matmul_params(cfg) + cfg.num_layers * norms + cfg.vocab_size * d + d + head
+
+
+def _layer_windows(cfg) -> list[int | None]:
+  """Per layer: its sliding attention window, or None for full causal attention."""
+  local = getattr(cfg, "local_layers", (False,) * cfg.num_layers)
+  return [cfg.sliding_window if is_local else None for is_local in local]
+
+
+def _causal_pairs(lengths: np.ndarray, window: int | None) -> np.ndarray:
+  """(query, key) pairs a causal text of each length attends, keys within `window` back."""
+  if window is None:
+    return lengths * (lengths + 1) / 2
+  w = np.minimum(lengths, window)
+  return w * (w + 1) / 2 + (lengths - w) * window
 
 
 def row_flops(cfg, length: int, prefix: int = 0) -> int:
@@ -44,9 +60,11 @@ def row_flops(cfg, length: int, prefix: int = 0) -> int:
 
 def forward_flops(cfg, lengths, theta: int) -> float:
   """Model FLOPs of forward passes over texts of these lengths: 2·θ·L plus the causal QKᵀ
-  and PV, L(L+1)/2 pairs (padding and skipped head rows are not counted)."""
+  and PV, L(L+1)/2 pairs (keys within the window on sliding-window layers; padding and
+  skipped head rows are not counted)."""
   lengths = np.asarray(lengths, np.float64)
-  attention = cfg.num_layers * 4 * cfg.num_heads * cfg.head_dim * lengths * (lengths + 1) / 2
+  pairs = sum(_causal_pairs(lengths, w) for w in _layer_windows(cfg))
+  attention = 4 * cfg.num_heads * cfg.head_dim * pairs
   return float(np.sum(2.0 * theta * lengths + attention))
 
 

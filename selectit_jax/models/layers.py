@@ -1,5 +1,6 @@
 """Layers shared by the decoder families: RMSNorm, rotary embeddings, grouped-query attention
-in query blocks (packed segments, a cached prefix, read-out rows), the gated MLP.
+in query blocks (packed segments, a cached prefix, read-out rows; optional query/key norms and
+sliding-window masks), the gated MLP (SwiGLU or GeGLU).
 
 Parameters and activations carry logical axis names (`vocab`, `embed`, `heads`, `kv_heads`,
 `head_dim`, `mlp`, `layers`); parallel/sharding.py maps them onto a device mesh. Rotary
@@ -67,14 +68,24 @@ def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
   return (causal[None] & same & real)[:, None, None]
 
 
+def sliding_window(mask, q_positions_bt, k_positions_bs, window: int):
+  """`mask` [b, 1, 1, t, s] further limited to keys less than `window` positions back
+  (HF: kv_idx > q_idx - window). Positions, not indices: cached prefix keys and packed
+  segments count by where they sit in their own text."""
+  near = q_positions_bt[:, :, None] - k_positions_bs[:, None, :] < window
+  return mask & near[:, None, None]
+
+
 class RMSNorm(nn.Module):
+  """x / rms(x) · scale. Gemma's (1 + w) is the same with scale = 1 + w (the loaders add 1)."""
   eps: float
   dtype: Any
   param_dtype: Any
+  axis: str = "embed"  # logical axis of the normed dimension ("head_dim" for q/k norms)
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis,)),
                        (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
@@ -94,8 +105,13 @@ class Attention(nn.Module):
   Heads are kept head-major ([b, heads, t, hd]) from the projections on, so the score and
   value matmuls of every query block read contiguous rows (on CPU ~25 % faster attention
   than slicing token-major blocks and transposing each).
+
+  `qk_norm`: RMSNorm over head_dim on queries and keys before the rotation (Gemma 3);
+  `scale`: the score scale (default head_dim^-0.5; Gemma: query_pre_attn_scalar^-0.5).
   """
   cfg: DecoderConfig
+  qk_norm: bool = False
+  scale: float | None = None
 
   @nn.compact
   def __call__(self, x_btd, sin, cos, mask, prefix_kv=None, queries=None):
@@ -109,7 +125,12 @@ class Attention(nn.Module):
     wk = _weight(self, "k", (d, kv, hd), ("embed", "kv_heads", "head_dim"), d)
     wv = _weight(self, "v", (d, kv, hd), ("embed", "kv_heads", "head_dim"), d)
     wo = _weight(self, "o", (h, hd, d), ("heads", "head_dim", "embed"), h * hd)
-    k = apply_rope(jnp.einsum("btd,dnh->bnth", x_btd, wk), sin, cos)
+    scale = self.scale or hd ** -0.5
+    q_norm = k_norm = lambda x: x
+    if self.qk_norm:
+      q_norm, k_norm = (RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, "head_dim", name=n)
+                        for n in ("q_norm", "k_norm"))
+    k = apply_rope(k_norm(jnp.einsum("btd,dnh->bnth", x_btd, wk)), sin, cos)
     v = jnp.einsum("btd,dnh->bnth", x_btd, wv)
     own_kv = (k, v)
     if prefix_kv is not None:
@@ -119,13 +140,13 @@ class Attention(nn.Module):
       x_btd, sin, cos = (jnp.take_along_axis(a, queries[..., None], axis=1)
                          for a in (x_btd, sin, cos))
       mask = jnp.take_along_axis(mask, queries[:, None, None, :, None], axis=3)
-    q = apply_rope(jnp.einsum("btd,dnh->bnth", x_btd, wq), sin, cos)
+    q = apply_rope(q_norm(jnp.einsum("btd,dnh->bnth", x_btd, wq)), sin, cos)
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_heads", "activation_length", None))
     b, t = x_btd.shape[:2]
     # Query head n uses kv head n // (h // kv), as HF's repeat_kv.
     q = q.reshape(b, kv, h // kv, t, hd)
     if queries is not None:  # anywhere in the row: one block against all keys
-      out = _attend(q, k, v, mask, hd ** -0.5)
+      out = _attend(q, k, v, mask, scale)
     else:
       # Causal: rows [start, end) attend to keys [0, p + end) only; the mask handles the
       # rest (segments, padding, the diagonal block's upper half). Static slices, unrolled
@@ -134,7 +155,7 @@ class Attention(nn.Module):
       out = jnp.concatenate(
           [_attend(q[:, :, :, start:start + block], k[:, :, :p + start + block],
                    v[:, :, :p + start + block],
-                   mask[..., start:start + block, :p + start + block], hd ** -0.5)
+                   mask[..., start:start + block, :p + start + block], scale)
            for start in range(0, t, block)], axis=3)
     out = out.reshape(b, h, t, hd).astype(v.dtype)
     return jnp.einsum("bnth,nhd->btd", out, wo), own_kv
@@ -152,9 +173,18 @@ def _attend(q_bkgth, k_bksh, v_bksh, mask, scale):
   return out / jnp.sum(unnorm, axis=-1, keepdims=True)
 
 
+# Gate activations of the gated MLP by HF `hidden_act` name.
+_ACTIVATIONS = {
+    "silu": nn.silu,
+    # Gemma: GeGLU with the tanh approximation of GELU.
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+}
+
+
 class Mlp(nn.Module):
-  """SwiGLU feed-forward."""
+  """Gated feed-forward: act(x·gate) ⊙ (x·up) · down; SwiGLU by default."""
   cfg: DecoderConfig
+  activation: str = "silu"
 
   @nn.compact
   def __call__(self, x_btd):
@@ -163,7 +193,7 @@ class Mlp(nn.Module):
     gate = _weight(self, "gate", (d, f), ("embed", "mlp"), d)
     up = _weight(self, "up", (d, f), ("embed", "mlp"), d)
     down = _weight(self, "down", (f, d), ("mlp", "embed"), f)
-    hidden = nn.silu(x_btd @ gate) * (x_btd @ up)
+    hidden = _ACTIVATIONS[self.activation](x_btd @ gate) * (x_btd @ up)
     hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
     return hidden @ down
 

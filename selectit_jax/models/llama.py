@@ -8,6 +8,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from selectit_jax.models.layers import Attention, Mlp, Prefix, RMSNorm, attention_mask, rope_inv_freq
 
@@ -64,6 +65,30 @@ class LlamaConfig:
         rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        **overrides)
+
+  @classmethod
+  def from_gguf(cls, source, **overrides) -> "LlamaConfig":
+    """From the metadata of a GGUF file (`checkpoints.gguf.GGUFSource`)."""
+    f = lambda k, d=None: source.field(f"llama.{k}", d)
+    heads = f("attention.head_count")
+    d = f("embedding_length")
+    scaling = None
+    if f("rope.scaling.type") not in (None, "none"):
+      scaling = (("factor", f("rope.scaling.factor")), ("rope_type", f("rope.scaling.type")))
+    return cls(
+        vocab_size=f("vocab_size") or len(source.field("tokenizer.ggml.tokens")),
+        hidden_size=d,
+        intermediate_size=f("feed_forward_length"),
+        num_layers=f("block_count"),
+        num_heads=heads,
+        num_kv_heads=f("attention.head_count_kv", heads),
+        head_dim=f("rope.dimension_count", d // heads),
+        rms_norm_eps=f("attention.layer_norm_rms_epsilon"),
+        rope_theta=f("rope.freq_base", 10000.0),
+        rope_scaling=scaling,
+        tie_word_embeddings="lm_head.weight" not in source.keys(),
+        max_position_embeddings=f("context_length", 4096),
         **overrides)
 
   def to_hf(self) -> dict[str, Any]:
@@ -181,3 +206,62 @@ class Llama(nn.Module):
     w = self.embedding.T if self.cfg.tie_word_embeddings else self.lm_head
     return jnp.einsum("...d,dv->...v", hidden_xd.astype(self.cfg.dtype), w.astype(self.cfg.dtype),
                       preferred_element_type=jnp.float32)
+
+
+# ------------------------------------------------------------------ checkpoint layouts
+
+_L = "model.layers.{i}."
+
+# GGUF tensor blk.N.<name>.weight -> HF model.layers.N.<name>.weight.
+GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Inverse of llama.cpp's `permute`: interleaved rotary pairs back to half-split rows."""
+  out_dim = w.shape[0]
+  return (w.reshape(n_head, out_dim // n_head // 2, 2, *w.shape[1:])
+          .swapaxes(1, 2).reshape(w.shape))
+
+
+def gguf_tensor(hf_name: str, w: np.ndarray, source) -> np.ndarray:
+  """A dequantized GGUF tensor in HF's layout: llama.cpp's converter permutes the Q/K rows
+  of HF checkpoints into its interleaved rotary layout; undone here."""
+  if hf_name.endswith("q_proj.weight"):
+    return unpermute_rotary(w, source.field("llama.attention.head_count"))
+  if hf_name.endswith("k_proj.weight"):
+    return unpermute_rotary(w, source.field("llama.attention.head_count_kv"))
+  return w
+
+
+def param_table(cfg: LlamaConfig):
+  """Our param paths and their HF tensors."""
+  from selectit_jax.checkpoints import hf  # the loaders import this module
+
+  q, k = hf.in_proj("num_heads"), hf.in_proj("num_kv_heads")
+  table = [
+      hf.ParamSpec(("embedding",), "model.embed_tokens.weight", *hf.SAME),
+      hf.ParamSpec(("layers", "attn_norm", "scale"), _L + "input_layernorm.weight", *hf.SAME),
+      hf.ParamSpec(("layers", "attn", "q"), _L + "self_attn.q_proj.weight", *q),
+      hf.ParamSpec(("layers", "attn", "k"), _L + "self_attn.k_proj.weight", *k),
+      hf.ParamSpec(("layers", "attn", "v"), _L + "self_attn.v_proj.weight", *k),
+      hf.ParamSpec(("layers", "attn", "o"), _L + "self_attn.o_proj.weight", *hf.O_PROJ),
+      hf.ParamSpec(("layers", "mlp_norm", "scale"), _L + "post_attention_layernorm.weight",
+                   *hf.SAME),
+      hf.ParamSpec(("layers", "mlp", "gate"), _L + "mlp.gate_proj.weight", *hf.TRANSPOSE),
+      hf.ParamSpec(("layers", "mlp", "up"), _L + "mlp.up_proj.weight", *hf.TRANSPOSE),
+      hf.ParamSpec(("layers", "mlp", "down"), _L + "mlp.down_proj.weight", *hf.TRANSPOSE),
+      hf.ParamSpec(("final_norm", "scale"), "model.norm.weight", *hf.SAME),
+  ]
+  if not cfg.tie_word_embeddings:
+    table.append(hf.ParamSpec(("lm_head",), "lm_head.weight", *hf.TRANSPOSE))
+  return table

@@ -5,24 +5,31 @@ branching on an architecture name."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 
+from selectit_jax.models import gemma3
 from selectit_jax.models import llama
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
   name: str
-  config_class: type
-  module: type                    # the flax decoder: module(cfg, **kw)
+  config_class: type               # from_hf(dict), from_gguf(source), to_hf()
+  module: type                     # the flax decoder: module(cfg, **kw)
   hf_model_types: tuple[str, ...]  # config.json "model_type"
-  gguf_archs: tuple[str, ...]     # GGUF "general.architecture"
+  gguf_archs: tuple[str, ...]      # GGUF "general.architecture"
+  param_table: Callable            # cfg -> [hf.ParamSpec]: our tree <-> HF tensor names
+  gguf_layer_names: dict[str, str]  # GGUF blk.N.<name> -> HF model.layers.N.<name>
+  gguf_tensor: Callable            # (hf name, dequantized array, source) -> HF values
 
 
 FAMILIES = (
-    Family("llama", llama.LlamaConfig, llama.Llama, ("llama", "mistral"), ("llama",)),
+    Family("llama", llama.LlamaConfig, llama.Llama, ("llama", "mistral"), ("llama",),
+           llama.param_table, llama.GGUF_LAYER_NAMES, llama.gguf_tensor),
+    Family("gemma3", gemma3.Gemma3Config, gemma3.Gemma3, ("gemma3_text", "gemma3"),
+           ("gemma3",), gemma3.param_table, gemma3.GGUF_LAYER_NAMES, gemma3.gguf_tensor),
 )
 
 
