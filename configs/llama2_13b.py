@@ -4,6 +4,7 @@
     python -m selectit_jax.score --config=configs/llama2_13b.py:v5p-64 \
         --config.model.path=HF_DIR --config.output_dir=OUT
 """
+
 from configs import llama2_common
 
 # slice: (data, fsdp, tensor, batch_size); batch_size is a multiple of data*fsdp.

@@ -8,33 +8,55 @@ and mesh presets per accelerator slice. configs/llama2_{7b,13b,70b}.py pick one:
 Slices: name -> (device type, chips). A TPU "-N" suffix counts TensorCores on v4/v5p
 (2 per chip) and chips on v5e/v6e, as gcloud's accelerator types do.
 """
+
 import ml_collections
 
 from configs import common
 
 SLICES = {
-    "cpu": ("cpu", 0),        # whatever this machine has (tests, dry runs)
-    "v5e-8": ("v5e", 8),      # 1 host x 8 chips, 16 GiB each
-    "v5e-32": ("v5e", 32),    # 8 hosts
-    "v4-8": ("v4", 4),        # 1 host x 4 chips, 32 GiB each
-    "v4-32": ("v4", 16),      # 4 hosts
-    "v5p-8": ("v5p", 4),      # 1 host x 4 chips, 95 GiB each
-    "v5p-64": ("v5p", 32),    # 8 hosts
-    "h100x8": ("h100", 8),    # one 8-GPU node; 2 nodes: "h100x16"
+    "cpu": ("cpu", 0),  # whatever this machine has (tests, dry runs)
+    "v5e-8": ("v5e", 8),  # 1 host x 8 chips, 16 GiB each
+    "v5e-32": ("v5e", 32),  # 8 hosts
+    "v4-8": ("v4", 4),  # 1 host x 4 chips, 32 GiB each
+    "v4-32": ("v4", 16),  # 4 hosts
+    "v5p-8": ("v5p", 4),  # 1 host x 4 chips, 95 GiB each
+    "v5p-64": ("v5p", 32),  # 8 hosts
+    "h100x8": ("h100", 8),  # one 8-GPU node; 2 nodes: "h100x16"
     "h100x16": ("h100", 16),
 }
 
 ARCH = {
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=32),
-    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                num_attention_heads=40, num_key_value_heads=40),
-    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                num_attention_heads=64, num_key_value_heads=8),
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    ),
+    "13b": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+    ),
+    "70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+    ),
 }
-_COMMON_ARCH = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000,
-                    rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
-                    tie_word_embeddings=False)
+_COMMON_ARCH = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    vocab_size=32000,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
 
 
 def get_config(size: str, meshes: dict, arg: str | None) -> ml_collections.ConfigDict:

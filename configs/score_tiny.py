@@ -4,6 +4,7 @@ leave it empty for the embedded SmolLM2.
 
     python -m selectit_jax.score --config=configs/score_tiny.py --config.output_dir=DIR
 """
+
 from configs import smollm2_135m
 
 

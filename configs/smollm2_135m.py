@@ -1,7 +1,8 @@
 """Scoring with SmolLM2-135M-Instruct (the embedded default GGUF) on CPU.
 
-    python -m selectit_jax.score --config=configs/smollm2_135m.py --config.output_dir=DIR
+python -m selectit_jax.score --config=configs/smollm2_135m.py --config.output_dir=DIR
 """
+
 from configs import common
 
 

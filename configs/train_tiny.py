@@ -1,4 +1,5 @@
 """Tiny fine-tuning config for tests: set model.path to a tiny HF checkpoint directory."""
+
 from configs import train_smollm2_135m
 
 

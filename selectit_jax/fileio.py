@@ -1,5 +1,6 @@
 """The one writer of every output file: write to a hidden temp file beside the target, fsync,
 rename. Readers (and a resumed run) see the old file or the whole new one, never a part."""
+
 from __future__ import annotations
 
 import json
@@ -49,12 +50,16 @@ def write_json(path: str, obj: Any, indent: int = 1, **dump_kw) -> str:
 
 
 def write_jsonl(path: str, rows: Iterable[Any], **dump_kw) -> str:
-  return atomic_write(path, lambda f: f.writelines(
-      json.dumps(r, ensure_ascii=False, **dump_kw) + "\n" for r in rows), "w")
+  return atomic_write(
+      path,
+      lambda f: f.writelines(json.dumps(r, ensure_ascii=False, **dump_kw) + "\n" for r in rows),
+      "w",
+  )
 
 
 def write_parquet(path: str, table) -> str:
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
   return atomic_write(path, lambda f: pq.write_table(table, f))
 
 

@@ -6,14 +6,14 @@
 Needs neither the weights (config.model.arch gives the architecture) nor the devices (the
 mesh sizes come from the config; a -1 axis takes memory.num_devices, default all here).
 """
+
 from absl import app
 from ml_collections import config_flags
 
 from selectit_jax import cli
 from selectit_jax.parallel import memory
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Scoring config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Scoring config file.", lock_config=True)
 
 
 def main(argv):

@@ -4,6 +4,7 @@
         --config.data.path=FILE --config.data.format=sharegpt --config.prompts.k=5 \
         --config.output_dir=DIR
 """
+
 from absl import app
 from ml_collections import config_flags
 
@@ -11,8 +12,7 @@ from selectit_jax import cli
 from selectit_jax.parallel import distributed
 from selectit_jax.scoring import runner as scoring
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Scoring config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Scoring config file.", lock_config=True)
 
 
 def main(argv):

@@ -6,6 +6,7 @@ sweep.parquet, sweep.md and plots.
 python -m selectit_jax.sweep --config=configs/sweep.py \
   --config.scores_dir=DIR[,DIR2,...] --config.output_dir=OUT
 """
+
 from absl import app
 from ml_collections import config_flags
 
@@ -13,14 +14,15 @@ from selectit_jax import cli
 from selectit_jax.sweeps import runner
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Sweep config file (configs/sweep.py).', lock_config=True)
+    "config", None, "Sweep config file (configs/sweep.py).", lock_config=True
+)
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   runner.run(_CONFIG.value)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   cli.run_main(main)

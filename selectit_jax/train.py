@@ -5,14 +5,14 @@
 
 Run the same command again to resume from DIR/checkpoints; the model is exported to DIR/hf.
 """
+
 from absl import app
 from ml_collections import config_flags
 
 from selectit_jax import cli
 from selectit_jax.training import trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 
 
 def main(argv):

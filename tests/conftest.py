@@ -2,6 +2,7 @@
 
 Eight fake CPU devices are set up before JAX is imported, so mesh code runs on CPU.
 """
+
 import io
 import json
 import os
@@ -22,8 +23,13 @@ from configs import select as select_config  # noqa: E402
 
 TINY_VOCAB = 400
 # The released code's rating prompts, a read-only fixture beside the checkout (../shared).
-REFERENCE_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                 "..", "shared", "reference", "rating_prompt.txt")
+REFERENCE_PROMPTS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "..",
+    "shared",
+    "reference",
+    "rating_prompt.txt",
+)
 _CORPUS = (
     "Rate the response from 1 to 5 and answer with one digit.\n",
     "Instruction:Write a short poem about the sea.\n",
@@ -35,9 +41,19 @@ _CORPUS = (
 
 
 def tiny_config(**overrides) -> LlamaConfig:
-  base = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
-              num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
-              tie_word_embeddings=False, max_position_embeddings=512)
+  base = dict(
+      vocab_size=TINY_VOCAB,
+      hidden_size=64,
+      intermediate_size=128,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=16,
+      rms_norm_eps=1e-5,
+      rope_theta=10000.0,
+      tie_word_embeddings=False,
+      max_position_embeddings=512,
+  )
   base.update(overrides)
   return LlamaConfig(**base)
 
@@ -46,23 +62,50 @@ def write_sentencepiece(directory: str) -> None:
   """A LLaMA-2-style SentencePiece BPE model (byte fallback, split digits, identity
   normalisation) plus the tokenizer_config.json LLaMA-2 ships (BOS added)."""
   import sentencepiece as spm
+
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(_CORPUS * 40), model_writer=model, vocab_size=TINY_VOCAB,
-      model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
-      normalization_rule_name="identity", remove_extra_whitespaces=False,
-      add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-      hard_vocab_limit=False, minloglevel=2)
+      sentence_iterator=iter(_CORPUS * 40),
+      model_writer=model,
+      vocab_size=TINY_VOCAB,
+      model_type="bpe",
+      byte_fallback=True,
+      split_digits=True,
+      character_coverage=1.0,
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=True,
+      unk_id=0,
+      bos_id=1,
+      eos_id=2,
+      pad_id=-1,
+      hard_vocab_limit=False,
+      minloglevel=2,
+  )
   with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
     f.write(model.getvalue())
   with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-    json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True,
-               "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
-               "unk_token": "<unk>"}, f)
+    json.dump(
+        {
+            "tokenizer_class": "LlamaTokenizer",
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+        },
+        f,
+    )
 
 
-def write_tiny_checkpoint(directory: str, *, seed: int = 0, max_shard_bytes: int = 2 << 30,
-                          tokenizer: bool = True, **overrides) -> LlamaConfig:
+def write_tiny_checkpoint(
+    directory: str,
+    *,
+    seed: int = 0,
+    max_shard_bytes: int = 2 << 30,
+    tokenizer: bool = True,
+    **overrides,
+) -> LlamaConfig:
   """config.json + random safetensors (HF layout, written by safetensors.numpy) in
   `directory`; sharded with an index when `max_shard_bytes` is small."""
   cfg = tiny_config(**overrides)
@@ -85,14 +128,27 @@ def write_tiny_checkpoint(directory: str, *, seed: int = 0, max_shard_bytes: int
 
 
 def _our_shape(path, cfg):
-  d, h, kv, hd, f, v, L = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                           cfg.intermediate_size, cfg.vocab_size, cfg.num_layers)
+  d, h, kv, hd, f, v, L = (
+      cfg.hidden_size,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+      cfg.intermediate_size,
+      cfg.vocab_size,
+      cfg.num_layers,
+  )
   return {
-      ("embedding",): (v, d), ("lm_head",): (d, v), ("final_norm", "scale"): (d,),
-      ("layers", "attn_norm", "scale"): (L, d), ("layers", "mlp_norm", "scale"): (L, d),
-      ("layers", "attn", "q"): (L, d, h, hd), ("layers", "attn", "k"): (L, d, kv, hd),
-      ("layers", "attn", "v"): (L, d, kv, hd), ("layers", "attn", "o"): (L, h, hd, d),
-      ("layers", "mlp", "gate"): (L, d, f), ("layers", "mlp", "up"): (L, d, f),
+      ("embedding",): (v, d),
+      ("lm_head",): (d, v),
+      ("final_norm", "scale"): (d,),
+      ("layers", "attn_norm", "scale"): (L, d),
+      ("layers", "mlp_norm", "scale"): (L, d),
+      ("layers", "attn", "q"): (L, d, h, hd),
+      ("layers", "attn", "k"): (L, d, kv, hd),
+      ("layers", "attn", "v"): (L, d, kv, hd),
+      ("layers", "attn", "o"): (L, h, hd, d),
+      ("layers", "mlp", "gate"): (L, d, f),
+      ("layers", "mlp", "up"): (L, d, f),
       ("layers", "mlp", "down"): (L, f, d),
   }[tuple(path)]
 
@@ -110,8 +166,10 @@ def sharegpt_records(n: int):
   import ml_collections
   from selectit_jax import assets
   from selectit_jax.data import records
-  cfg = ml_collections.ConfigDict(dict(path=assets.default_sharegpt_path(), format="sharegpt",
-                                       limit=4 * n + 20, turns="first"))
+
+  cfg = ml_collections.ConfigDict(
+      dict(path=assets.default_sharegpt_path(), format="sharegpt", limit=4 * n + 20, turns="first")
+  )
   recs, _, _ = records.read_records(cfg)
   return recs[:n]
 
@@ -143,17 +201,19 @@ def ref_model(sent, w):
   return sum(wi * si for wi, si in zip(w, sent)) / sum(w)
 
 
-REF_TOKEN = {'paper': ref_token_paper, 'code': ref_token_code}
+REF_TOKEN = {"paper": ref_token_paper, "code": ref_token_code}
 
-CRAFTED = np.array([
-    [0.01, 0.02, 0.05, 0.30, 0.10],    # clear 4
-    [0.20, 0.20, 0.10, 0.05, 0.05],    # argmax tie 1/2: first wins -> 1
-    [0.0, 0.0, 0.3, 0.0, 0.3],         # tie 3/5 -> 3
-    [0.1, 0.1, 0.1, 0.1, 0.1],         # flat: spread 0 -> score 0
-    [1e-9, 2e-9, 3e-9, 4e-9, 5e-9],    # tiny mass, scale invariant
-    [0.0, 0.0, 0.0, 0.0, 0.7],         # one-hot 5
-    [0.5, 0.0, 0.0, 0.0, 0.0],         # one-hot 1
-])
+CRAFTED = np.array(
+    [
+        [0.01, 0.02, 0.05, 0.30, 0.10],  # clear 4
+        [0.20, 0.20, 0.10, 0.05, 0.05],  # argmax tie 1/2: first wins -> 1
+        [0.0, 0.0, 0.3, 0.0, 0.3],  # tie 3/5 -> 3
+        [0.1, 0.1, 0.1, 0.1, 0.1],  # flat: spread 0 -> score 0
+        [1e-9, 2e-9, 3e-9, 4e-9, 5e-9],  # tiny mass, scale invariant
+        [0.0, 0.0, 0.0, 0.0, 0.7],  # one-hot 5
+        [0.5, 0.0, 0.0, 0.0, 0.0],  # one-hot 1
+    ]
+)
 
 
 # ---------------------------------------- a small score dir for select and sweep
@@ -163,17 +223,24 @@ PROMPTS = prompts_lib.default_prompts()[:K]
 
 
 def sharegpt_record(i, ins, res):
-  return {'id': f's{i}', 'conversations': [{'from': 'human', 'value': ins},
-                                           {'from': 'gpt', 'value': res}]}
+  return {
+      "id": f"s{i}",
+      "conversations": [{"from": "human", "value": ins}, {"from": "gpt", "value": res}],
+  }
 
 
 def small_dataset():
   """13 ShareGPT records; index 3 is rejected by the reader (empty response)."""
-  raw = [sharegpt_record(i, f'question {i} ' + 'x' * i, f'answer {i} ' + 'y' * (3 * i))
-         for i in range(13)]
-  raw[3]['conversations'][1]['value'] = ''
-  raw[7] = sharegpt_record(7, raw[6]['conversations'][0]['value'],   # duplicate text of 6
-                   raw[6]['conversations'][1]['value'])
+  raw = [
+      sharegpt_record(i, f"question {i} " + "x" * i, f"answer {i} " + "y" * (3 * i))
+      for i in range(13)
+  ]
+  raw[3]["conversations"][1]["value"] = ""
+  raw[7] = sharegpt_record(
+      7,
+      raw[6]["conversations"][0]["value"],  # duplicate text of 6
+      raw[6]["conversations"][1]["value"],
+  )
   return raw
 
 
@@ -182,48 +249,62 @@ def crafted_probs(i, model_shift=0.0):
   rng = np.random.default_rng(100 + i)
   p = rng.gamma(0.7, size=(K, 5))
   p = p / p.sum(-1, keepdims=True) * (0.3 + 0.05 * i) + model_shift
-  if i in (1, 4, 9):                     # identical probs: exact score ties
+  if i in (1, 4, 9):  # identical probs: exact score ties
     p = np.tile([0.05, 0.05, 0.1, 0.4, 0.1], (K, 1))
   if i == 5:
-    p[1, 2] = np.nan                     # nonfinite in prompt 1
+    p[1, 2] = np.nan  # nonfinite in prompt 1
   if i == 8:
-    p[0] = 0.0                           # zero digit mass in prompt 0
+    p[0] = 0.0  # zero digit mass in prompt 0
   return p
 
 
-def write_score_dir(tmp_path, name, data_path, num_params, skip=(), model_shift=0.0,
-                    truncated=()):
+def write_score_dir(tmp_path, name, data_path, num_params, skip=(), model_shift=0.0, truncated=()):
   d = str(tmp_path / name)
   st = store_lib.ScoreStore(d)
   hashes = tuple(prompts_lib.prompt_hash(p) for p in PROMPTS)
-  st.write_manifest(manifest_lib.Manifest(
-      data={'path': data_path, 'format': 'sharegpt', 'turns': 'first'},
-      template=prompts_lib.DEFAULT_TEMPLATE, prompts=dict(zip(hashes, PROMPTS)),
-      models=[manifest_lib.ModelEntry(name, name, '', '0' * 16, num_params)],
-      runs=[manifest_lib.RunEntry(name, hashes, 0, 0)]))
-  recs, rejects, _ = records_lib.read_records({'path': data_path, 'format': 'sharegpt'})
+  st.write_manifest(
+      manifest_lib.Manifest(
+          data={"path": data_path, "format": "sharegpt", "turns": "first"},
+          template=prompts_lib.DEFAULT_TEMPLATE,
+          prompts=dict(zip(hashes, PROMPTS)),
+          models=[manifest_lib.ModelEntry(name, name, "", "0" * 16, num_params)],
+          runs=[manifest_lib.RunEntry(name, hashes, 0, 0)],
+      )
+  )
+  recs, rejects, _ = records_lib.read_records({"path": data_path, "format": "sharegpt"})
   st.write_rejects(rejects)
   rows, seen = [], set()
   for r in recs:
     h = records_lib.content_hash(r)
-    if r.index in skip or h in seen:     # the scorer stores duplicate texts once
+    if r.index in skip or h in seen:  # the scorer stores duplicate texts once
       continue
     seen.add(h)
     probs = crafted_probs(r.index, model_shift)
     for k, prompt in enumerate(PROMPTS):
-      rows.append(dict(sample_id=r.id, sample_index=r.index, content_hash=h, model=name,
-                       num_params=num_params, prompt_index=k,
-                       prompt_hash=prompts_lib.prompt_hash(prompt), probs=probs[k].tolist(),
-                       logsumexp=0.0, num_tokens=10, truncated=r.index in truncated))
-  st.write_shard(rows[:len(rows) // 2])
-  st.write_shard(rows[len(rows) // 2:])
+      rows.append(
+          dict(
+              sample_id=r.id,
+              sample_index=r.index,
+              content_hash=h,
+              model=name,
+              num_params=num_params,
+              prompt_index=k,
+              prompt_hash=prompts_lib.prompt_hash(prompt),
+              probs=probs[k].tolist(),
+              logsumexp=0.0,
+              num_tokens=10,
+              truncated=r.index in truncated,
+          )
+      )
+  st.write_shard(rows[: len(rows) // 2])
+  st.write_shard(rows[len(rows) // 2 :])
   return d
 
 
 @pytest.fixture
 def data_path(tmp_path):
-  p = tmp_path / 'data.json'
-  p.write_text(json.dumps(small_dataset(), indent=1), encoding='utf-8')
+  p = tmp_path / "data.json"
+  p.write_text(json.dumps(small_dataset(), indent=1), encoding="utf-8")
   return str(p)
 
 
@@ -234,5 +315,5 @@ def select_cfg(**kw):
 
 
 def read_jsonl(path):
-  with open(path, encoding='utf-8') as f:
+  with open(path, encoding="utf-8") as f:
     return [json.loads(x) for x in f]

@@ -1,4 +1,5 @@
 """The rating engine: batching, buckets, truncation; probabilities independent of batching."""
+
 import dataclasses
 import itertools
 
@@ -32,8 +33,9 @@ def tiny(tiny_checkpoint):
 def _score(model, tok, items, batch_size, buckets, prefixes=(), segments=1):
   mesh = sharding.make_mesh(ONE_DEVICE, jax.devices()[:1])
   digits = rating_token_ids(tok, prompts.build_text(prompts.default_prompts()[0], "", ""))
-  scorer = engine.Scorer(model.config, model.params, digits, mesh, batch_size, prefixes,
-                         segments, tok.pad_id)
+  scorer = engine.Scorer(
+      model.config, model.params, digits, mesh, batch_size, prefixes, segments, tok.pad_id
+  )
   out = {}
   for rated in scorer.rate(batching.plan_batches(items, batch_size, buckets, prefixes, segments)):
     for it, p, lse in zip(rated.batch.items, rated.probs, rated.logsumexp):
@@ -44,10 +46,17 @@ def _score(model, tok, items, batch_size, buckets, prefixes=(), segments=1):
 def _random_items(tok, num_records, num_prompts=3):
   rng = np.random.default_rng(0)
   words = "the sea is wide and deep poem write about waves sugar plants light".split()
-  recs = [_record(i, " ".join(rng.choice(words, rng.integers(2, 30))),
-                  " ".join(rng.choice(words, rng.integers(1, 60)))) for i in range(num_records)]
-  items, rejects = batching.prepare(recs, prompts.default_prompts()[:num_prompts],
-                                  prompts.DEFAULT_TEMPLATE, tok, max_tokens=512)
+  recs = [
+      _record(
+          i,
+          " ".join(rng.choice(words, rng.integers(2, 30))),
+          " ".join(rng.choice(words, rng.integers(1, 60))),
+      )
+      for i in range(num_records)
+  ]
+  items, rejects = batching.prepare(
+      recs, prompts.default_prompts()[:num_prompts], prompts.DEFAULT_TEMPLATE, tok, max_tokens=512
+  )
   assert not rejects
   return items
 
@@ -62,9 +71,14 @@ def test_probs_do_not_depend_on_batching_packing_or_prefix_cache(tiny):
   assert len({len(p) for p in prefixes}) == 3 and min(map(len, prefixes)) > 10
   results = {}
   for batch_size, buckets, prefix, segments in (
-      (1, [512], (), 1), (8, [64, 128, 256, 512], (), 1), (13, [80, 512], (), 1),
-      (1, [512], prefixes, 1), (8, [48, 96, 512], prefixes, 1), (2, [96, 512], prefixes, 4),
-      (3, [512], (), 8)):
+      (1, [512], (), 1),
+      (8, [64, 128, 256, 512], (), 1),
+      (13, [80, 512], (), 1),
+      (1, [512], prefixes, 1),
+      (8, [48, 96, 512], prefixes, 1),
+      (2, [96, 512], prefixes, 4),
+      (3, [512], (), 8),
+  ):
     key = (batch_size, bool(prefix), segments)
     results[key], scorer = _score(model, tok, items, batch_size, buckets, prefix, segments)
     assert {s[1] for s in scorer.compiled_shapes} <= set(buckets)
@@ -80,21 +94,28 @@ def test_probs_do_not_depend_on_batching_packing_or_prefix_cache(tiny):
 
 def test_shared_prefixes_are_exact_and_leave_the_last_token():
   item = lambda k, ids: batching.WorkItem(0, "r", "c", k, "h", tuple(ids))
-  items = [item(0, [5, 6, 7, 8]), item(0, [5, 6, 9]), item(1, [5, 6, 7]), item(2, [1, 2]),
-           item(2, [1, 2, 3])]
+  items = [
+      item(0, [5, 6, 7, 8]),
+      item(0, [5, 6, 9]),
+      item(1, [5, 6, 7]),
+      item(2, [1, 2]),
+      item(2, [1, 2, 3]),
+  ]
   assert batching.shared_prefixes(items) == ((5, 6), (5, 6), (1,))
   assert batching.shared_prefixes([item(1, [4])]) == ((), ())
   batches = batching.plan_batches(items, 2, [4], batching.shared_prefixes(items))
   rows = [engine.pad_batch(b, 2, 1, 0) for b in batches]
-  assert [r.tokens[:, :2].tolist() for r in rows] == [[[9, 0], [7, 0]], [[2, 0], [7, 8]],
-                                                      [[2, 3], [0, 0]]]
+  assert [r.tokens[:, :2].tolist() for r in rows] == [
+      [[9, 0], [7, 0]],
+      [[2, 0], [7, 8]],
+      [[2, 3], [0, 0]],
+  ]
   assert [r.prompt.tolist() for r in rows] == [[0, 1], [2, 0], [2, 0]]
 
 
 def test_packing_fills_rows_best_fit_and_lays_out_segments():
   item = lambda i, k, n: batching.WorkItem(i, f"r{i}", f"c{i}", k, "h", tuple(range(10, 10 + n)))
-  items = [item(0, 0, 9), item(1, 0, 5), item(2, 0, 4), item(3, 0, 3), item(4, 1, 2),
-           item(5, 0, 2)]
+  items = [item(0, 0, 9), item(1, 0, 5), item(2, 0, 4), item(3, 0, 3), item(4, 1, 2), item(5, 0, 2)]
   rows = batching.pack_rows(items, [8, 16], (), max_segments=3)
   # Longest first: 9 opens a 16-row (7 free), 5 joins it (2 free); 4 opens an 8-row, 3 takes
   # its best fit (the 8-row, 4 free); 2 fills the 16-row; prompt 1's text gets its own row.
@@ -129,9 +150,16 @@ def test_row_flops_matches_what_xla_compiles():
   """The cost model's FLOPs of a row (blocked attention as it runs, with its masked pairs)
   against XLA's own count of the compiled forward: within 2 % (XLA adds the elementwise ops),
   for query blocks and for the full square, which differ by 7 %."""
-  cfg = model_lib.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512,
-                              num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64,
-                              attention_block=128)
+  cfg = model_lib.LlamaConfig(
+      vocab_size=64,
+      hidden_size=256,
+      intermediate_size=512,
+      num_layers=1,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=64,
+      attention_block=128,
+  )
   tokens = jnp.zeros((1, 300), jnp.int32)
   positions = jnp.arange(300)[None]
   for c in (cfg, dataclasses.replace(cfg, attention_block=0)):
@@ -141,6 +169,7 @@ def test_row_flops_matches_what_xla_compiles():
     analysis = forward.lower(params, tokens).compile().cost_analysis()
     xla_flops = (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
     assert xla_flops == pytest.approx(costs.row_flops(c, 300), rel=0.02)
+
 
 def _brute_force_padding(lengths, max_shapes, multiple, max_tokens):
   rounded = sorted({min(-(-n // multiple) * multiple, max_tokens) for n in lengths})
@@ -180,7 +209,7 @@ def _parts(tok, item):
   text = tok.decode(item.ids)
   assert text.endswith("\nThe answer is: \n")
   instruction, response = text.split("\nInstruction:", 1)[1].split("\nResponse:", 1)
-  return instruction, response[:-len("\nThe answer is: \n")]
+  return instruction, response[: -len("\nThe answer is: \n")]
 
 
 def test_one_cut_for_all_prompts(tiny):
@@ -190,9 +219,11 @@ def test_one_cut_for_all_prompts(tiny):
   ps = prompts.default_prompts()[:4]
   frames = [len(tok.encode(prompts.build_text(p, "", ""))) for p in ps]
   assert len(set(frames)) > 1
-  cases = {0: ("Write a poem about the sea.", "The sea is wide and deep. " * 200),
-           1: ("Explain the sea. " * 200, "It is wide."),
-           2: ("Explain the sea. " * 200, "The sea is wide and deep. " * 200)}
+  cases = {
+      0: ("Write a poem about the sea.", "The sea is wide and deep. " * 200),
+      1: ("Explain the sea. " * 200, "It is wide."),
+      2: ("Explain the sea. " * 200, "The sea is wide and deep. " * 200),
+  }
   recs = [_record(i, *texts) for i, texts in cases.items()]
   items, rejects = batching.prepare(recs, ps, prompts.DEFAULT_TEMPLATE, tok, max_tokens=200)
   assert not rejects and len(items) == 3 * len(ps) and all(it.truncated for it in items)
@@ -201,15 +232,15 @@ def test_one_cut_for_all_prompts(tiny):
     assert max(len(it.ids) for it in mine) <= 200
     parts = {_parts(tok, it) for it in mine}
     assert len(parts) == 1, parts  # the same instruction and response under every prompt
-    (cut_ins, cut_res), = parts
+    ((cut_ins, cut_res),) = parts
     assert instruction.startswith(cut_ins) and response.startswith(cut_res)
     n_ins, n_res = len(tok.token_ends(cut_ins)), len(tok.token_ends(cut_res))
     budget = 200 - max(frames)
-    if i == 0:    # short instruction: kept whole, the response fills the rest
+    if i == 0:  # short instruction: kept whole, the response fills the rest
       assert cut_ins == instruction and n_res > budget - n_ins - 8
     elif i == 1:  # short response: kept whole, the instruction cut
       assert cut_res == response and n_ins > budget - n_res - 8
-    else:         # both long: the response keeps half the budget
+    else:  # both long: the response keeps half the budget
       assert abs(n_res - budget // 2) <= 4 and n_ins > budget // 2 - 8
 
 
@@ -223,8 +254,11 @@ def test_split_budget():
 
 def test_too_long_records_are_truncated_or_rejected_whole(tiny):
   _, tok = tiny
-  recs = [_record(0, "short", "fine"), _record(1, "Explain. " * 300, "ok"),
-          _record(2, "short", "long answer " * 300)]
+  recs = [
+      _record(0, "short", "fine"),
+      _record(1, "Explain. " * 300, "ok"),
+      _record(2, "short", "long answer " * 300),
+  ]
   ps = prompts.default_prompts()[:2]
   items, rejects = batching.prepare(recs, ps, prompts.DEFAULT_TEMPLATE, tok, max_tokens=150)
   # An instruction alone over the budget is cut too, not rejected.
@@ -232,14 +266,18 @@ def test_too_long_records_are_truncated_or_rejected_whole(tiny):
   assert [it.truncated for it in items] == [False, False, True, True, True, True]
   assert all(len(it.ids) <= 150 for it in items)
   assert _parts(tok, items[2])[1] == "ok"
-  items, rejects = batching.prepare(recs, ps, prompts.DEFAULT_TEMPLATE, tok, max_tokens=150,
-                                  too_long="reject")
+  items, rejects = batching.prepare(
+      recs, ps, prompts.DEFAULT_TEMPLATE, tok, max_tokens=150, too_long="reject"
+  )
   assert {it.sample_index for it in items} == {0}
   assert [r.index for r in rejects] == [1, 2] and "engine.max_tokens=150" in rejects[1].reason
   # Only a prompt and template that alone exceed the budget reject a record when truncating.
   items, rejects = batching.prepare(recs, ps, prompts.DEFAULT_TEMPLATE, tok, max_tokens=20)
   assert not items and [(r.index, "alone exceed" in r.reason) for r in rejects] == [
-      (0, True), (1, True), (2, True)]
+      (0, True),
+      (1, True),
+      (2, True),
+  ]
 
 
 def test_batch_size_must_divide_over_the_mesh(tiny):
@@ -251,10 +289,20 @@ def test_batch_size_must_divide_over_the_mesh(tiny):
 
 def test_repeated_texts_are_rated_once_and_share_rejects(tiny):
   _, tok = tiny
-  recs = [_record(0, "short", "fine"), _record(1, "Explain. " * 300, "ok"),
-          _record(2, "short", "fine"), _record(3, "Explain. " * 300, "ok")]
-  items, rejects = batching.prepare(recs, prompts.default_prompts()[:2], prompts.DEFAULT_TEMPLATE,
-                                  tok, max_tokens=150, too_long="reject")
+  recs = [
+      _record(0, "short", "fine"),
+      _record(1, "Explain. " * 300, "ok"),
+      _record(2, "short", "fine"),
+      _record(3, "Explain. " * 300, "ok"),
+  ]
+  items, rejects = batching.prepare(
+      recs,
+      prompts.default_prompts()[:2],
+      prompts.DEFAULT_TEMPLATE,
+      tok,
+      max_tokens=150,
+      too_long="reject",
+  )
   assert [(it.sample_index, it.prompt_index) for it in items] == [(0, 0), (0, 1)]
   assert [r.index for r in rejects] == [1, 3] and rejects[0].reason == rejects[1].reason
 
@@ -263,10 +311,12 @@ def test_truncation_rule_is_a_model_setting():
   """A dir scored with the earlier per-prompt cut is refused rather than mixed with this one."""
   from configs import smollm2_135m
   from selectit_jax.scoring import manifest, runner
+
   config = smollm2_135m.get_config()
   assert runner.model_settings(config)["engine.truncation"] == "shared_cut"
   entry = lambda settings: manifest.Manifest(
-      data={}, template="t", models=[manifest.ModelEntry("m", "m", "", "f", 1, settings)])
+      data={}, template="t", models=[manifest.ModelEntry("m", "m", "", "f", 1, settings)]
+  )
   new = runner.model_settings(config)
   old = {k: v for k, v in new.items() if k != "engine.truncation"}
   with pytest.raises(ValueError, match="engine.truncation"):

@@ -1,4 +1,5 @@
 """Weight fingerprints hash every byte and are cached by path, size and mtime."""
+
 import json
 import os
 
@@ -24,6 +25,7 @@ def hash_calls(monkeypatch):
   def counting(files):
     calls.append(list(files))
     return real(files)
+
   monkeypatch.setattr(fingerprints, "hash_files", counting)
   return calls
 

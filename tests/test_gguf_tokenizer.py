@@ -1,5 +1,6 @@
 """GGUF tokenizers cut text the way llama.cpp does (tokenizer.ggml.pre), checked against ids
 llama.cpp itself produced (tests/data/make_llamacpp_ids.py) and llama.cpp's regex rules."""
+
 import gzip
 import importlib.util
 import json
@@ -21,7 +22,8 @@ LLAMACPP_IDS = os.path.join(DATA, "llamacpp_ids_smollm2.jsonl.gz")
 
 def _maker():
   spec = importlib.util.spec_from_file_location(
-      "make_llamacpp_ids", os.path.join(DATA, "make_llamacpp_ids.py"))
+      "make_llamacpp_ids", os.path.join(DATA, "make_llamacpp_ids.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -43,10 +45,16 @@ def test_ids_match_llamacpp_on_500_rating_texts(smollm2_tok):
   for (index, sample_id, prompt, text), row in zip(texts, expected):
     # Same text as llama.cpp tokenized (records, prompt file and template unchanged).
     assert (index, sample_id, prompt, maker.sha256(text)) == (
-        row["index"], row["id"], row["prompt"], row["sha256"])
+        row["index"],
+        row["id"],
+        row["prompt"],
+        row["sha256"],
+    )
   ours = smollm2_tok.encode_batch([t[-1] for t in texts])
   bad = [(r["index"], r["prompt"]) for o, r in zip(ours, expected) if o != r["ids"]]
-  assert not bad, f"{len(bad)} of 500 texts tokenized unlike llama.cpp, first (index, prompt): {bad[:5]}"
+  assert (
+      not bad
+  ), f"{len(bad)} of 500 texts tokenized unlike llama.cpp, first (index, prompt): {bad[:5]}"
 
 
 def test_newline_before_digit_is_one_token(smollm2_tok):
@@ -73,31 +81,49 @@ def test_sentencepiece_vocab_is_left_alone(smollm2_tok):
 # Pieces each rule cuts, worked out by hand from llama.cpp's regex lists (llm_tokenizer_bpe).
 _SPLITS = {
     "12345": {
-        "gpt2": ["12345"], "smollm": ["1", "2", "3", "4", "5"], "llama3": ["123", "45"],
-        "qwen2": ["1", "2", "3", "4", "5"], "default": ["123", "45"]},
+        "gpt2": ["12345"],
+        "smollm": ["1", "2", "3", "4", "5"],
+        "llama3": ["123", "45"],
+        "qwen2": ["1", "2", "3", "4", "5"],
+        "default": ["123", "45"],
+    },
     " 12345": {
-        "gpt2": [" 12345"], "smollm": [" ", "1", "2", "3", "4", "5"],
-        "llama3": [" ", "123", "45"], "qwen2": [" ", "1", "2", "3", "4", "5"],
-        "default": [" ", "123", "45"]},
+        "gpt2": [" 12345"],
+        "smollm": [" ", "1", "2", "3", "4", "5"],
+        "llama3": [" ", "123", "45"],
+        "qwen2": [" ", "1", "2", "3", "4", "5"],
+        "default": [" ", "123", "45"],
+    },
     "\n\n1": {
-        "gpt2": ["\n", "\n", "1"], "smollm": ["\n\n", "1"], "llama3": ["\n\n", "1"],
-        "qwen2": ["\n\n", "1"], "default": ["\n", "\n", "1"]},
+        "gpt2": ["\n", "\n", "1"],
+        "smollm": ["\n\n", "1"],
+        "llama3": ["\n\n", "1"],
+        "qwen2": ["\n\n", "1"],
+        "default": ["\n", "\n", "1"],
+    },
     "Hello, world's 2024!": {
         "gpt2": ["Hello", ",", " world", "'s", " 2024", "!"],
         "smollm": ["Hello", ",", " world", "'s", " ", "2", "0", "2", "4", "!"],
         "llama3": ["Hello", ",", " world", "'s", " ", "202", "4", "!"],
         "qwen2": ["Hello", ",", " world", "'s", " ", "2", "0", "2", "4", "!"],
         # Punctuation runs are cut first, so "'s" does not survive.
-        "default": ["Hello", ",", " world", "'", "s", " ", "202", "4", "!"]},
+        "default": ["Hello", ",", " world", "'", "s", " ", "202", "4", "!"],
+    },
     "I'M end.\n(a": {
         "gpt2": ["I", "'", "M", " end", ".", "\n", "(", "a"],
         "smollm": ["I", "'", "M", " end", ".", "\n", "(", "a"],
         "llama3": ["I", "'M", " end", ".\n", "(a"],
         "qwen2": ["I", "'M", " end", ".\n", "(a"],
-        "default": ["I", "'", "M", " end", ".", "\n", "(", "a"]},
+        "default": ["I", "'", "M", " end", ".", "\n", "(", "a"],
+    },
 }
-_RULE_OF = {"gpt2": "gpt-2", "smollm": "smollm", "llama3": "llama-bpe", "qwen2": "qwen2",
-            "default": "default"}
+_RULE_OF = {
+    "gpt2": "gpt-2",
+    "smollm": "smollm",
+    "llama3": "llama-bpe",
+    "qwen2": "qwen2",
+    "default": "default",
+}
 
 
 @pytest.mark.parametrize("text", list(_SPLITS))
@@ -105,8 +131,9 @@ _RULE_OF = {"gpt2": "gpt-2", "smollm": "smollm", "llama3": "llama-bpe", "qwen2":
 def test_pre_tokenizer_splits_like_llamacpp(rule, text):
   pre = gguf_pretokenizers.gguf_pre_tokenizer(_RULE_OF[rule])
   byte_of = {c: b for b, c in bytes_to_unicode().items()}
-  pieces = [bytes(byte_of[c] for c in piece).decode("utf-8")
-            for piece, _ in pre.pre_tokenize_str(text)]
+  pieces = [
+      bytes(byte_of[c] for c in piece).decode("utf-8") for piece, _ in pre.pre_tokenize_str(text)
+  ]
   assert pieces == _SPLITS[text][rule]
 
 
@@ -134,13 +161,17 @@ def _write_sentencepiece_gguf(path, sp_dir, add_bos):
   writes one: pieces, scores, token types, special ids; `add_bos` None leaves the key out."""
   import gguf
   import sentencepiece as spm
+
   sp = spm.SentencePieceProcessor(model_file=os.path.join(sp_dir, "tokenizer.model"))
   n = sp.get_piece_size()
 
   def token_type(i):
-    for check, kind in ((sp.is_unknown, gguf.TokenType.UNKNOWN),
-                        (sp.is_control, gguf.TokenType.CONTROL),
-                        (sp.is_byte, gguf.TokenType.BYTE), (sp.is_unused, gguf.TokenType.UNUSED)):
+    for check, kind in (
+        (sp.is_unknown, gguf.TokenType.UNKNOWN),
+        (sp.is_control, gguf.TokenType.CONTROL),
+        (sp.is_byte, gguf.TokenType.BYTE),
+        (sp.is_unused, gguf.TokenType.UNUSED),
+    ):
       if check(i):
         return kind
     return gguf.TokenType.NORMAL
@@ -166,13 +197,16 @@ def test_sentencepiece_gguf_bos_like_transformers(add_bos, tmp_path):
   """Without tokenizer.ggml.add_bos_token a SentencePiece GGUF gets BOS (transformers,
   llama.cpp and LLaMA-2's own tokenizer do); the key, when present, decides."""
   import transformers
+
   write_sentencepiece(str(tmp_path))
   name = f"sp_{add_bos}.gguf"
   _write_sentencepiece_gguf(str(tmp_path / name), str(tmp_path), add_bos)
   ours = load_tokenizer(str(tmp_path / name))
   ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=name)
-  texts = ["Rate the response from 1 to 5.\nInstruction:Write a poem.\nThe answer is: \n",
-           "The sea is wide and deep; 2345 waves roll in."]
+  texts = [
+      "Rate the response from 1 to 5.\nInstruction:Write a poem.\nThe answer is: \n",
+      "The sea is wide and deep; 2345 waves roll in.",
+  ]
   for text in texts:
     assert ours.encode(text) == ref(text)["input_ids"]
   assert (ours.encode(texts[0])[0] == ours.bos_id) == (add_bos is not False)

@@ -1,6 +1,7 @@
 """`launch/local.sh 2 python -m selectit_jax.score ...` (2 processes x 4 fake CPU devices,
 jax.distributed over localhost) stores the same probabilities and gives the same selection
 as a 1-process, 1-device run; per-process resume refills only the missing shard."""
+
 import json
 import os
 import subprocess
@@ -12,38 +13,64 @@ import pytest
 from selectit_jax.scoring import store as store_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = ["--config.data.limit=10", "--config.prompts.k=2", "--config.engine.batch_size=8",
-        "--config.engine.max_tokens=384", "--config.engine.max_shapes=2",
-        "--config.engine.shard_rows=8", "--config.memory.device=cpu"]
+ARGS = [
+    "--config.data.limit=10",
+    "--config.prompts.k=2",
+    "--config.engine.batch_size=8",
+    "--config.engine.max_tokens=384",
+    "--config.engine.max_shapes=2",
+    "--config.engine.shard_rows=8",
+    "--config.memory.device=cpu",
+]
 
 
 def _env(devices):
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), DEVICES_PER_PROCESS="4")
+  env.update(
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+      DEVICES_PER_PROCESS="4",
+  )
   return env
 
 
 def _run(cmd, devices=1):
-  proc = subprocess.run(cmd, cwd=ROOT, env=_env(devices), capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run(
+      cmd, cwd=ROOT, env=_env(devices), capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
   return proc.stdout + proc.stderr
 
 
 def _score(ckpt, out, processes):
-  cmd = [sys.executable, "-m", "selectit_jax.score", "--config=configs/smollm2_135m.py",
-         f"--config.model.path={ckpt}", "--config.model.name=tiny", f"--config.output_dir={out}",
-         *ARGS]
+  cmd = [
+      sys.executable,
+      "-m",
+      "selectit_jax.score",
+      "--config=configs/smollm2_135m.py",
+      f"--config.model.path={ckpt}",
+      "--config.model.name=tiny",
+      f"--config.output_dir={out}",
+      *ARGS,
+  ]
   if processes == 1:
     return _run(cmd + ["--config.mesh.data=1"])
   return _run(["bash", "launch/local.sh", str(processes)] + cmd)
 
 
 def _select(scores, out):
-  _run([sys.executable, "-m", "selectit_jax.select", "--config=configs/select.py",
-        f"--config.scores_dir={scores}", f"--config.output_dir={out}",
-        "--config.proportion=0.3"])
+  _run(
+      [
+          sys.executable,
+          "-m",
+          "selectit_jax.select",
+          "--config=configs/select.py",
+          f"--config.scores_dir={scores}",
+          f"--config.output_dir={out}",
+          "--config.proportion=0.3",
+      ]
+  )
   with open(os.path.join(out, "scores.jsonl")) as f:
     return [json.loads(line) for line in f]
 

@@ -1,4 +1,5 @@
 """Tests for selectit_jax.data.prompts."""
+
 import os
 import re
 
@@ -71,19 +72,24 @@ def test_prompts_from_config(tmp_path):
     P.prompts_from_config(cfg(file=str(tmp_path / "e.txt")))
 
 
-@pytest.mark.parametrize("text,message", [
-    ("one\ntwo\none", r"repeated prompt on lines 1 and 3"),
-    # The last line lacks its "\n", yet repeats line 1; so does a copy with spaces around it.
-    ("one\ntwo\n one \none", r"repeated prompt on lines 1 and 3; 1 and 4"),
-    ("one\n\ntwo\n", r"blank line\(s\) 2\b"),
-    ("one\ntwo\n  \t\n\n", r"blank line\(s\) 3, 4"),
-    ("one\n\none\n", r"blank line\(s\) 2; repeated prompt on lines 1 and 3"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("one\ntwo\none", r"repeated prompt on lines 1 and 3"),
+        # The last line lacks its "\n", yet repeats line 1; so does a copy with spaces around it.
+        ("one\ntwo\n one \none", r"repeated prompt on lines 1 and 3; 1 and 4"),
+        ("one\n\ntwo\n", r"blank line\(s\) 2\b"),
+        ("one\ntwo\n  \t\n\n", r"blank line\(s\) 3, 4"),
+        ("one\n\none\n", r"blank line\(s\) 2; repeated prompt on lines 1 and 3"),
+    ],
+)
 def test_blank_or_repeated_prompt_lines_are_refused(tmp_path, text, message):
   path = tmp_path / "prompts.txt"
   path.write_text(text, encoding="utf-8")
-  for load in (lambda: P.load_prompts(str(path)),
-               lambda: P.prompts_from_config(cfg(file=str(path), k=1))):
+  for load in (
+      lambda: P.load_prompts(str(path)),
+      lambda: P.prompts_from_config(cfg(file=str(path), k=1)),
+  ):
     with pytest.raises(UserError, match=re.escape(str(path)) + ".*" + message):
       load()
 
@@ -113,6 +119,7 @@ def test_template_from_config_and_checks():
 
 def test_prompt_hash():
   import hashlib
+
   p = "Rate it.\n"
   h = P.prompt_hash(p, P.DEFAULT_TEMPLATE)
   assert h == hashlib.sha256((P.DEFAULT_TEMPLATE + "\0" + p).encode()).hexdigest()[:16]

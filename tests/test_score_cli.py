@@ -1,5 +1,6 @@
 """The score command on the embedded SmolLM2 + ShareGPT: resume after kill -9, new keys for
 changed prompts, and score -> select -> report."""
+
 import json
 import os
 import signal
@@ -13,14 +14,27 @@ import pytest
 from selectit_jax.scoring import store as store_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--config.data.limit=6", "--config.prompts.k=2", "--config.engine.batch_size=2",
-         "--config.engine.shard_rows=2", "--config.engine.max_tokens=256",
-         "--config.engine.max_shapes=3", "--config.mesh.data=1"]
+SMALL = [
+    "--config.data.limit=6",
+    "--config.prompts.k=2",
+    "--config.engine.batch_size=2",
+    "--config.engine.shard_rows=2",
+    "--config.engine.max_tokens=256",
+    "--config.engine.max_shapes=3",
+    "--config.mesh.data=1",
+]
 
 
 def _score_cmd(out, *extra):
-  return [sys.executable, "-m", "selectit_jax.score", "--config=configs/smollm2_135m.py",
-          f"--config.output_dir={out}", *SMALL, *extra]
+  return [
+      sys.executable,
+      "-m",
+      "selectit_jax.score",
+      "--config=configs/smollm2_135m.py",
+      f"--config.output_dir={out}",
+      *SMALL,
+      *extra,
+  ]
 
 
 def _env():
@@ -50,8 +64,9 @@ def uninterrupted(tmp_path_factory):
 
 def test_resume_after_kill_9_is_identical(uninterrupted, tmp_path):
   out = str(tmp_path / "killed")
-  proc = subprocess.Popen(_score_cmd(out), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+      _score_cmd(out), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   shards = os.path.join(out, "shards")
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -85,9 +100,17 @@ def test_rerun_skips_everything_and_new_prompts_get_new_keys(uninterrupted, tmp_
 
 def test_score_select_report(uninterrupted, tmp_path):
   sel = str(tmp_path / "selection")
-  _run([sys.executable, "-m", "selectit_jax.select", "--config=configs/select.py",
-        f"--config.scores_dir={uninterrupted}", "--config.proportion=0.5",
-        f"--config.output_dir={sel}"])
+  _run(
+      [
+          sys.executable,
+          "-m",
+          "selectit_jax.select",
+          "--config=configs/select.py",
+          f"--config.scores_dir={uninterrupted}",
+          "--config.proportion=0.5",
+          f"--config.output_dir={sel}",
+      ]
+  )
   with open(os.path.join(sel, "scores.jsonl")) as f:
     scores = [json.loads(line) for line in f]
   ranked = [s for s in scores if s["rank"] is not None]

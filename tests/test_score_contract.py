@@ -1,6 +1,7 @@
 """The score dir's contract through the CLIs: settings that change a probability are refused
 on resume, runs add models, prompts and coverage instead of narrowing what select sees, and
 the rating scale is a setting. Tiny random checkpoint, real ShareGPT records."""
+
 import json
 import os
 import subprocess
@@ -18,22 +19,43 @@ pytestmark = pytest.mark.slow  # a dozen CLI runs, ~10 s each
 def _run(module, *args, ok=True):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run([sys.executable, "-m", f"selectit_jax.{module}", *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+      [sys.executable, "-m", f"selectit_jax.{module}", *args],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
   return proc.stderr
 
 
 def _score(ckpt, out, *extra, ok=True):
-  return _run("score", "--config=configs/smollm2_135m.py", f"--config.model.path={ckpt}",
-              f"--config.output_dir={out}", "--config.data.limit=4", "--config.prompts.k=2",
-              "--config.engine.max_tokens=256", "--config.engine.batch_size=2",
-              "--config.mesh.data=1", *extra, ok=ok)
+  return _run(
+      "score",
+      "--config=configs/smollm2_135m.py",
+      f"--config.model.path={ckpt}",
+      f"--config.output_dir={out}",
+      "--config.data.limit=4",
+      "--config.prompts.k=2",
+      "--config.engine.max_tokens=256",
+      "--config.engine.batch_size=2",
+      "--config.mesh.data=1",
+      *extra,
+      ok=ok,
+  )
 
 
 def _select(scores, out, *extra, ok=True):
-  _run("select", "--config=configs/select.py", f"--config.scores_dir={scores}",
-       f"--config.output_dir={out}", *extra, ok=ok)
+  _run(
+      "select",
+      "--config=configs/select.py",
+      f"--config.scores_dir={scores}",
+      f"--config.output_dir={out}",
+      *extra,
+      ok=ok,
+  )
   if ok:
     with open(os.path.join(out, "summary.json")) as f:
       return json.load(f)
@@ -43,9 +65,11 @@ def test_resume_with_other_settings_is_refused_by_name(tiny_checkpoint, tmp_path
   out = str(tmp_path / "s")
   _score(tiny_checkpoint, out)
   before = store_lib.ScoreStore(out).read_table().num_rows
-  for flag, named in (("--config.engine.max_tokens=200", "engine.max_tokens"),
-                      ("--config.engine.too_long=reject", "engine.too_long"),
-                      ("--config.data.turns=released", "data.turns")):
+  for flag, named in (
+      ("--config.engine.max_tokens=200", "engine.max_tokens"),
+      ("--config.engine.too_long=reject", "engine.too_long"),
+      ("--config.data.turns=released", "data.turns"),
+  ):
     err = _score(tiny_checkpoint, out, flag, ok=False)
     assert named in err.strip().splitlines()[-1]
   assert store_lib.ScoreStore(out).read_table().num_rows == before
@@ -57,8 +81,9 @@ def test_runs_add_models_prompts_and_coverage(tiny_checkpoint, tmp_path):
   out = str(tmp_path / "s")
   _score(tiny_checkpoint, out, "--config.model.name=a")
   _score(tiny_checkpoint, out, "--config.model.name=b")
-  _score(tiny_checkpoint, out, "--config.model.name=a", "--config.prompts.k=1",
-         "--config.data.limit=2")
+  _score(
+      tiny_checkpoint, out, "--config.model.name=a", "--config.prompts.k=1", "--config.data.limit=2"
+  )
   manifest = manifest_lib.read(out)
   assert [m.name for m in manifest.models] == ["a", "b"] and manifest.limit == 4
   summary = _select(out, str(tmp_path / "sel"), "--config.level=model")
@@ -78,6 +103,5 @@ def test_rating_scale_is_a_setting(tiny_checkpoint, tmp_path):
 
 
 def test_a_config_without_an_embedded_model_needs_a_path(tmp_path):
-  err = _run("score", "--config=configs/llama2_7b.py", f"--config.output_dir={tmp_path}",
-             ok=False)
+  err = _run("score", "--config=configs/llama2_7b.py", f"--config.output_dir={tmp_path}", ok=False)
   assert "model.path" in err.strip().splitlines()[-1]

@@ -1,6 +1,7 @@
 """Sharded loading, forward and rating probabilities equal the single-device ones on CPU
 (8 fake devices, conftest), for several (data, fsdp, tensor) meshes; divisibility errors;
 the memory planner; jax.distributed settings."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,8 +23,9 @@ BATCH, LENGTH = 8, 24
 
 
 def _mesh(shape, devices=None):
-  return sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, shape))),
-                            devices)
+  return sharding.make_mesh(
+      ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, shape))), devices
+  )
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +51,17 @@ def _forward(model, mesh, tokens, lengths):
   def fwd(params, tokens_bt, lengths_b):
     b, t = tokens_bt.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return llama.apply({"params": params}, tokens_bt, pos, (pos < lengths_b[:, None]).astype(jnp.int32))
+    return llama.apply(
+        {"params": params}, tokens_bt, pos, (pos < lengths_b[:, None]).astype(jnp.int32)
+    )
 
   bs = sharding.batch_sharding(mesh)
   with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    out = jax.jit(fwd, in_shardings=(jax.tree.map(lambda x: x.sharding, model.params), bs, bs),
-                  out_shardings=bs)(model.params, sharding.global_array(tokens, bs),
-                                    sharding.global_array(lengths, bs))
+    out = jax.jit(
+        fwd,
+        in_shardings=(jax.tree.map(lambda x: x.sharding, model.params), bs, bs),
+        out_shardings=bs,
+    )(model.params, sharding.global_array(tokens, bs), sharding.global_array(lengths, bs))
   return np.asarray(out)
 
 
@@ -67,8 +73,16 @@ def _probs(model, mesh, tokens, lengths):
   scorer = engine.Scorer(model.config, model.params, np.arange(10, 15), mesh, BATCH, PREFIXES)
   pos = np.broadcast_to(np.arange(LENGTH, dtype=np.int32), tokens.shape)
   rows = np.arange(BATCH)
-  return scorer(engine.BatchArrays(tokens, (pos < lengths[:, None]).astype(np.int32), pos,
-                            (rows % 2).astype(np.int32), (lengths - 1)[:, None], rows))
+  return scorer(
+      engine.BatchArrays(
+          tokens,
+          (pos < lengths[:, None]).astype(np.int32),
+          pos,
+          (rows % 2).astype(np.int32),
+          (lengths - 1)[:, None],
+          rows,
+      )
+  )
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +98,11 @@ def test_sharded_equals_single_device(ckpt, batch, reference, shape):
   model = checkpoints.load_model(ckpt, mesh)
   # Every param is really split as the rules say: its device blocks have the planned shape.
   specs = sharding.mesh_specs(checkpoints.param_shapes(model.config)["params"])
-  for path_leaf, spec in zip(jax.tree_util.tree_flatten_with_path(model.params)[0],
-                             jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
-    (path, leaf) = path_leaf
+  for path_leaf, spec in zip(
+      jax.tree_util.tree_flatten_with_path(model.params)[0],
+      jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+  ):
+    path, leaf = path_leaf
     want = sharding.shard_shape(str(path), leaf.shape, spec, dict(mesh.shape))
     assert all(s.data.shape == want for s in leaf.addressable_shards), (path, spec)
   hidden_ref, (probs_ref, lse_ref) = reference
@@ -109,7 +125,7 @@ def test_memory_estimate_matches_loaded_param_bytes(ckpt):
 
 def test_indivisible_mesh_is_a_clear_error(ckpt):
   with pytest.raises(ValueError, match=r"not divisible by mesh axes \('tensor',\) of size 8"):
-    checkpoints.load_model(ckpt, _mesh((1, 1, 8)))   # 4 heads over tensor=8
+    checkpoints.load_model(ckpt, _mesh((1, 1, 8)))  # 4 heads over tensor=8
   with pytest.raises(ValueError, match="needs 6 devices, 8 are present"):
     _mesh((3, 2, 1))
   model = checkpoints.load_model(ckpt, _mesh((2, 4, 1)))
@@ -120,14 +136,25 @@ def test_indivisible_mesh_is_a_clear_error(ckpt):
 def test_owned_rows_split_the_batch_once():
   # One process here owns every row; the split across processes follows the batch sharding.
   scorer_rows = engine.Scorer.owned_rows.__get__(
-      type("S", (), {"batch_size": 8, "_batch_sharding": sharding.batch_sharding(_mesh((2, 2, 2)))})())
+      type(
+          "S", (), {"batch_size": 8, "_batch_sharding": sharding.batch_sharding(_mesh((2, 2, 2)))}
+      )()
+  )
   assert scorer_rows().all()
 
 
-@pytest.mark.parametrize("size,slice_,fits", [("7b", "v5e-8", True), ("13b", "v4-32", True),
-                                              ("70b", "v5p-64", True), ("70b", "v5e-8", False)])
+@pytest.mark.parametrize(
+    "size,slice_,fits",
+    [
+        ("7b", "v5e-8", True),
+        ("13b", "v4-32", True),
+        ("70b", "v5p-64", True),
+        ("70b", "v5e-8", False),
+    ],
+)
 def test_planner_llama2_presets(size, slice_, fits):
   import importlib
+
   config = importlib.import_module(f"configs.llama2_{size}").get_config(slice_)
   ok, lines = memory.plan_config(config)
   assert ok == fits, "\n".join(lines)
@@ -137,6 +164,7 @@ def test_planner_llama2_presets(size, slice_, fits):
 def test_planner_llama2_70b_numbers():
   """Weights: 68.98e9 bf16 params over fsdp=8 on v5p-64 (data=4)."""
   from configs import llama2_70b
+
   config = llama2_70b.get_config("v5p-64")
   cfg = memory.arch(config)
   est = memory.estimate(cfg, dict(data=4, fsdp=8, tensor=1), 64, 2048)
@@ -147,42 +175,61 @@ def test_planner_llama2_70b_numbers():
 
 def test_score_refuses_a_run_that_does_not_fit(ckpt):
   from configs import common
+
   config = common.score_config()
   config.model.path = ckpt
   config.engine.batch_size = 8
-  config.engine.max_tokens = 1 << 15   # attention [1, 4, 32k, 32k] fp32 on a "v5e"
+  config.engine.max_tokens = 1 << 15  # attention [1, 4, 32k, 32k] fp32 on a "v5e"
   config.memory.device = "v5e"
   with pytest.raises(MemoryError, match="engine.max_tokens"):
     memory.check_config(config, ckpt, _mesh((8, 1, 1)))
 
 
 def test_distributed_settings_from_config_then_env():
-  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
-         "JAX_PROCESS_ID": "2"}
-  cfg = ml_collections.ConfigDict(dict(initialize="auto", coordinator_address="",
-                                       num_processes=-1, process_id=3))
-  assert distributed.settings(cfg, env) == dict(coordinator_address="10.0.0.1:1234",
-                                                num_processes=4, process_id=3)
-  assert distributed.settings(cfg, {}) == dict(coordinator_address=None, num_processes=None,
-                                               process_id=3)
-  single = ml_collections.ConfigDict(dict(distributed=dict(initialize="auto",
-      coordinator_address="", num_processes=-1, process_id=-1)))
-  assert distributed.initialize(single, environ={}) is False   # single host: no-op
+  env = {
+      "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+      "JAX_NUM_PROCESSES": "4",
+      "JAX_PROCESS_ID": "2",
+  }
+  cfg = ml_collections.ConfigDict(
+      dict(initialize="auto", coordinator_address="", num_processes=-1, process_id=3)
+  )
+  assert distributed.settings(cfg, env) == dict(
+      coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3
+  )
+  assert distributed.settings(cfg, {}) == dict(
+      coordinator_address=None, num_processes=None, process_id=3
+  )
+  single = ml_collections.ConfigDict(
+      dict(
+          distributed=dict(
+              initialize="auto", coordinator_address="", num_processes=-1, process_id=-1
+          )
+      )
+  )
+  assert distributed.initialize(single, environ={}) is False  # single host: no-op
   single.distributed.initialize = "never"
   assert distributed.initialize(single, environ=env) is False
 
 
 def test_each_device_reads_only_its_block(ckpt, monkeypatch):
   from selectit_jax.checkpoints import hf
+
   reads = []
-  monkeypatch.setattr(hf.SafetensorsSource, "get",
-                      lambda self, name: pytest.fail(f"whole tensor {name} read"))
+  monkeypatch.setattr(
+      hf.SafetensorsSource, "get", lambda self, name: pytest.fail(f"whole tensor {name} read")
+  )
   orig = hf.SafetensorsSource.get_block
-  monkeypatch.setattr(hf.SafetensorsSource, "get_block",
-                      lambda self, name, index: reads.append(orig(self, name, index).size) or orig(self, name, index))
+  monkeypatch.setattr(
+      hf.SafetensorsSource,
+      "get_block",
+      lambda self, name, index: reads.append(orig(self, name, index).size)
+      or orig(self, name, index),
+  )
   mesh = _mesh((1, 2, 4))
   model = checkpoints.load_model(ckpt, mesh)
   full = sum(x.size for x in jax.tree.leaves(model.params))
   assert max(reads) * 8 <= full  # no read bigger than one device's share of a leaf
-  assert sum(reads) == sum(s.data.size for x in jax.tree.leaves(model.params)
-                           for s in x.addressable_shards)
+  assert sum(reads) == sum(
+      s.data.size for x in jax.tree.leaves(model.params) for s in x.addressable_shards
+  )

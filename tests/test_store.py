@@ -1,4 +1,5 @@
 """Tests for selectit_jax.scoring.store: shards, atomicity, resume keys, de-dup, dense probs."""
+
 import dataclasses
 import json
 import os
@@ -21,11 +22,18 @@ def rec(i, text=None):
 
 
 def row(r, model="m", k=0, num_params=100, p=None):
-  return {"sample_id": r.id, "sample_index": r.index, "content_hash": R.content_hash(r),
-          "model": model, "num_params": num_params, "prompt_index": k,
-          "prompt_hash": PH[k],
-          "probs": p if p is not None else [r.index + k / 10, 0.1, 0.2, 0.3, 0.4],
-          "logsumexp": 1.5, "num_tokens": 10 + k}
+  return {
+      "sample_id": r.id,
+      "sample_index": r.index,
+      "content_hash": R.content_hash(r),
+      "model": model,
+      "num_params": num_params,
+      "prompt_index": k,
+      "prompt_hash": PH[k],
+      "probs": p if p is not None else [r.index + k / 10, 0.1, 0.2, 0.3, 0.4],
+      "logsumexp": 1.5,
+      "num_tokens": 10 + k,
+  }
 
 
 def test_round_trip_and_shard_names(tmp_path):
@@ -34,19 +42,23 @@ def test_round_trip_and_shard_names(tmp_path):
   p0 = st.write_shard(rows[:5])
   p1 = st.write_shard(rows[5:])
   assert st.write_shard([]) is None
-  assert [os.path.basename(p) for p in (p0, p1)] == ["00003-000000.parquet",
-                                                     "00003-000001.parquet"]
+  assert [os.path.basename(p) for p in (p0, p1)] == ["00003-000000.parquet", "00003-000001.parquet"]
   t = st.read_table()
   assert t.schema == S.SCHEMA
-  assert t.to_pylist() == [{**r, "probs": [float(x) for x in r["probs"]], "truncated": False}
-                           for r in rows]
+  assert t.to_pylist() == [
+      {**r, "probs": [float(x) for x in r["probs"]], "truncated": False} for r in rows
+  ]
   assert pq.read_schema(p0).field("probs").type == pa.list_(pa.float64())
   assert sorted(os.listdir(st.shards_dir)) == ["00003-000000.parquet", "00003-000001.parquet"]
   # A new store object continues the sequence; other processes keep their own.
-  assert os.path.basename(S.ScoreStore(str(tmp_path), 3).write_shard(rows[:1])) == \
-      "00003-000002.parquet"
-  assert os.path.basename(S.ScoreStore(str(tmp_path), 0).write_shard(rows[:1])) == \
-      "00000-000000.parquet"
+  assert (
+      os.path.basename(S.ScoreStore(str(tmp_path), 3).write_shard(rows[:1]))
+      == "00003-000002.parquet"
+  )
+  assert (
+      os.path.basename(S.ScoreStore(str(tmp_path), 0).write_shard(rows[:1]))
+      == "00000-000000.parquet"
+  )
 
 
 def test_write_shard_validates(tmp_path):
@@ -60,8 +72,9 @@ def test_write_shard_validates(tmp_path):
     st.write_shard([{**r, "model": None}])
   assert st.shard_paths() == [] and os.listdir(st.shards_dir) == []
   # numpy values are accepted.
-  st.write_shard([{**r, "probs": np.arange(5.0), "sample_index": np.int64(0),
-                   "num_tokens": np.int32(3)}])
+  st.write_shard(
+      [{**r, "probs": np.arange(5.0), "sample_index": np.int64(0), "num_tokens": np.int32(3)}]
+  )
   assert st.read_table().column("probs").to_pylist() == [[0.0, 1.0, 2.0, 3.0, 4.0]]
 
 
@@ -97,8 +110,11 @@ def test_stored_keys_for_resume(tmp_path):
   assert st.stored_keys() == set()
   a, b = rec(0), rec(1)
   st.write_shard([row(a, k=0), row(a, k=1), row(b, "big", 0)])
-  assert st.stored_keys() == {(R.content_hash(a), "m", "ph0"), (R.content_hash(a), "m", "ph1"),
-                              (R.content_hash(b), "big", "ph0")}
+  assert st.stored_keys() == {
+      (R.content_hash(a), "m", "ph0"),
+      (R.content_hash(a), "m", "ph1"),
+      (R.content_hash(b), "big", "ph0"),
+  }
 
 
 def test_read_table_dedups_keep_first(tmp_path):
@@ -117,8 +133,12 @@ def test_probs_array_aligns_shuffled_rows_and_reports_missing(tmp_path):
   st = S.ScoreStore(str(tmp_path))
   recs = [rec(i) for i in range(5)]
   models = {"small": 100, "big": 700}
-  rows = [row(r, m, k, n, p=[r.index, k, len(m), 0.5, 0.25])
-          for r in recs for m, n in models.items() for k in range(3)]
+  rows = [
+      row(r, m, k, n, p=[r.index, k, len(m), 0.5, 0.25])
+      for r in recs
+      for m, n in models.items()
+      for k in range(3)
+  ]
   dropped = [x for x in rows if (x["sample_index"], x["model"], x["prompt_index"]) == (3, "big", 1)]
   rows = [x for x in rows if x not in dropped]
   random.Random(0).shuffle(rows)
@@ -126,7 +146,12 @@ def test_probs_array_aligns_shuffled_rows_and_reports_missing(tmp_path):
   st.write_shard(rows[13:])
   pa_ = S.probs_array(st.read_table())
   probs, sample_index, sample_id, names, num_params = (
-      pa_.probs, pa_.sample_index, pa_.sample_id, pa_.models, pa_.num_params)
+      pa_.probs,
+      pa_.sample_index,
+      pa_.sample_id,
+      pa_.models,
+      pa_.num_params,
+  )
   assert probs.shape == (5, 2, 3, 5) and probs.dtype == np.float64
   np.testing.assert_array_equal(sample_index, np.arange(5))
   assert list(sample_id) == [f"id{i}" for i in range(5)]
@@ -183,9 +208,13 @@ def test_probs_array_errors(tmp_path):
 def test_manifest_and_rejects(tmp_path):
   st = S.ScoreStore(str(tmp_path))
   assert st.read_manifest() is None
-  m = M.Manifest(data={"path": "d", "format": "sharegpt"}, template="t", prompts={"h": "p\n"},
-                 models=[M.ModelEntry("m@x", "m", "path", "x", 3)],
-                 runs=[M.RunEntry("m@x", ("h",), 0, 1)])
+  m = M.Manifest(
+      data={"path": "d", "format": "sharegpt"},
+      template="t",
+      prompts={"h": "p\n"},
+      models=[M.ModelEntry("m@x", "m", "path", "x", 3)],
+      runs=[M.RunEntry("m@x", ("h",), 0, 1)],
+  )
   st.write_manifest(m)
   assert st.read_manifest() == m
   st.write_manifest(dataclasses.replace(m, template="u"))
@@ -193,8 +222,10 @@ def test_manifest_and_rejects(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["manifest.json", "shards"]
   rej = [R.Reject(1, "x", "empty response"), R.Reject(4, None, "too long")]
   assert st.write_rejects(rej + rej[:1]) == 2  # no repeats
-  assert st.read_rejects() == [{"index": 1, "id": "x", "reason": "empty response"},
-                               {"index": 4, "id": None, "reason": "too long"}]
+  assert st.read_rejects() == [
+      {"index": 1, "id": "x", "reason": "empty response"},
+      {"index": 4, "id": None, "reason": "too long"},
+  ]
   # The next run's rejects replace them: each run's rejects are its own.
   assert st.write_rejects([R.Reject(5, "y", "too long")]) == 1
   assert st.read_rejects() == [{"index": 5, "id": "y", "reason": "too long"}]
@@ -203,18 +234,31 @@ def test_manifest_and_rejects(tmp_path):
     assert all(json.loads(line) for line in f)
 
 
-
-
 def test_shards_of_the_five_point_layout_still_read(tmp_path):
   """Shards written before the scale was a setting hold fixed-size lists of five."""
   st = S.ScoreStore(str(tmp_path))
-  old = pa.schema([f if f.name != "probs" else pa.field("probs", pa.list_(pa.float64(), 5))
-                   for f in S.SCHEMA if f.name != "truncated"])
-  row = dict(sample_id="a", sample_index=0, content_hash="c", model="m", num_params=1,
-             prompt_index=0, prompt_hash="h", probs=[0.1, 0.2, 0.3, 0.2, 0.1], logsumexp=0.0,
-             num_tokens=3)
-  pq.write_table(pa.Table.from_pylist([row], schema=old),
-                 os.path.join(st.shards_dir, "00000-000000.parquet"))
+  old = pa.schema(
+      [
+          f if f.name != "probs" else pa.field("probs", pa.list_(pa.float64(), 5))
+          for f in S.SCHEMA
+          if f.name != "truncated"
+      ]
+  )
+  row = dict(
+      sample_id="a",
+      sample_index=0,
+      content_hash="c",
+      model="m",
+      num_params=1,
+      prompt_index=0,
+      prompt_hash="h",
+      probs=[0.1, 0.2, 0.3, 0.2, 0.1],
+      logsumexp=0.0,
+      num_tokens=3,
+  )
+  pq.write_table(
+      pa.Table.from_pylist([row], schema=old), os.path.join(st.shards_dir, "00000-000000.parquet")
+  )
   st.write_shard([dict(row, content_hash="d", sample_index=1)])
   out = S.probs_array(st.read_table())
   assert out.probs.shape == (2, 1, 1, 5) and S.rating_scale(st.read_table()) == 5
@@ -228,9 +272,14 @@ def test_truncated_column_defaults_and_old_shards_read_false(tmp_path):
   st.write_shard([dict(row(rec(0)), truncated=True), row(rec(1))])
   # A shard written before the column existed.
   old = [row(rec(2))]
-  table = pa.Table.from_pylist(old, schema=pa.schema([f for f in S.SCHEMA if f.name != "truncated"]))
+  table = pa.Table.from_pylist(
+      old, schema=pa.schema([f for f in S.SCHEMA if f.name != "truncated"])
+  )
   pq.write_table(table, os.path.join(st.shards_dir, "00000-000009.parquet"))
   t = st.read_table()
   assert t.schema == S.SCHEMA
   assert dict(zip(t.column("sample_index").to_pylist(), t.column("truncated").to_pylist())) == {
-      0: True, 1: False, 2: False}
+      0: True,
+      1: False,
+      2: False,
+  }

@@ -1,5 +1,6 @@
 """Fine-tuning: templates and response-only masks, packing isolation, accumulation,
 kill -9 / resume reproducibility, HF export parity, bad input."""
+
 import json
 import os
 import signal
@@ -24,8 +25,10 @@ from selectit_jax.training import trainer
 from selectit_jax.parallel import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_WORDS = ("the sea is wide and deep waves roll in plants use light water and carbon "
-          "dioxide to make sugar rate the response please explain how it works").split()
+_WORDS = (
+    "the sea is wide and deep waves roll in plants use light water and carbon "
+    "dioxide to make sugar rate the response please explain how it works"
+).split()
 
 
 def _text(rng, n):
@@ -37,8 +40,10 @@ def write_selection(path, n=40, seed=0):
   rng = np.random.default_rng(seed)
   recs = []
   for i in range(n):
-    conv = [{"from": "human", "value": _text(rng, rng.integers(3, 8))},
-            {"from": "gpt", "value": _text(rng, rng.integers(3, 12))}]
+    conv = [
+        {"from": "human", "value": _text(rng, rng.integers(3, 8))},
+        {"from": "gpt", "value": _text(rng, rng.integers(3, 12))},
+    ]
     if i % 3 == 0:
       conv += [{"from": "human", "value": _text(rng, 4)}, {"from": "gpt", "value": _text(rng, 5)}]
     recs.append({"id": f"r{i}", "conversations": conv})
@@ -61,8 +66,9 @@ def tok(tiny_checkpoint):
 def _rec(turns, index=0):
   user = [t for r, t in turns if r == "user"]
   asst = [t for r, t in turns if r == "assistant"]
-  return Record(str(index), index, user[0] if user else "", asst[0] if asst else "", None,
-                tuple(turns))
+  return Record(
+      str(index), index, user[0] if user else "", asst[0] if asst else "", None, tuple(turns)
+  )
 
 
 def _target_text(tok, ex):
@@ -80,30 +86,40 @@ def _target_text(tok, ex):
 
 
 def test_alpaca_mask_keeps_every_assistant_turn(tok):
-  turns = [("user", "explain plants"), ("assistant", "plants use light"),
-           ("user", "and the sea"), ("assistant", "the sea is wide")]
+  turns = [
+      ("user", "explain plants"),
+      ("assistant", "plants use light"),
+      ("user", "and the sea"),
+      ("assistant", "the sea is wide"),
+  ]
   (ex,), stats = data_lib.prepare([_rec(turns)], tok, _data_cfg(template="alpaca"))
   eos = tok.hf.decode([tok.eos_id])
   assert [s.strip() for s in _target_text(tok, ex)] == [
-      "plants use light" + eos, "the sea is wide" + eos]
+      "plants use light" + eos,
+      "the sea is wide" + eos,
+  ]
   assert ex.ids[0] == tok.bos_id and not ex.target[0]
   assert stats.target_tokens == int(ex.target[1:].sum())
-  (first,), _ = data_lib.prepare([_rec(turns)], tok, _data_cfg(template="alpaca",
-                                                               multi_turn=False))
+  (first,), _ = data_lib.prepare([_rec(turns)], tok, _data_cfg(template="alpaca", multi_turn=False))
   assert len(_target_text(tok, first)) == 1
 
 
 def test_chat_template_targets_are_assistant_text(tok):
-  tok.hf.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n"
-                          "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
+  tok.hf.chat_template = (
+      "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n"
+      "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+  )
   try:
-    turns = [("user", "explain plants"), ("assistant", "plants use light"),
-             ("user", "and the sea"), ("assistant", "the sea is wide")]
+    turns = [
+        ("user", "explain plants"),
+        ("assistant", "plants use light"),
+        ("user", "and the sea"),
+        ("assistant", "the sea is wide"),
+    ]
     assert data_lib.resolve_template(tok, "auto") == "chat"
     (ex,), _ = data_lib.prepare([_rec(turns)], tok, _data_cfg(template="auto"))
     assert [s.strip() for s in _target_text(tok, ex)] == ["plants use light", "the sea is wide"]
-    full = tok.hf.apply_chat_template([{"role": r, "content": t} for r, t in turns],
-                                      tokenize=False)
+    full = tok.hf.apply_chat_template([{"role": r, "content": t} for r, t in turns], tokenize=False)
     assert ex.ids.tolist() == tok.hf(full, add_special_tokens=False)["input_ids"]
   finally:
     tok.hf.chat_template = None
@@ -116,21 +132,25 @@ def test_too_long_truncate_and_drop_are_counted(tok):
   huge_prompt = [("user", " ".join(["water"] * 200)), ("assistant", "ok")]
   short = [("user", "hi"), ("assistant", "the sea")]
   recs = [_rec(long, 0), _rec(huge_prompt, 1), _rec(short, 2)]
-  exs, stats = data_lib.prepare(recs, tok, _data_cfg(template="alpaca", too_long="truncate",
-                                                     max_length=32))
+  exs, stats = data_lib.prepare(
+      recs, tok, _data_cfg(template="alpaca", too_long="truncate", max_length=32)
+  )
   assert [e.record_index for e in exs] == [0, 2]
   assert stats.truncated == 2 and sum(stats.dropped.values()) == 1
   assert all(len(e.ids) <= 33 for e in exs)
-  exs, stats = data_lib.prepare(recs, tok, _data_cfg(template="alpaca", too_long="drop",
-                                                     max_length=32))
+  exs, stats = data_lib.prepare(
+      recs, tok, _data_cfg(template="alpaca", too_long="drop", max_length=32)
+  )
   assert [e.record_index for e in exs] == [2] and sum(stats.dropped.values()) == 2
   assert any("too_long=drop" in r for r in stats.dropped)
 
 
 def _examples(lengths, seed=0):
   rng = np.random.default_rng(seed)
-  return [data_lib.Example(rng.integers(3, 300, n).astype(np.int32),
-                           np.arange(n) >= n // 2, i) for i, n in enumerate(lengths)]
+  return [
+      data_lib.Example(rng.integers(3, 300, n).astype(np.int32), np.arange(n) >= n // 2, i)
+      for i, n in enumerate(lengths)
+  ]
 
 
 def test_pack_positions_segments_and_targets():
@@ -143,8 +163,9 @@ def test_pack_positions_segments_and_targets():
     for s in set(seg[r].tolist()) - {0}:
       m = seg[r] == s
       np.testing.assert_array_equal(pos[r][m], np.arange(m.sum()))
-      ex = next(e for e in exs if len(e.ids) - 1 == m.sum()
-                and (e.ids[:-1] == rows["inputs"][r][m]).all())
+      ex = next(
+          e for e in exs if len(e.ids) - 1 == m.sum() and (e.ids[:-1] == rows["inputs"][r][m]).all()
+      )
       np.testing.assert_array_equal(rows["targets"][r][m], ex.ids[1:])
       np.testing.assert_array_equal(rows["weights"][r][m], ex.target[1:])
       seen += 1
@@ -158,9 +179,13 @@ def test_packed_attention_never_crosses_samples(tiny_checkpoint):
   exs = _examples([9, 13, 6])
   rows = data_lib.pack(exs, 32, seed=None)
   assert len(rows["inputs"]) == 1
-  apply = jax.jit(lambda t, p, s: model.apply({"params": loaded.params},
-                                              model.apply({"params": loaded.params}, t, p, s),
-                                              method=Llama.logits))
+  apply = jax.jit(
+      lambda t, p, s: model.apply(
+          {"params": loaded.params},
+          model.apply({"params": loaded.params}, t, p, s),
+          method=Llama.logits,
+      )
+  )
   packed = apply(rows["inputs"], rows["positions"], rows["segment_ids"])[0]
   for s, ex in enumerate(exs, start=1):
     alone = data_lib.pack([ex], 32, seed=None)
@@ -172,14 +197,14 @@ def test_packed_attention_never_crosses_samples(tiny_checkpoint):
 def test_accumulation_matches_one_big_batch(tiny_checkpoint):
   loaded = checkpoints.load_model(tiny_checkpoint)
   cfg = loaded.config
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=1, tensor=1)),
-                            jax.devices()[:2])
+  mesh = sharding.make_mesh(
+      ml_collections.ConfigDict(dict(data=2, fsdp=1, tensor=1)), jax.devices()[:2]
+  )
   t = train_tiny.get_config().train
   sched = step_lib.schedule(t, 10)
   tx = step_lib.optimizer(t, sched)
   sh = step_lib.state_shardings(cfg, tx, mesh)
-  rows = data_lib.pack(_examples([30, 25, 40, 12, 33, 50, 8, 20], seed=3), 64, seed=0,
-                       pack=False)
+  rows = data_lib.pack(_examples([30, 25, 40, 12, 33, 50, 8, 20], seed=3), 64, seed=0, pack=False)
   batch = {k: v[:4] for k, v in rows.items()}
   train_step = step_lib.make_train_step(cfg, tx, sched, mesh, sh)
   out = []
@@ -203,10 +228,19 @@ def test_schedule_warmup_and_cosine():
 
 
 def _cli(ckpt, data, out, *extra):
-  return [sys.executable, "-m", "selectit_jax.train", "--config=configs/train_tiny.py",
-          f"--config.model.path={ckpt}", f"--config.data.path={data}",
-          f"--config.output_dir={out}", "--config.train.epochs=4", "--config.checkpoint.every=1",
-          "--config.checkpoint.keep=3", *extra]
+  return [
+      sys.executable,
+      "-m",
+      "selectit_jax.train",
+      "--config=configs/train_tiny.py",
+      f"--config.model.path={ckpt}",
+      f"--config.data.path={data}",
+      f"--config.output_dir={out}",
+      "--config.train.epochs=4",
+      "--config.checkpoint.every=1",
+      "--config.checkpoint.keep=3",
+      *extra,
+  ]
 
 
 def _env():
@@ -225,25 +259,33 @@ def _committed_steps(directory):
 def test_kill9_resume_reproduces_losses(tiny_checkpoint, tmp_path):
   data = write_selection(str(tmp_path / "sel.json"), n=40)
   full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-  subprocess.run(_cli(tiny_checkpoint, data, full), cwd=REPO, env=_env(), check=True,
-                 capture_output=True)
+  subprocess.run(
+      _cli(tiny_checkpoint, data, full), cwd=REPO, env=_env(), check=True, capture_output=True
+  )
   ref = trainer.read_metrics(os.path.join(full, "metrics.jsonl"))
   last = max(ref)
   assert last >= 10
 
-  proc = subprocess.Popen(_cli(tiny_checkpoint, data, killed), cwd=REPO, env=_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+      _cli(tiny_checkpoint, data, killed),
+      cwd=REPO,
+      env=_env(),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+  )
   deadline = time.time() + 120
-  while time.time() < deadline and not [s for s in _committed_steps(
-      os.path.join(killed, "checkpoints")) if s >= 2]:
+  while time.time() < deadline and not [
+      s for s in _committed_steps(os.path.join(killed, "checkpoints")) if s >= 2
+  ]:
     time.sleep(0.01)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   logged = trainer.read_metrics(os.path.join(killed, "metrics.jsonl"))
   assert proc.returncode == -signal.SIGKILL and max(logged) < last, "killed too late"
 
-  subprocess.run(_cli(tiny_checkpoint, data, killed), cwd=REPO, env=_env(), check=True,
-                 capture_output=True)
+  subprocess.run(
+      _cli(tiny_checkpoint, data, killed), cwd=REPO, env=_env(), check=True, capture_output=True
+  )
   got = trainer.read_metrics(os.path.join(killed, "metrics.jsonl"))
   assert sorted(got) == sorted(ref)
   for s in ref:
@@ -256,6 +298,7 @@ def test_kill9_resume_reproduces_losses(tiny_checkpoint, tmp_path):
 def test_run_exports_model_transformers_loads(tiny_checkpoint, tmp_path):
   torch = pytest.importorskip("torch")
   import transformers
+
   data = write_selection(str(tmp_path / "sel.json"), n=30)
   c = train_tiny.get_config()
   c.model.path, c.data.path, c.output_dir = tiny_checkpoint, data, str(tmp_path / "out")
@@ -271,8 +314,9 @@ def test_run_exports_model_transformers_loads(tiny_checkpoint, tmp_path):
   pos = np.arange(ids.shape[1], dtype=np.int32)[None]
   hidden = model.apply({"params": ours.params}, ids, pos, np.ones_like(ids))
   logits = np.asarray(model.apply({"params": ours.params}, hidden, method=Llama.logits))
-  hf_model = transformers.AutoModelForCausalLM.from_pretrained(export_dir,
-                                                               torch_dtype=torch.float32)
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+      export_dir, torch_dtype=torch.float32
+  )
   with torch.no_grad():
     ref = hf_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
   np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=1e-4)
@@ -293,8 +337,7 @@ def test_empty_selection_and_no_responses_fail_clearly(tiny_checkpoint, tmp_path
   with pytest.raises(ValueError, match="no usable records"):
     trainer.run(c)
   noresp = tmp_path / "noresp.json"
-  noresp.write_text(json.dumps([{"instruction": "explain plants", "input": "", "output": ""}]
-                               * 3))
+  noresp.write_text(json.dumps([{"instruction": "explain plants", "input": "", "output": ""}] * 3))
   c.data.path = str(noresp)
   with pytest.raises(ValueError, match=r"no usable records.*3x empty response"):
     trainer.run(c)

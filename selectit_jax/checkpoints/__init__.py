@@ -1,4 +1,5 @@
 """Loading LLaMA weights (HF safetensors or GGUF) into our param tree, optionally sharded."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,9 +67,12 @@ def load_params(cfg: DecoderConfig, source: hf.TensorSource, shardings=None):
       value = jax.device_put(hf.read_param(spec, source, cfg, shape, dtype))
     else:
       value = jax.make_array_from_callback(
-          shape, leaf_sharding,
-          lambda index, spec=spec, shape=shape: hf.read_param(spec, source, cfg, shape, dtype,
-                                                               index))
+          shape,
+          leaf_sharding,
+          lambda index, spec=spec, shape=shape: hf.read_param(
+              spec, source, cfg, shape, dtype, index
+          ),
+      )
     _set(params, spec.path, value)
   return params
 

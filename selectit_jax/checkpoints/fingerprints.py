@@ -5,6 +5,7 @@ first and last tensors, so any sampled hash can give both one key. Hashing a 70B
 takes minutes, so the result is cached per checkpoint path in a small JSON file and reused
 while every weight file keeps its size and mtime.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,12 @@ def fingerprint(path: str) -> str:
   key = os.path.abspath(path)
   cache = _read_cache()
   entry = cache.get(key)
-  if (isinstance(entry, dict) and entry.get("scheme") == _SCHEME
-      and entry.get("files") == stamps and isinstance(entry.get("fingerprint"), str)):
+  if (
+      isinstance(entry, dict)
+      and entry.get("scheme") == _SCHEME
+      and entry.get("files") == stamps
+      and isinstance(entry.get("fingerprint"), str)
+  ):
     return entry["fingerprint"]
   value = hash_files(files)
   cache[key] = {"scheme": _SCHEME, "files": stamps, "fingerprint": value}
@@ -41,8 +46,7 @@ def fingerprint(path: str) -> str:
 
 def weight_files(path: str) -> list[str]:
   if os.path.isdir(path):
-    return [os.path.join(path, f) for f in sorted(os.listdir(path))
-            if f.endswith(_WEIGHT_SUFFIXES)]
+    return [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(_WEIGHT_SUFFIXES)]
   return [path]
 
 

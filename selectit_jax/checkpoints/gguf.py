@@ -3,6 +3,7 @@
 The family (registry, by `general.architecture`) names the tensors, reads the config and
 undoes llama.cpp's changes to the values (LLaMA's Q/K row permutation, Gemma's 1 + w norms).
 """
+
 from __future__ import annotations
 
 import re

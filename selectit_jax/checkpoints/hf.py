@@ -5,6 +5,7 @@ Every loader presents its tensors under HF names in HF (torch `Linear`: [out, in
 each family's `param_table` (registry) turns them into our param tree. Tensors are read one at a time and written
 straight into their slot of the stacked array, so a checkpoint is never held twice.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,16 +25,19 @@ from selectit_jax.models.layers import DecoderConfig
 class TensorSource(Protocol):
   """Tensors under HF names, HF layout, as numpy arrays."""
 
-  def keys(self) -> set[str]: ...
+  def keys(self) -> set[str]:
+    ...
 
-  def get(self, name: str) -> np.ndarray: ...
+  def get(self, name: str) -> np.ndarray:
+    ...
 
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
   """One param-tree leaf: its HF tensor name and the layout change between the two."""
+
   path: tuple[str, ...]
-  hf_name: str                      # `{i}` is the layer index for stacked params
+  hf_name: str  # `{i}` is the layer index for stacked params
   to_ours: Callable[[np.ndarray, DecoderConfig], np.ndarray]
   to_hf: Callable[[np.ndarray, DecoderConfig], np.ndarray]
 
@@ -57,16 +61,20 @@ _same.hf_block = lambda idx, c: (idx, lambda w: w)
 
 def _in_proj(heads_attr: str):
   """torch [heads*head_dim, d] <-> ours [d, heads, head_dim]."""
+
   def to_ours(w, c):
     return w.T.reshape(c.hidden_size, getattr(c, heads_attr), c.head_dim)
+
   def to_hf(w, c):
     return w.reshape(c.hidden_size, -1).T
+
   def hf_block(idx, c):
     d, n, h = idx
     if (h.start, h.stop) != (0, c.head_dim):
       return None
     rows = slice(n.start * c.head_dim, n.stop * c.head_dim)
     return (rows, d), lambda w: w.T.reshape(w.shape[1], -1, c.head_dim)
+
   to_ours.hf_block = hf_block
   return to_ours, to_hf
 
@@ -120,8 +128,14 @@ def param_table(cfg: DecoderConfig) -> list[ParamSpec]:
   return registry.for_config(cfg).param_table(cfg)
 
 
-def read_param(spec: ParamSpec, source: TensorSource, cfg: DecoderConfig, shape: tuple[int, ...],
-               dtype, index: tuple[slice, ...] | None = None) -> np.ndarray:
+def read_param(
+    spec: ParamSpec,
+    source: TensorSource,
+    cfg: DecoderConfig,
+    shape: tuple[int, ...],
+    dtype,
+    index: tuple[slice, ...] | None = None,
+) -> np.ndarray:
   """The block `index` (default: all) of one leaf in our layout.
 
   Stacked leaves are read layer by layer, so at most one HF tensor is held beside the block.
@@ -152,13 +166,18 @@ def _read_block(spec, source, cfg, shape, dtype, index):
     return None
   hf_index, finish = plan
   hf_shape = spec.to_hf(np.empty(inner_shape, np.uint8), cfg).shape  # pages never touched
-  names = ([spec.hf_name.format(i=i) for i in range(*index[0].indices(shape[0]))]
-           if spec.stacked else [spec.hf_name])
+  names = (
+      [spec.hf_name.format(i=i) for i in range(*index[0].indices(shape[0]))]
+      if spec.stacked
+      else [spec.hf_name]
+  )
   blocks = []
   for name in names:
     if tuple(source.shape(name)) != tuple(hf_shape):
-      raise ValueError(f"tensor {name}: shape {tuple(source.shape(name))} does not fit the "
-                       f"config (expected {tuple(inner_shape)} in our layout)")
+      raise ValueError(
+          f"tensor {name}: shape {tuple(source.shape(name))} does not fit the "
+          f"config (expected {tuple(inner_shape)} in our layout)"
+      )
     blocks.append(finish(source.get_block(name, hf_index)).astype(dtype, copy=False))
   return np.stack(blocks) if spec.stacked else blocks[0]
 
@@ -171,8 +190,10 @@ def _converted(spec, name, source, cfg, shape, dtype):
   except ValueError:
     out = None
   if out is None or tuple(out.shape) != tuple(shape):
-    raise ValueError(f"tensor {name}: shape {tuple(w.shape)} does not fit the config "
-                     f"(expected {tuple(shape)} in our layout)")
+    raise ValueError(
+        f"tensor {name}: shape {tuple(w.shape)} does not fit the config "
+        f"(expected {tuple(shape)} in our layout)"
+    )
   return out.astype(dtype, copy=False)
 
 
@@ -180,8 +201,11 @@ def check_complete(cfg: DecoderConfig, source: TensorSource) -> None:
   """Fails naming the first tensor the architecture needs and the checkpoint lacks."""
   keys = source.keys()
   for spec in param_table(cfg):
-    names = ([spec.hf_name.format(i=i) for i in range(cfg.num_layers)] if spec.stacked
-             else [spec.hf_name])
+    names = (
+        [spec.hf_name.format(i=i) for i in range(cfg.num_layers)]
+        if spec.stacked
+        else [spec.hf_name]
+    )
     for name in names:
       if name not in keys:
         raise ValueError(f"checkpoint has no tensor {name!r} (needed by {'/'.join(spec.path)})")
@@ -189,8 +213,14 @@ def check_complete(cfg: DecoderConfig, source: TensorSource) -> None:
 
 # safetensors dtype codes -> numpy; bf16 through ml_dtypes (safetensors' numpy reader
 # cannot return bf16, the dtype most LLaMA-family checkpoints ship in).
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32}
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+}
 
 
 class SafetensorsSource:
@@ -208,8 +238,9 @@ class SafetensorsSource:
     elif os.path.exists(os.path.join(directory, "model.safetensors")):
       files = ["model.safetensors"]
     else:
-      raise FileNotFoundError(f"{directory}: no model.safetensors or "
-                              "model.safetensors.index.json")
+      raise FileNotFoundError(
+          f"{directory}: no model.safetensors or " "model.safetensors.index.json"
+      )
     self._entries = {}  # name -> (path, dtype, shape, byte offset)
     for fname in files:
       path = os.path.join(directory, fname)
@@ -221,8 +252,12 @@ class SafetensorsSource:
           continue
         if entry["dtype"] not in _SAFETENSORS_DTYPES:
           raise ValueError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-        self._entries[name] = (path, _SAFETENSORS_DTYPES[entry["dtype"]],
-                               tuple(entry["shape"]), 8 + size + entry["data_offsets"][0])
+        self._entries[name] = (
+            path,
+            _SAFETENSORS_DTYPES[entry["dtype"]],
+            tuple(entry["shape"]),
+            8 + size + entry["data_offsets"][0],
+        )
 
   def keys(self) -> set[str]:
     return set(self._entries)
@@ -279,13 +314,17 @@ def save_hf(directory: str, cfg: DecoderConfig, params, max_shard_bytes: int = 2
     size += w.nbytes
   shards.append(current)
   if len(shards) == 1:
-    safetensors.numpy.save_file(shards[0], os.path.join(directory, "model.safetensors"),
-                                metadata={"format": "pt"})
+    safetensors.numpy.save_file(
+        shards[0], os.path.join(directory, "model.safetensors"), metadata={"format": "pt"}
+    )
     return
   weight_map = {}
   for n, shard in enumerate(shards):
     fname = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
     safetensors.numpy.save_file(shard, os.path.join(directory, fname), metadata={"format": "pt"})
     weight_map.update({k: fname for k in shard})
-  fileio.write_json(os.path.join(directory, "model.safetensors.index.json"),
-                    {"metadata": {}, "weight_map": weight_map}, indent=2)
+  fileio.write_json(
+      os.path.join(directory, "model.safetensors.index.json"),
+      {"metadata": {}, "weight_map": weight_map},
+      indent=2,
+  )

@@ -1,5 +1,6 @@
 """Tokenizers (HF `tokenizer.json`, SentencePiece `tokenizer.model`, GGUF metadata) and the
 rating tokens "1".."5"."""
+
 from __future__ import annotations
 
 import os
@@ -75,11 +76,19 @@ def _gguf_tokenizer(path: str):
   from selectit_jax.checkpoints.gguf_pretokenizers import apply_gguf_pre_tokenizer
 
   fields = gguf.GGUFReader(path).fields
-  meta = {k: f.contents() for k, f in fields.items()
-          if k.startswith("tokenizer.") or k == "general.architecture"}
-  groups = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items()
-                    if f"tokenizer.{key}" in meta}
-            for group, renames in mapping.GGUF_TOKENIZER_MAPPING.items()}
+  meta = {
+      k: f.contents()
+      for k, f in fields.items()
+      if k.startswith("tokenizer.") or k == "general.architecture"
+  }
+  groups = {
+      group: {
+          name: meta[f"tokenizer.{key}"]
+          for key, name in renames.items()
+          if f"tokenizer.{key}" in meta
+      }
+      for group, renames in mapping.GGUF_TOKENIZER_MAPPING.items()
+  }
   tokens, config = groups["tokenizer"], groups["tokenizer_config"]
   _default_add_bos(tokens.get("tokenizer_type"), config)
   for name in ("bos", "eos", "unknown", "padding"):
@@ -88,8 +97,9 @@ def _gguf_tokenizer(path: str):
     config[key] = tokens["tokens"][token_id] if token_id is not None else None
   backend, extra = mapping.convert_gguf_tokenizer(meta["general.architecture"], tokens)
   # The converter drops pre-types it does not know (SmolLM2's "smollm"); set llama.cpp's.
-  apply_gguf_pre_tokenizer(backend, meta.get("tokenizer.ggml.model"),
-                           meta.get("tokenizer.ggml.pre"), path)
+  apply_gguf_pre_tokenizer(
+      backend, meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre"), path
+  )
   return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
 
 
@@ -121,7 +131,8 @@ def rating_token_ids(tokenizer: Tokenizer, context: str, scale: int = 5) -> np.n
     if tokenizer.decode([last]) != digit:
       raise ValueError(
           f"rating digit {digit!r} is not a single token after the prompt's closing text "
-          f"{context[-20:]!r}: its last token {last} decodes to {tokenizer.decode([last])!r}")
+          f"{context[-20:]!r}: its last token {last} decodes to {tokenizer.decode([last])!r}"
+      )
     ids.append(last)
   if len(set(ids)) != len(ids):
     raise ValueError(f"rating digits map to repeated token ids {ids}")

@@ -14,6 +14,7 @@ Undecodable bytes: JSONL lines are decoded strictly, a bad line is a Bad. A JSON
 is decoded with errors='surrogateescape' (the broken bytes survive as U+DC80..U+DCFF),
 and a record whose text holds such a character is a Bad.
 """
+
 import codecs
 import json
 import os
@@ -25,7 +26,7 @@ from selectit_jax import fileio
 
 CONTAINERS = ("json", "jsonl", "parquet", "tfds")
 
-_CHUNK = 1 << 20             # first read of a JSON array; grows for big records
+_CHUNK = 1 << 20  # first read of a JSON array; grows for big records
 _MAX_RECORD_BYTES = 1 << 28  # a record that does not parse within this is a fatal error
 _WS = re.compile(r"[ \t\n\r]*")
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
@@ -112,7 +113,7 @@ class _JsonArrayStream:
       first = True
       while True:
         skip_ws()
-        if pos >= len(buf):        # data ends where an element or ']' was due
+        if pos >= len(buf):  # data ends where an element or ']' was due
           self.truncated_at = byte_at(pos)
           break
         if buf[pos] == "]":
@@ -122,13 +123,14 @@ class _JsonArrayStream:
             off = byte_at(pos)
             raise ValueError(
                 f"{self.path}: malformed JSON array at byte {off} (line "
-                f"{_line_of(self.path, off)}): expected ',' or ']', got {buf[pos]!r}")
+                f"{_line_of(self.path, off)}): expected ',' or ']', got {buf[pos]!r}"
+            )
           pos += 1
           skip_ws()
           if pos >= len(buf):
             self.truncated_at = byte_at(pos)
             break
-          if buf[pos] == "]":      # tolerate a trailing comma
+          if buf[pos] == "]":  # tolerate a trailing comma
             break
         first = False
         while True:
@@ -143,14 +145,20 @@ class _JsonArrayStream:
               off = byte_at(e.pos)
               raise ValueError(
                   f"{self.path}: malformed JSON at byte {off} (line "
-                  f"{_line_of(self.path, off)}): {e.msg}") from None
+                  f"{_line_of(self.path, off)}): {e.msg}"
+              ) from None
             if eof:
               off = byte_at(pos)
               self.truncated_at = off
-              logging.warning("%s: incomplete JSON record at byte %d (line %d) "
-                              "up to the end of the file (%s); kept the complete "
-                              "records before it.", self.path, off,
-                              _line_of(self.path, off), e.msg)
+              logging.warning(
+                  "%s: incomplete JSON record at byte %d (line %d) "
+                  "up to the end of the file (%s); kept the complete "
+                  "records before it.",
+                  self.path,
+                  off,
+                  _line_of(self.path, off),
+                  e.msg,
+              )
               self.bytes_read = off
               return
             if len(buf) - pos > _MAX_RECORD_BYTES:
@@ -158,7 +166,8 @@ class _JsonArrayStream:
               raise ValueError(
                   f"{self.path}: JSON record at byte {off} (line "
                   f"{_line_of(self.path, off)}) does not parse within "
-                  f"{_MAX_RECORD_BYTES} bytes: {e}") from None
+                  f"{_MAX_RECORD_BYTES} bytes: {e}"
+              ) from None
             chunk = max(chunk, 2 * (len(buf) - pos))  # grow: no quadratic re-parsing
             more(chunk)
         text = buf[pos:end]
@@ -167,8 +176,9 @@ class _JsonArrayStream:
         self.bytes_read = byte_at(end)
         yield off, text, obj
       if self.truncated_at is not None:
-        logging.warning("%s: JSON array not closed; data ends at byte %d.",
-                        self.path, self.truncated_at)
+        logging.warning(
+            "%s: JSON array not closed; data ends at byte %d.", self.path, self.truncated_at
+        )
       self.bytes_read = max(self.bytes_read, byte_at(pos))
 
 
@@ -216,6 +226,7 @@ def _iter_jsonl(path, start, pos_out):
 
 def _iter_parquet(path, pos_out):
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
   pf = pq.ParquetFile(path)
   index = 0
   for batch in pf.iter_batches(batch_size=1024):
@@ -231,7 +242,8 @@ def _iter_tfds(name, split):
   except ImportError:
     raise ImportError(
         f"data.format='tfds:{name}' needs tensorflow_datasets, which is not "
-        "installed: pip install -e .[tfds]") from None
+        "installed: pip install -e .[tfds]"
+    ) from None
 
   def plain(x):
     if isinstance(x, bytes):
@@ -284,7 +296,8 @@ class Container:
     else:
       raise ValueError(
           f"{path}: not JSON or JSON Lines: first non-space byte {first!r} at "
-          f"byte {start} (line {_line_of(path, start)}); expected '[' or '{{'")
+          f"byte {start} (line {_line_of(path, start)}); expected '[' or '{{'"
+      )
 
   def __iter__(self):
     return self._items
@@ -306,20 +319,24 @@ def open_container(path: str, fmt: str = "auto", split: str = "train") -> Contai
 
 # --------------------------------------------------------------------------- writing
 
+
 def write_records(path: str, records, fmt: str) -> None:
   """Writes Record.raw in the given order: fmt 'json' (array), 'jsonl' or 'parquet'."""
   records = list(records)
   if fmt == "json":
+
     def w(f):
       f.write("[")
       for i, r in enumerate(records):
         f.write(("," if i else "") + "\n  " + json.dumps(r.raw, ensure_ascii=False))
       f.write("\n]\n")
+
     fileio.atomic_write(path, w, mode="w")
   elif fmt in ("jsonl", "tfds"):
     fileio.write_jsonl(path, (r.raw for r in records))
   elif fmt == "parquet":
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
+
     fileio.write_parquet(path, pa.Table.from_pylist([r.raw for r in records]))
   else:
     raise ValueError(f"write_records: fmt={fmt!r}; expected json, jsonl or parquet")

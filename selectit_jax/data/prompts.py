@@ -5,6 +5,7 @@ own trailing newline and the template adds another, so there is an empty line be
 "Instruction:". Prompts read from a file follow Python readlines() exactly, as the
 released code does (every line keeps its "\\n", the last one may lack it).
 """
+
 import hashlib
 import string
 
@@ -69,10 +70,12 @@ def check_prompts(prompts: list[str], source: str) -> None:
     if p.strip() and first_line.setdefault(p.strip(), n) != n:
       repeats.append(f"{first_line[p.strip()]} and {n}")
   problems = ([f"blank line(s) {', '.join(map(str, blank))}"] if blank else []) + (
-      [f"repeated prompt on lines {'; '.join(repeats)}"] if repeats else [])
+      [f"repeated prompt on lines {'; '.join(repeats)}"] if repeats else []
+  )
   if problems:
-    raise UserError(f"prompts file {source}: {'; '.join(problems)}; "
-                    "write one distinct prompt a line")
+    raise UserError(
+        f"prompts file {source}: {'; '.join(problems)}; " "write one distinct prompt a line"
+    )
 
 
 def check_template(template: str) -> str:
@@ -82,8 +85,10 @@ def check_template(template: str) -> str:
     if name is None:
       continue
     if spec or conv or name not in TEMPLATE_FIELDS:
-      raise ValueError(f"template field {{{name}}} not allowed; use only "
-                       f"{sorted(TEMPLATE_FIELDS)} (write literal braces as {{{{ }}}})")
+      raise ValueError(
+          f"template field {{{name}}} not allowed; use only "
+          f"{sorted(TEMPLATE_FIELDS)} (write literal braces as {{{{ }}}})"
+      )
     fields.add(name)
   if fields != TEMPLATE_FIELDS:
     raise ValueError(f"template lacks {sorted(TEMPLATE_FIELDS - fields)}: {template!r}")
@@ -110,16 +115,19 @@ def prompts_from_config(cfg_prompts) -> list[str]:
   if k < 0:
     raise UserError(f"prompts.k={k}; expected >= 1 (0 = all)")
   if k > len(prompts):
-    raise UserError(f"prompts.k={k} but {path or 'the default prompts'} has only "
-                    f"{len(prompts)} prompts")
+    raise UserError(
+        f"prompts.k={k} but {path or 'the default prompts'} has only " f"{len(prompts)} prompts"
+    )
   return prompts[:k] if k else prompts
 
 
-def build_text(prompt: str, instruction: str, response: str,
-               template: str = DEFAULT_TEMPLATE) -> str:
+def build_text(
+    prompt: str, instruction: str, response: str, template: str = DEFAULT_TEMPLATE
+) -> str:
   """The text one forward pass rates."""
   return (template or DEFAULT_TEMPLATE).format(
-      prompt=prompt, instruction=instruction, response=response)
+      prompt=prompt, instruction=instruction, response=response
+  )
 
 
 def prompt_hash(prompt: str, template: str = DEFAULT_TEMPLATE) -> str:

@@ -24,6 +24,7 @@ Turn policies (data.turns) pick the (instruction, response) pair of a chat recor
 Every record read gets an index (0-based position in the input, rejected ones
 included) and a stable id: its own 'id' field (str, or int converted) else str(index).
 """
+
 import dataclasses
 import hashlib
 import json
@@ -63,13 +64,13 @@ class Reject:
 @dataclasses.dataclass(frozen=True)
 class ReadInfo:
   path: str
-  format: str            # shape: sharegpt | alpaca | messages ('' if nothing was read)
+  format: str  # shape: sharegpt | alpaca | messages ('' if nothing was read)
   num_read: int
   num_ok: int
   num_rejected: int
   truncated_at: int | None  # byte offset where an incomplete JSON tail starts
   bytes_read: int
-  container: str = ""    # json | jsonl | parquet | tfds: the layout write_records needs
+  container: str = ""  # json | jsonl | parquet | tfds: the layout write_records needs
 
 
 def _get(cfg, name, default):
@@ -87,6 +88,7 @@ def content_hash(record: Record) -> str:
 
 
 # ---------------------------------------------------------------------- validation
+
 
 def _shape_of(keys) -> str | None:
   keys = set(keys)
@@ -210,9 +212,11 @@ def _own_id(obj):
 
 # --------------------------------------------------------------------------- reading
 
+
 @dataclasses.dataclass(frozen=True)
 class _Settings:
   """config.data, checked."""
+
   path: str
   format: str
   limit: int
@@ -236,9 +240,16 @@ def _resolve(cfg_data) -> _Settings:
     raise ValueError(f"data.format={fmt!r}; expected one of {valid} or 'tfds:<name>'")
   if not path and not fmt.startswith("tfds:"):
     from selectit_jax import assets  # pylint: disable=g-import-not-at-top
+
     path = assets.data_path(cfg_data)
-  return _Settings(path, fmt, limit, policy, _get(cfg_data, "alpaca_input_sep", "\n\n"),
-                   _get(cfg_data, "split", "train"))
+  return _Settings(
+      path,
+      fmt,
+      limit,
+      policy,
+      _get(cfg_data, "alpaca_input_sep", "\n\n"),
+      _get(cfg_data, "split", "train"),
+  )
 
 
 def _parse_all(items, s: _Settings, path: str):
@@ -258,7 +269,8 @@ def _parse_all(items, s: _Settings, path: str):
         if shape is None and isinstance(obj, dict):
           raise ValueError(
               f"{path}: cannot tell the format from the keys {sorted(obj)[:10]} of "
-              f"record {index}; set data.format to one of {SHAPES}")
+              f"record {index}; set data.format to one of {SHAPES}"
+          )
       ins, res, turns = _parse(obj, shape or "sharegpt", s.policy, s.sep)
       sid = rid if rid is not None else str(index)
       if sid in first_index_of:
@@ -277,17 +289,31 @@ def read_records(cfg_data) -> tuple[list[Record], list[Reject], ReadInfo]:
   s = _resolve(cfg_data)
   box = containers.open_container(s.path, s.format, s.split)
   records, rejects, num_read, shape = _parse_all(box, s, box.path)
-  info = ReadInfo(path=box.path, format=shape or "", num_read=num_read,
-                  num_ok=len(records), num_rejected=len(rejects),
-                  truncated_at=box.truncated_at, bytes_read=box.bytes_read,
-                  container=box.kind)
-  logging.info("read %s: %d records (%d ok, %d rejected) format=%s/%s",
-               box.path, num_read, len(records), len(rejects), info.format, box.kind)
+  info = ReadInfo(
+      path=box.path,
+      format=shape or "",
+      num_read=num_read,
+      num_ok=len(records),
+      num_rejected=len(rejects),
+      truncated_at=box.truncated_at,
+      bytes_read=box.bytes_read,
+      container=box.kind,
+  )
+  logging.info(
+      "read %s: %d records (%d ok, %d rejected) format=%s/%s",
+      box.path,
+      num_read,
+      len(records),
+      len(rejects),
+      info.format,
+      box.kind,
+  )
   return records, rejects, info
 
 
-def turn_policy_counts(objs: Iterable[Any], shape: str | None = None,
-                       sep: str = "\n\n") -> dict[str, int]:
+def turn_policy_counts(
+    objs: Iterable[Any], shape: str | None = None, sep: str = "\n\n"
+) -> dict[str, int]:
   """{policy: how many of the raw objects it accepts}, for every turn policy.
 
   Per record, as read_records parses it (shape from each object's keys unless given);
@@ -308,6 +334,7 @@ def turn_policy_counts(objs: Iterable[Any], shape: str | None = None,
 
 # --------------------------------------------------------------------------- rejects
 
+
 def reject_dict(r: Reject) -> dict:
   return {"index": r.index, "id": r.id, "reason": r.reason}
 
@@ -323,4 +350,3 @@ def write_rejects(path: str, rejects, append: bool = False) -> None:
       os.fsync(f.fileno())
   else:
     fileio.write_jsonl(path, map(reject_dict, rejects))
-

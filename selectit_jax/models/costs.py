@@ -8,6 +8,7 @@ Three FLOP counts, for three questions:
   attention, no padding): the useful work, the same for every method compared.
 - `train_flops_per_token`: PaLM's 6·N + 12·L·H·Q·T (forward + backward).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,8 +53,10 @@ def row_flops(cfg, length: int, prefix: int = 0) -> int:
   them: every weight once per token, and each query block against all keys up to its end,
   the `prefix` cached ones included (masked pairs cost the same as real ones)."""
   block = cfg.attention_block or length
-  pairs = sum(min(block, length - start) * (prefix + min(start + block, length))
-              for start in range(0, length, block))
+  pairs = sum(
+      min(block, length - start) * (prefix + min(start + block, length))
+      for start in range(0, length, block)
+  )
   attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * pairs
   return 2 * matmul_params(cfg) * length + attention
 

@@ -6,6 +6,7 @@ layers interleaved with global ones, each kind with its own rotary base.
 Layers are stacked with `nn.scan` as in `llama.py`; a per-layer flag picks the local or global
 rotary table and mask, so the param tree keeps one leading `layers` axis.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,15 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from selectit_jax.models.layers import (Attention, Mlp, Prefix, RMSNorm, attention_mask,
-                                        rope_inv_freq, sliding_window)
+from selectit_jax.models.layers import (
+    Attention,
+    Mlp,
+    Prefix,
+    RMSNorm,
+    attention_mask,
+    rope_inv_freq,
+    sliding_window,
+)
 
 LOCAL, GLOBAL = "sliding_attention", "full_attention"  # HF's layer_types names
 
@@ -25,6 +33,7 @@ LOCAL, GLOBAL = "sliding_attention", "full_attention"  # HF's layer_types names
 @dataclasses.dataclass(frozen=True)
 class Gemma3Config:
   """Architecture and numerics of a Gemma 3 text model (defaults: HF Gemma3TextConfig)."""
+
   vocab_size: int
   hidden_size: int
   intermediate_size: int
@@ -33,11 +42,11 @@ class Gemma3Config:
   num_kv_heads: int
   head_dim: int
   rms_norm_eps: float = 1e-6
-  rope_theta: float = 1_000_000.0          # global layers
+  rope_theta: float = 1_000_000.0  # global layers
   rope_scaling: tuple[tuple[str, Any], ...] | None = None  # global layers only, as HF
-  rope_local_base_freq: float = 10_000.0   # sliding-window layers
+  rope_local_base_freq: float = 10_000.0  # sliding-window layers
   sliding_window: int = 4096
-  sliding_window_pattern: int = 6          # every 6th layer global, when no layer_types
+  sliding_window_pattern: int = 6  # every 6th layer global, when no layer_types
   layer_types: tuple[str, ...] | None = None
   query_pre_attn_scalar: int = 256  # HF's config types it int
   final_logit_softcapping: float | None = None
@@ -51,8 +60,9 @@ class Gemma3Config:
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
-                       f"num_kv_heads={self.num_kv_heads}")
+      raise ValueError(
+          f"num_heads={self.num_heads} is not a multiple of " f"num_kv_heads={self.num_kv_heads}"
+      )
     if self.layer_types is not None and len(self.layer_types) != self.num_layers:
       raise ValueError(f"{len(self.layer_types)} layer_types for {self.num_layers} layers")
 
@@ -60,8 +70,8 @@ class Gemma3Config:
   def local_layers(self) -> tuple[bool, ...]:
     """Per layer: sliding-window attention (HF's default: all but every `pattern`-th)."""
     types = self.layer_types or tuple(
-        LOCAL if (i + 1) % self.sliding_window_pattern else GLOBAL
-        for i in range(self.num_layers))
+        LOCAL if (i + 1) % self.sliding_window_pattern else GLOBAL for i in range(self.num_layers)
+    )
     return tuple(t == LOCAL for t in types)
 
   @property
@@ -79,8 +89,7 @@ class Gemma3Config:
     # rope_local_base_freq and rope_scaling (global layers only).
     rope = hf.get("rope_parameters") or {}
     full, local = rope.get(GLOBAL) or {}, rope.get(LOCAL) or {}
-    scaling = hf.get("rope_scaling") or {
-        k: v for k, v in full.items() if k != "rope_theta"}
+    scaling = hf.get("rope_scaling") or {k: v for k, v in full.items() if k != "rope_theta"}
     if scaling.get("rope_type", scaling.get("type")) in (None, "default"):
       scaling = None
     heads = hf["num_attention_heads"]
@@ -105,7 +114,8 @@ class Gemma3Config:
         hidden_act=hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh",
         tie_word_embeddings=hf.get("tie_word_embeddings", True),
         max_position_embeddings=hf.get("max_position_embeddings", 32768),
-        **overrides)
+        **overrides,
+    )
 
   @classmethod
   def from_gguf(cls, source, **overrides) -> "Gemma3Config":
@@ -127,7 +137,8 @@ class Gemma3Config:
         sliding_window=f("attention.sliding_window", 4096),
         tie_word_embeddings="lm_head.weight" not in source.keys(),
         max_position_embeddings=f("context_length", 32768),
-        **overrides)
+        **overrides,
+    )
 
   def to_hf(self) -> dict[str, Any]:
     """The HF `config.json` dict of this architecture (transformers ≥ 5 rope layout)."""
@@ -143,8 +154,10 @@ class Gemma3Config:
         "num_key_value_heads": self.num_kv_heads,
         "head_dim": self.head_dim,
         "rms_norm_eps": self.rms_norm_eps,
-        "rope_parameters": {GLOBAL: full, LOCAL: {"rope_type": "default",
-                                                  "rope_theta": self.rope_local_base_freq}},
+        "rope_parameters": {
+            GLOBAL: full,
+            LOCAL: {"rope_type": "default", "rope_theta": self.rope_local_base_freq},
+        },
         "sliding_window": self.sliding_window,
         "sliding_window_pattern": self.sliding_window_pattern,
         "layer_types": [LOCAL if local else GLOBAL for local in self.local_layers],
@@ -162,6 +175,7 @@ class Gemma3Config:
 class Block(nn.Module):
   """Gemma 3 block: x + post_norm(attn(pre_norm(x))), then the same around the MLP. A scan
   body like llama.Block; `is_local` (per scanned layer) picks the rotary table and mask."""
+
   cfg: Gemma3Config
   collect_kv: bool = False
 
@@ -169,20 +183,30 @@ class Block(nn.Module):
     c = self.cfg
     norm = lambda: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
     self.attn_norm, self.post_attn_norm = norm(), norm()
-    self.attn = Attention(c, qk_norm=True, scale=c.query_pre_attn_scalar ** -0.5)
+    self.attn = Attention(c, qk_norm=True, scale=c.query_pre_attn_scalar**-0.5)
     self.mlp_norm, self.post_mlp_norm = norm(), norm()
     self.mlp = Mlp(c, activation=c.hidden_act)
 
-  def __call__(self, x, sin_2bth, cos_2bth, mask_2, prefix_kv, readout=None, is_last=None,
-               is_local=None):
+  def __call__(
+      self, x, sin_2bth, cos_2bth, mask_2, prefix_kv, readout=None, is_last=None, is_local=None
+  ):
     # Index 1: local (sliding-window) tables, 0: global.
     which = is_local.astype(jnp.int32)
     sin, cos, mask = sin_2bth[which], cos_2bth[which], mask_2[which]
     if readout is None:
       out = self._layer(x, sin, cos, mask, prefix_kv)
     else:
-      out = nn.cond(is_last, lambda m, *a: m._layer(*a, readout=readout),
-                    lambda m, *a: m._layer(*a), self, x, sin, cos, mask, prefix_kv)
+      out = nn.cond(
+          is_last,
+          lambda m, *a: m._layer(*a, readout=readout),
+          lambda m, *a: m._layer(*a),
+          self,
+          x,
+          sin,
+          cos,
+          mask,
+          prefix_kv,
+      )
     x, kv = out
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     return x, (kv if self.collect_kv else None)
@@ -199,6 +223,7 @@ class Block(nn.Module):
 
 class Gemma3(nn.Module):
   """Decoder returning final (normed) hidden states, called as `llama.Llama`."""
+
   cfg: Gemma3Config
   collect_kv: bool = False
 
@@ -207,7 +232,9 @@ class Gemma3(nn.Module):
     self.embedding = self.param(
         "embedding",
         nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
-        (c.vocab_size, c.hidden_size), c.param_dtype)
+        (c.vocab_size, c.hidden_size),
+        c.param_dtype,
+    )
     block = nn.remat(Block, prevent_cse=False) if c.remat else Block
     self.layers = nn.scan(
         block,
@@ -221,12 +248,16 @@ class Gemma3(nn.Module):
     if not c.tie_word_embeddings:
       self.lm_head = self.param(
           "lm_head",
-          nn.with_logical_partitioning(nn.initializers.normal(stddev=c.hidden_size ** -0.5),
-                                       ("embed", "vocab")),
-          (c.hidden_size, c.vocab_size), c.param_dtype)
+          nn.with_logical_partitioning(
+              nn.initializers.normal(stddev=c.hidden_size**-0.5), ("embed", "vocab")
+          ),
+          (c.hidden_size, c.vocab_size),
+          c.param_dtype,
+      )
 
-  def __call__(self, tokens_bt, positions_bt, segment_ids_bt, prefix: Prefix | None = None,
-               readout=None):
+  def __call__(
+      self, tokens_bt, positions_bt, segment_ids_bt, prefix: Prefix | None = None, readout=None
+  ):
     """As `Llama.__call__`; sliding-window layers see keys less than `sliding_window`
     positions back, cached prefix keys (positions 0..p-1) included."""
     c = self.cfg
@@ -235,25 +266,32 @@ class Gemma3(nn.Module):
     x = x * jnp.asarray(math.sqrt(c.hidden_size), c.dtype)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     local_cfg = dataclasses.replace(c, rope_theta=c.rope_local_base_freq, rope_scaling=None)
-    freqs = jnp.stack([positions_bt[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
-                       for cfg in (c, local_cfg)])
+    freqs = jnp.stack(
+        [positions_bt[..., None].astype(jnp.float32) * rope_inv_freq(cfg) for cfg in (c, local_cfg)]
+    )
     mask = attention_mask(segment_ids_bt)
     k_positions = positions_bt
     prefix_kv = None
     if prefix is not None:
-      seen = jnp.broadcast_to(prefix.valid[:, None, None, None, :],
-                              mask.shape[:-1] + prefix.valid.shape[-1:])
+      seen = jnp.broadcast_to(
+          prefix.valid[:, None, None, None, :], mask.shape[:-1] + prefix.valid.shape[-1:]
+      )
       mask = jnp.concatenate([seen, mask], axis=-1)
       p = prefix.valid.shape[-1]
       k_positions = jnp.concatenate(
-          [jnp.broadcast_to(jnp.arange(p, dtype=positions_bt.dtype), prefix.valid.shape),
-           positions_bt], axis=-1)
+          [
+              jnp.broadcast_to(jnp.arange(p, dtype=positions_bt.dtype), prefix.valid.shape),
+              positions_bt,
+          ],
+          axis=-1,
+      )
       prefix_kv = (prefix.k, prefix.v)
     masks = jnp.stack([mask, sliding_window(mask, positions_bt, k_positions, c.sliding_window)])
-    is_last = (jnp.arange(c.num_layers) == c.num_layers - 1)
+    is_last = jnp.arange(c.num_layers) == c.num_layers - 1
     is_local = jnp.asarray(np.asarray(c.local_layers))
-    x, kv = self.layers(x, jnp.sin(freqs), jnp.cos(freqs), masks, prefix_kv, readout, is_last,
-                        is_local)
+    x, kv = self.layers(
+        x, jnp.sin(freqs), jnp.cos(freqs), masks, prefix_kv, readout, is_last, is_local
+    )
     if readout is not None:
       x = jnp.take_along_axis(x, readout[..., None], axis=1)
     return (self.final_norm(x), kv) if self.collect_kv else self.final_norm(x)
@@ -261,8 +299,12 @@ class Gemma3(nn.Module):
   def logits(self, hidden_xd):
     """Vocabulary logits [..., vocab] in fp32 (tanh-capped when the config says so)."""
     w = self.embedding.T if self.cfg.tie_word_embeddings else self.lm_head
-    out = jnp.einsum("...d,dv->...v", hidden_xd.astype(self.cfg.dtype), w.astype(self.cfg.dtype),
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        "...d,dv->...v",
+        hidden_xd.astype(self.cfg.dtype),
+        w.astype(self.cfg.dtype),
+        preferred_element_type=jnp.float32,
+    )
     cap = self.cfg.final_logit_softcapping
     return out if cap is None else jnp.tanh(out / cap) * cap
 

@@ -6,6 +6,7 @@ Parameters and activations carry logical axis names (`vocab`, `embed`, `heads`, 
 `head_dim`, `mlp`, `layers`); parallel/sharding.py maps them onto a device mesh. Rotary
 embeddings use HF's half-split layout, so HF safetensors load unpermuted.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,11 @@ def rope_inv_freq(cfg: DecoderConfig) -> jax.Array:
     wavelen = 2 * math.pi / inv_freq
     smooth = (old_len / wavelen - low) / (high - low)
     mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    return jnp.where(wavelen > old_len / low, inv_freq / factor,
-                     jnp.where(wavelen < old_len / high, inv_freq, mid))
+    return jnp.where(
+        wavelen > old_len / low,
+        inv_freq / factor,
+        jnp.where(wavelen < old_len / high, inv_freq, mid),
+    )
   raise ValueError(f"unsupported rope_scaling type {kind!r}")
 
 
@@ -78,6 +82,7 @@ def sliding_window(mask, q_positions_bt, k_positions_bs, window: int):
 
 class RMSNorm(nn.Module):
   """x / rms(x) · scale. Gemma's (1 + w) is the same with scale = 1 + w (the loaders add 1)."""
+
   eps: float
   dtype: Any
   param_dtype: Any
@@ -85,17 +90,20 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis,)),
-                       (x.shape[-1],), self.param_dtype)
+    scale = self.param(
+        "scale",
+        nn.with_logical_partitioning(nn.initializers.ones, (self.axis,)),
+        (x.shape[-1],),
+        self.param_dtype,
+    )
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
     return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
 def _weight(module: nn.Module, name: str, shape, axes, fan_in: int):
-  init = nn.initializers.normal(stddev=fan_in ** -0.5)
-  w = module.param(name, nn.with_logical_partitioning(init, axes), shape,
-                   module.cfg.param_dtype)
+  init = nn.initializers.normal(stddev=fan_in**-0.5)
+  w = module.param(name, nn.with_logical_partitioning(init, axes), shape, module.cfg.param_dtype)
   return w.astype(module.cfg.dtype)
 
 
@@ -109,6 +117,7 @@ class Attention(nn.Module):
   `qk_norm`: RMSNorm over head_dim on queries and keys before the rotation (Gemma 3);
   `scale`: the score scale (default head_dim^-0.5; Gemma: query_pre_attn_scalar^-0.5).
   """
+
   cfg: DecoderConfig
   qk_norm: bool = False
   scale: float | None = None
@@ -125,23 +134,30 @@ class Attention(nn.Module):
     wk = _weight(self, "k", (d, kv, hd), ("embed", "kv_heads", "head_dim"), d)
     wv = _weight(self, "v", (d, kv, hd), ("embed", "kv_heads", "head_dim"), d)
     wo = _weight(self, "o", (h, hd, d), ("heads", "head_dim", "embed"), h * hd)
-    scale = self.scale or hd ** -0.5
+    scale = self.scale or hd**-0.5
     q_norm = k_norm = lambda x: x
     if self.qk_norm:
-      q_norm, k_norm = (RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, "head_dim", name=n)
-                        for n in ("q_norm", "k_norm"))
+      q_norm, k_norm = (
+          RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, "head_dim", name=n)
+          for n in ("q_norm", "k_norm")
+      )
     k = apply_rope(k_norm(jnp.einsum("btd,dnh->bnth", x_btd, wk)), sin, cos)
     v = jnp.einsum("btd,dnh->bnth", x_btd, wv)
     own_kv = (k, v)
     if prefix_kv is not None:
-      k, v = (jnp.concatenate([cached.astype(new.dtype), new], axis=2)
-              for cached, new in zip(prefix_kv, own_kv))
+      k, v = (
+          jnp.concatenate([cached.astype(new.dtype), new], axis=2)
+          for cached, new in zip(prefix_kv, own_kv)
+      )
     if queries is not None:
-      x_btd, sin, cos = (jnp.take_along_axis(a, queries[..., None], axis=1)
-                         for a in (x_btd, sin, cos))
+      x_btd, sin, cos = (
+          jnp.take_along_axis(a, queries[..., None], axis=1) for a in (x_btd, sin, cos)
+      )
       mask = jnp.take_along_axis(mask, queries[:, None, None, :, None], axis=3)
     q = apply_rope(q_norm(jnp.einsum("btd,dnh->bnth", x_btd, wq)), sin, cos)
-    q = nn.with_logical_constraint(q, ("activation_batch", "activation_heads", "activation_length", None))
+    q = nn.with_logical_constraint(
+        q, ("activation_batch", "activation_heads", "activation_length", None)
+    )
     b, t = x_btd.shape[:2]
     # Query head n uses kv head n // (h // kv), as HF's repeat_kv.
     q = q.reshape(b, kv, h // kv, t, hd)
@@ -153,10 +169,18 @@ class Attention(nn.Module):
       # in the scan body.
       block, p = c.attention_block or t, k.shape[2] - t
       out = jnp.concatenate(
-          [_attend(q[:, :, :, start:start + block], k[:, :, :p + start + block],
-                   v[:, :, :p + start + block],
-                   mask[..., start:start + block, :p + start + block], scale)
-           for start in range(0, t, block)], axis=3)
+          [
+              _attend(
+                  q[:, :, :, start : start + block],
+                  k[:, :, : p + start + block],
+                  v[:, :, : p + start + block],
+                  mask[..., start : start + block, : p + start + block],
+                  scale,
+              )
+              for start in range(0, t, block)
+          ],
+          axis=3,
+      )
     out = out.reshape(b, h, t, hd).astype(v.dtype)
     return jnp.einsum("bnth,nhd->btd", out, wo), own_kv
 
@@ -164,12 +188,14 @@ class Attention(nn.Module):
 def _attend(q_bkgth, k_bksh, v_bksh, mask, scale):
   """Softmax attention in fp32 with normalisation after PV: the [t, s] scores are read
   three times (max, exp+sum, PV), not five, and the division touches [t, head_dim] only."""
-  logits = jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh,
-                      preferred_element_type=jnp.float32) * scale
+  logits = (
+      jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh, preferred_element_type=jnp.float32) * scale
+  )
   logits = jnp.where(mask, logits, _MASK_VALUE)
   unnorm = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-  out = jnp.einsum("bkgts,bksh->bkgth", unnorm.astype(v_bksh.dtype), v_bksh,
-                   preferred_element_type=jnp.float32)
+  out = jnp.einsum(
+      "bkgts,bksh->bkgth", unnorm.astype(v_bksh.dtype), v_bksh, preferred_element_type=jnp.float32
+  )
   return out / jnp.sum(unnorm, axis=-1, keepdims=True)
 
 
@@ -183,6 +209,7 @@ _ACTIVATIONS = {
 
 class Mlp(nn.Module):
   """Gated feed-forward: act(x·gate) ⊙ (x·up) · down; SwiGLU by default."""
+
   cfg: DecoderConfig
   activation: str = "silu"
 
@@ -194,7 +221,9 @@ class Mlp(nn.Module):
     up = _weight(self, "up", (d, f), ("embed", "mlp"), d)
     down = _weight(self, "down", (f, d), ("mlp", "embed"), f)
     hidden = _ACTIVATIONS[self.activation](x_btd @ gate) * (x_btd @ up)
-    hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
+    hidden = nn.with_logical_constraint(
+        hidden, ("activation_batch", "activation_length", "activation_mlp")
+    )
     return hidden @ down
 
 
@@ -202,8 +231,7 @@ class Prefix(NamedTuple):
   """Keys and values of a shared prefix, computed once (`Llama(collect_kv=True)`) and
   attended to by every row: k, v [layers, b, kv_heads, p, head_dim]; valid [b, p] marks the
   real prefix positions of each row."""
+
   k: jax.Array
   v: jax.Array
   valid: jax.Array
-
-

@@ -1,6 +1,7 @@
 """The LLaMA family (LLaMA-2, SmolLM2, Mistral-style GQA) in Flax linen: its config and
 decoder, built from the shared layers. Layers are stacked with `nn.scan` (one compiled
 block, a leading `layers` axis)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,10 +14,10 @@ import numpy as np
 from selectit_jax.models.layers import Attention, Mlp, Prefix, RMSNorm, attention_mask, rope_inv_freq
 
 
-
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Architecture and numerics of a LLaMA-family model."""
+
   vocab_size: int
   hidden_size: int
   intermediate_size: int
@@ -30,26 +31,29 @@ class LlamaConfig:
   rope_scaling: tuple[tuple[str, Any], ...] | None = None
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 4096
-  dtype: str = "float32"        # activations / matmul inputs
+  dtype: str = "float32"  # activations / matmul inputs
   param_dtype: str = "float32"  # stored weights
-  remat: bool = False           # rematerialize each block in the backward pass
+  remat: bool = False  # rematerialize each block in the backward pass
   # Causal attention in query blocks of this many rows, each against only the keys up to its
   # end, so the masked upper triangle is mostly skipped (0 = one block: the full t×t square).
   attention_block: int = 128
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
-                       f"num_kv_heads={self.num_kv_heads}")
+      raise ValueError(
+          f"num_heads={self.num_heads} is not a multiple of " f"num_kv_heads={self.num_kv_heads}"
+      )
 
   @classmethod
   def from_hf(cls, hf: dict[str, Any], **overrides) -> "LlamaConfig":
     """Builds a config from a HF `config.json` dict."""
     archs = hf.get("architectures") or []
     if hf.get("model_type", "llama") not in ("llama", "mistral") and not any(
-        "Llama" in a for a in archs):
-      raise ValueError(f"unsupported architecture: model_type={hf.get('model_type')!r} "
-                       f"architectures={archs}")
+        "Llama" in a for a in archs
+    ):
+      raise ValueError(
+          f"unsupported architecture: model_type={hf.get('model_type')!r} " f"architectures={archs}"
+      )
     heads = hf["num_attention_heads"]
     scaling = hf.get("rope_scaling")
     return cls(
@@ -65,7 +69,8 @@ class LlamaConfig:
         rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        **overrides)
+        **overrides,
+    )
 
   @classmethod
   def from_gguf(cls, source, **overrides) -> "LlamaConfig":
@@ -89,7 +94,8 @@ class LlamaConfig:
         rope_scaling=scaling,
         tie_word_embeddings="lm_head.weight" not in source.keys(),
         max_position_embeddings=f("context_length", 4096),
-        **overrides)
+        **overrides,
+    )
 
   def to_hf(self) -> dict[str, Any]:
     """The HF `config.json` dict of this architecture."""
@@ -118,6 +124,7 @@ class LlamaConfig:
 class Block(nn.Module):
   """Pre-norm decoder block; a scan body, so it carries `x` and outputs its layer's (k, v)
   when `collect_kv`."""
+
   cfg: LlamaConfig
   collect_kv: bool = False
 
@@ -132,8 +139,17 @@ class Block(nn.Module):
     if readout is None:
       out = self._layer(x, sin, cos, mask, prefix_kv)
     else:
-      out = nn.cond(is_last, lambda m, *a: m._layer(*a, readout=readout),
-                    lambda m, *a: m._layer(*a), self, x, sin, cos, mask, prefix_kv)
+      out = nn.cond(
+          is_last,
+          lambda m, *a: m._layer(*a, readout=readout),
+          lambda m, *a: m._layer(*a),
+          self,
+          x,
+          sin,
+          cos,
+          mask,
+          prefix_kv,
+      )
     x, kv = out
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     return x, (kv if self.collect_kv else None)
@@ -153,6 +169,7 @@ class Llama(nn.Module):
 
   `collect_kv=True` also returns every layer's keys and values, stacked as in `Prefix`.
   """
+
   cfg: LlamaConfig
   collect_kv: bool = False
 
@@ -161,7 +178,9 @@ class Llama(nn.Module):
     self.embedding = self.param(
         "embedding",
         nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
-        (c.vocab_size, c.hidden_size), c.param_dtype)
+        (c.vocab_size, c.hidden_size),
+        c.param_dtype,
+    )
     block = nn.remat(Block, prevent_cse=False) if c.remat else Block
     self.layers = nn.scan(
         block,
@@ -175,12 +194,16 @@ class Llama(nn.Module):
     if not c.tie_word_embeddings:
       self.lm_head = self.param(
           "lm_head",
-          nn.with_logical_partitioning(nn.initializers.normal(stddev=c.hidden_size ** -0.5),
-                                       ("embed", "vocab")),
-          (c.hidden_size, c.vocab_size), c.param_dtype)
+          nn.with_logical_partitioning(
+              nn.initializers.normal(stddev=c.hidden_size**-0.5), ("embed", "vocab")
+          ),
+          (c.hidden_size, c.vocab_size),
+          c.param_dtype,
+      )
 
-  def __call__(self, tokens_bt, positions_bt, segment_ids_bt, prefix: Prefix | None = None,
-               readout=None):
+  def __call__(
+      self, tokens_bt, positions_bt, segment_ids_bt, prefix: Prefix | None = None, readout=None
+  ):
     """Tokens after an optional `prefix` (positions continue from it; every real query sees
     the prefix's valid positions, then the causal mask within its segment). `readout` [b, s]:
     return only these positions' states [b, s, d], and run the last layer for them alone."""
@@ -191,8 +214,9 @@ class Llama(nn.Module):
     mask = attention_mask(segment_ids_bt)
     prefix_kv = None
     if prefix is not None:
-      seen = jnp.broadcast_to(prefix.valid[:, None, None, None, :],
-                              mask.shape[:-1] + prefix.valid.shape[-1:])
+      seen = jnp.broadcast_to(
+          prefix.valid[:, None, None, None, :], mask.shape[:-1] + prefix.valid.shape[-1:]
+      )
       mask = jnp.concatenate([seen, mask], axis=-1)
       prefix_kv = (prefix.k, prefix.v)
     is_last = None if readout is None else jnp.arange(c.num_layers) == c.num_layers - 1
@@ -204,8 +228,12 @@ class Llama(nn.Module):
   def logits(self, hidden_xd):
     """Vocabulary logits [..., vocab] in fp32, for the rows the caller chose."""
     w = self.embedding.T if self.cfg.tie_word_embeddings else self.lm_head
-    return jnp.einsum("...d,dv->...v", hidden_xd.astype(self.cfg.dtype), w.astype(self.cfg.dtype),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+        "...d,dv->...v",
+        hidden_xd.astype(self.cfg.dtype),
+        w.astype(self.cfg.dtype),
+        preferred_element_type=jnp.float32,
+    )
 
 
 # ------------------------------------------------------------------ checkpoint layouts
@@ -229,8 +257,7 @@ GGUF_LAYER_NAMES = {
 def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
   """Inverse of llama.cpp's `permute`: interleaved rotary pairs back to half-split rows."""
   out_dim = w.shape[0]
-  return (w.reshape(n_head, out_dim // n_head // 2, 2, *w.shape[1:])
-          .swapaxes(1, 2).reshape(w.shape))
+  return w.reshape(n_head, out_dim // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def gguf_tensor(hf_name: str, w: np.ndarray, source) -> np.ndarray:
@@ -255,8 +282,9 @@ def param_table(cfg: LlamaConfig):
       hf.ParamSpec(("layers", "attn", "k"), _L + "self_attn.k_proj.weight", *k),
       hf.ParamSpec(("layers", "attn", "v"), _L + "self_attn.v_proj.weight", *k),
       hf.ParamSpec(("layers", "attn", "o"), _L + "self_attn.o_proj.weight", *hf.O_PROJ),
-      hf.ParamSpec(("layers", "mlp_norm", "scale"), _L + "post_attention_layernorm.weight",
-                   *hf.SAME),
+      hf.ParamSpec(
+          ("layers", "mlp_norm", "scale"), _L + "post_attention_layernorm.weight", *hf.SAME
+      ),
       hf.ParamSpec(("layers", "mlp", "gate"), _L + "mlp.gate_proj.weight", *hf.TRANSPOSE),
       hf.ParamSpec(("layers", "mlp", "up"), _L + "mlp.up_proj.weight", *hf.TRANSPOSE),
       hf.ParamSpec(("layers", "mlp", "down"), _L + "mlp.down_proj.weight", *hf.TRANSPOSE),

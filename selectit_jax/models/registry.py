@@ -2,6 +2,7 @@
 decoder module, and the names it is known by in HF `config.json` and GGUF metadata.
 Everything else (loaders, sharding, planner, engine, trainer) asks here instead of
 branching on an architecture name."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,20 +17,36 @@ from selectit_jax.models import llama
 @dataclasses.dataclass(frozen=True)
 class Family:
   name: str
-  config_class: type               # from_hf(dict), from_gguf(source), to_hf()
-  module: type                     # the flax decoder: module(cfg, **kw)
+  config_class: type  # from_hf(dict), from_gguf(source), to_hf()
+  module: type  # the flax decoder: module(cfg, **kw)
   hf_model_types: tuple[str, ...]  # config.json "model_type"
-  gguf_archs: tuple[str, ...]      # GGUF "general.architecture"
-  param_table: Callable            # cfg -> [hf.ParamSpec]: our tree <-> HF tensor names
+  gguf_archs: tuple[str, ...]  # GGUF "general.architecture"
+  param_table: Callable  # cfg -> [hf.ParamSpec]: our tree <-> HF tensor names
   gguf_layer_names: dict[str, str]  # GGUF blk.N.<name> -> HF model.layers.N.<name>
-  gguf_tensor: Callable            # (hf name, dequantized array, source) -> HF values
+  gguf_tensor: Callable  # (hf name, dequantized array, source) -> HF values
 
 
 FAMILIES = (
-    Family("llama", llama.LlamaConfig, llama.Llama, ("llama", "mistral"), ("llama",),
-           llama.param_table, llama.GGUF_LAYER_NAMES, llama.gguf_tensor),
-    Family("gemma3", gemma3.Gemma3Config, gemma3.Gemma3, ("gemma3_text", "gemma3"),
-           ("gemma3",), gemma3.param_table, gemma3.GGUF_LAYER_NAMES, gemma3.gguf_tensor),
+    Family(
+        "llama",
+        llama.LlamaConfig,
+        llama.Llama,
+        ("llama", "mistral"),
+        ("llama",),
+        llama.param_table,
+        llama.GGUF_LAYER_NAMES,
+        llama.gguf_tensor,
+    ),
+    Family(
+        "gemma3",
+        gemma3.Gemma3Config,
+        gemma3.Gemma3,
+        ("gemma3_text", "gemma3"),
+        ("gemma3",),
+        gemma3.param_table,
+        gemma3.GGUF_LAYER_NAMES,
+        gemma3.gguf_tensor,
+    ),
 )
 
 
@@ -44,13 +61,16 @@ def for_config(cfg) -> Family:
 def for_hf(hf: dict[str, Any]) -> Family:
   """The family of a HF config.json dict (by model_type)."""
   model_type = hf.get("model_type") or (
-      "llama" if any("Llama" in a for a in hf.get("architectures") or []) else "")
+      "llama" if any("Llama" in a for a in hf.get("architectures") or []) else ""
+  )
   for family in FAMILIES:
     if model_type in family.hf_model_types:
       return family
   known = sorted(t for f in FAMILIES for t in f.hf_model_types)
-  raise ValueError(f"unsupported architecture: model_type={model_type!r} "
-                   f"architectures={hf.get('architectures')}; supported: {known}")
+  raise ValueError(
+      f"unsupported architecture: model_type={model_type!r} "
+      f"architectures={hf.get('architectures')}; supported: {known}"
+  )
 
 
 def for_gguf(arch: str) -> Family:

@@ -1,5 +1,6 @@
 """The one table of accelerators: memory per device (the planner) and dense bf16 peak FLOP/s
 (MFU), found from jax's `device_kind`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +11,7 @@ GiB = 1 << 30
 
 @dataclasses.dataclass(frozen=True)
 class Device:
-  memory: int        # bytes per device (one chip or GPU)
+  memory: int  # bytes per device (one chip or GPU)
   peak_flops: float  # dense bf16 FLOP/s per device (vendor figure)
   description: str
   kinds: tuple[str, ...]  # lower-case substrings of jax's device_kind, tried in table order
@@ -24,10 +25,12 @@ DEVICES: dict[str, Device] = {
     "v6e": Device(32 * GiB, 918e12, "TPU v6e (Trillium), 32 GiB HBM per chip", ("v6",)),
     "v4": Device(32 * GiB, 275e12, "TPU v4, 32 GiB HBM per chip", ("v4",)),
     "h200": Device(141 * 10**9, 989e12, "NVIDIA H200 141GB", ("h200",)),
-    "h100": Device(80 * 10**9, 989e12, "NVIDIA H100 80GB (SXM; PCIe peaks at 756 TFLOP/s)",
-                   ("h100",)),
-    "a100-40g": Device(40 * 10**9, 312e12, "NVIDIA A100 40GB", ("a100-sxm4-40gb",
-                                                                 "a100-pcie-40gb", "a100 40gb")),
+    "h100": Device(
+        80 * 10**9, 989e12, "NVIDIA H100 80GB (SXM; PCIe peaks at 756 TFLOP/s)", ("h100",)
+    ),
+    "a100-40g": Device(
+        40 * 10**9, 312e12, "NVIDIA A100 40GB", ("a100-sxm4-40gb", "a100-pcie-40gb", "a100 40gb")
+    ),
     "a100": Device(80 * 10**9, 312e12, "NVIDIA A100 80GB", ("a100",)),
     "l4": Device(24 * 10**9, 121e12, "NVIDIA L4", ("l4",)),
 }

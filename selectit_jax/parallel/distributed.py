@@ -7,14 +7,18 @@ where the environment shows several processes (SLURM with >1 task, TPU_WORKER_HO
 and is a no-op on a single host; 'always' calls jax.distributed.initialize() regardless, so
 JAX auto-detects the TPU pod (what launch/tpu_pod.sh passes); 'never' skips.
 """
+
 from __future__ import annotations
 
 import os
 
 from absl import logging
 
-_ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
-        "process_id": "JAX_PROCESS_ID"}
+_ENV = {
+    "coordinator_address": "JAX_COORDINATOR_ADDRESS",
+    "num_processes": "JAX_NUM_PROCESSES",
+    "process_id": "JAX_PROCESS_ID",
+}
 _done = False
 
 
@@ -58,9 +62,15 @@ def initialize(config=None, environ=None) -> bool:
   if kwargs.get("num_processes") == 1:
     return False
   import jax  # noqa: PLC0415  (after the decision: nothing touches a backend before this)
+
   logging.info("jax.distributed.initialize(%s)", kwargs or "auto-detect")
   jax.distributed.initialize(**kwargs)
   _done = True
-  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info(
+      "process %d of %d, %d local / %d global devices",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+  )
   return True

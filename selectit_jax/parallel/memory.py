@@ -13,6 +13,7 @@ the prefixes' own keys/values (prompts × layers × ~50 tokens, replicated) are 
 buffers, but its own workspace is not counted, so a run must fit within `headroom` (default
 90%) of the device.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,6 +33,7 @@ from selectit_jax.parallel import sharding
 from selectit_jax.models import registry
 from selectit_jax.models.layers import DecoderConfig
 
+
 @dataclasses.dataclass
 class Estimate:
   params: int
@@ -50,8 +52,9 @@ def _bytes(dtype) -> int:
   return jnp.dtype(dtype).itemsize
 
 
-def estimate(cfg: DecoderConfig, mesh_sizes: dict[str, int], batch_size: int,
-             length: int, segments: int = 1) -> Estimate:
+def estimate(
+    cfg: DecoderConfig, mesh_sizes: dict[str, int], batch_size: int, length: int, segments: int = 1
+) -> Estimate:
   """Per-device bytes for one rating step of [batch_size, length] on a mesh of these sizes.
   Raises the sharding module's error when a weight does not divide the mesh."""
   abstract = checkpoints.param_shapes(cfg)["params"]
@@ -60,18 +63,26 @@ def estimate(cfg: DecoderConfig, mesh_sizes: dict[str, int], batch_size: int,
   pb, ab = _bytes(cfg.param_dtype), _bytes(cfg.dtype)
   params = 0
   flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
-  for (path, sds), spec in zip(flat_shapes, jax.tree.leaves(
-      specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
+  for (path, sds), spec in zip(
+      flat_shapes,
+      jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+  ):
     block = sharding.shard_shape(jax.tree_util.keystr(path), sds.shape, spec, mesh_sizes)
     params += math.prod(block) * pb
   tp, fsdp = mesh_sizes["tensor"], mesh_sizes["fsdp"]
   row_shards = mesh_sizes["data"] * fsdp
   if batch_size % row_shards:
-    raise ValueError(f"engine.batch_size={batch_size} is not a multiple of the mesh's "
-                     f"data×fsdp={row_shards}")
+    raise ValueError(
+        f"engine.batch_size={batch_size} is not a multiple of the mesh's " f"data×fsdp={row_shards}"
+    )
   b, t = batch_size // row_shards, length
-  d, h, kv, hd, f = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                     cfg.intermediate_size)
+  d, h, kv, hd, f = (
+      cfg.hidden_size,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+      cfg.intermediate_size,
+  )
   # One layer's weights in compute dtype, gathered over fsdp (still split over tensor);
   # two live at once. Without fsdp the cast copy is the only extra (when dtypes differ).
   layer = costs.layer_matmul_params(cfg) // tp
@@ -106,9 +117,16 @@ def max_length(config) -> int:
   return -(-config.engine.max_tokens // m) * m
 
 
-def fit_lines(cfg: DecoderConfig, mesh_sizes: dict[str, int], batch_size: int, length: int,
-           device: str, local_devices: int = 1, headroom: float = 0.9,
-           segments: int = 1) -> tuple[bool, list[str]]:
+def fit_lines(
+    cfg: DecoderConfig,
+    mesh_sizes: dict[str, int],
+    batch_size: int,
+    length: int,
+    device: str,
+    local_devices: int = 1,
+    headroom: float = 0.9,
+    segments: int = 1,
+) -> tuple[bool, list[str]]:
   """(fits, lines) for the worst-case step; lines say what to change when it does not fit."""
   est = estimate(cfg, mesh_sizes, batch_size, length, segments)
   cap, desc = devices.capacity(device, local_devices)
@@ -137,14 +155,18 @@ def advice(est: Estimate, budget: int, mesh_sizes: dict[str, int], batch_size: i
   out = []
   if est.params + est.gathered > budget * 0.7:
     need = math.ceil(est.params / max(budget * 0.6 - est.gathered, 1))
-    out.append(f"shard the weights further: raise mesh.fsdp (and/or mesh.tensor) so "
-               f"fsdp*tensor >= {need * mesh_sizes['fsdp'] * mesh_sizes['tensor']}, taking the "
-               f"devices from mesh.data, or use more/larger devices; bf16 weights "
-               f"(model.param_dtype) halve fp32 ones")
+    out.append(
+        f"shard the weights further: raise mesh.fsdp (and/or mesh.tensor) so "
+        f"fsdp*tensor >= {need * mesh_sizes['fsdp'] * mesh_sizes['tensor']}, taking the "
+        f"devices from mesh.data, or use more/larger devices; bf16 weights "
+        f"(model.param_dtype) halve fp32 ones"
+    )
   if 0 < budget - est.params - est.gathered < est.activations + est.attention:
-    out.append(f"lower engine.batch_size (now {batch_size}, {est.rows_per_device} rows per "
-               f"device) or engine.max_tokens (now {est.length}; attention grows with its "
-               f"square)")
+    out.append(
+        f"lower engine.batch_size (now {batch_size}, {est.rows_per_device} rows per "
+        f"device) or engine.max_tokens (now {est.length}; attention grows with its "
+        f"square)"
+    )
   return out or ["use a device with more memory"]
 
 
@@ -154,8 +176,16 @@ def check_config(config, model_path: str, mesh) -> None:
   cfg = arch(config, model_path)
   device = config.memory.device or devices.detect(mesh.devices.flat[0])
   local = sum(d.process_index == mesh.devices.flat[0].process_index for d in mesh.devices.flat)
-  fits, lines = fit_lines(cfg, dict(mesh.shape), config.engine.batch_size, max_length(config),
-                       device, local, config.memory.headroom, config.engine.max_segments)
+  fits, lines = fit_lines(
+      cfg,
+      dict(mesh.shape),
+      config.engine.batch_size,
+      max_length(config),
+      device,
+      local,
+      config.memory.headroom,
+      config.engine.max_segments,
+  )
   for line in lines:
     logging.info("memory: %s", line)
   if not fits:
@@ -173,5 +203,13 @@ def plan_config(config) -> tuple[bool, list[str]]:
   sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
   device = config.memory.device or devices.detect(jax.devices()[0])
   local = 1 if device != "cpu" else jax.local_device_count()
-  return fit_lines(cfg, sizes, config.engine.batch_size, max_length(config), device, local,
-                config.memory.headroom, config.engine.max_segments)
+  return fit_lines(
+      cfg,
+      sizes,
+      config.engine.batch_size,
+      max_length(config),
+      device,
+      local,
+      config.memory.headroom,
+      config.engine.max_segments,
+  )

@@ -1,4 +1,5 @@
 """The one place where logical axis names meet the device mesh."""
+
 from __future__ import annotations
 
 import math
@@ -37,12 +38,16 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not "
-                       f"divisible by {known}")
+      raise ValueError(
+          f"mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not "
+          f"divisible by {known}"
+      )
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                     f"{num_devices} are present")
+    raise ValueError(
+        f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+        f"{num_devices} are present"
+    )
   return tuple(sizes)
 
 
@@ -57,6 +62,7 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   if devices[0].platform == "tpu":
     try:
       from jax.experimental import mesh_utils  # noqa: PLC0415
+
       grid = mesh_utils.create_device_mesh(shape, devices)
     except (ValueError, NotImplementedError, AssertionError):
       grid = None
@@ -75,8 +81,9 @@ def param_shardings(abstract_params, mesh: Mesh):
   """NamedShardings of every param; fails naming the tensor whose size does not divide."""
   shardings = logical_to_sharding(abstract_params, mesh)
   shapes = nn.unbox(abstract_params)
-  for (path, sds), sh in zip(jax.tree_util.tree_flatten_with_path(shapes)[0],
-                             jax.tree.leaves(shardings)):
+  for (path, sds), sh in zip(
+      jax.tree_util.tree_flatten_with_path(shapes)[0], jax.tree.leaves(shardings)
+  ):
     check_divisible(jax.tree_util.keystr(path), sds.shape, sh)
   return shardings
 
@@ -97,8 +104,10 @@ def shard_shape(name: str, shape, spec, mesh_sizes: dict[str, int]) -> tuple[int
     axes = axes if isinstance(axes, tuple) else (axes,)
     size = math.prod(mesh_sizes[a] for a in axes)
     if dim % size:
-      raise ValueError(f"{name}: dimension {dim} of shape {tuple(shape)} is not divisible by "
-                       f"mesh axes {axes} of size {size}; choose a mesh whose sizes divide it")
+      raise ValueError(
+          f"{name}: dimension {dim} of shape {tuple(shape)} is not divisible by "
+          f"mesh axes {axes} of size {size}; choose a mesh whose sizes divide it"
+      )
     out.append(dim // size)
   return tuple(out)
 
@@ -106,8 +115,11 @@ def shard_shape(name: str, shape, spec, mesh_sizes: dict[str, int]) -> tuple[int
 def mesh_specs(abstract_params):
   """Mesh-axis PartitionSpecs of a boxed abstract param tree (no devices needed)."""
   specs = nn.get_partition_spec(abstract_params)
-  return jax.tree.map(lambda s: nn.logical_to_mesh_axes(s, LOGICAL_AXIS_RULES), specs,
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(
+      lambda s: nn.logical_to_mesh_axes(s, LOGICAL_AXIS_RULES),
+      specs,
+      is_leaf=lambda x: isinstance(x, P),
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

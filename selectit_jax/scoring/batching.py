@@ -8,6 +8,7 @@ chosen for the packed rows. Batches are planned once from all work, so a resumed
 recomputes exactly the batches an uninterrupted run would, and its probabilities are
 bit-identical.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -27,6 +28,7 @@ from selectit_jax.models.llama import LlamaConfig
 @dataclasses.dataclass(frozen=True)
 class WorkItem:
   """One (sample, prompt) text to rate."""
+
   sample_index: int
   sample_id: str
   content_hash: str
@@ -47,9 +49,14 @@ class WorkItem:
 RESPONSE_MIN_SHARE = 0.5
 
 
-def prepare(records: Sequence[records_lib.Record], prompts: Sequence[str], template: str,
-            tokenizer: Tokenizer, max_tokens: int, too_long: str = "truncate"
-            ) -> tuple[list[WorkItem], list[records_lib.Reject]]:
+def prepare(
+    records: Sequence[records_lib.Record],
+    prompts: Sequence[str],
+    template: str,
+    tokenizer: Tokenizer,
+    max_tokens: int,
+    too_long: str = "truncate",
+) -> tuple[list[WorkItem], list[records_lib.Reject]]:
   """Tokenizes every (record, prompt) text once.
 
   A record with a text over `max_tokens`: 'reject' it, or 'truncate' it (`fit_sample`): one
@@ -73,20 +80,25 @@ def prepare(records: Sequence[records_lib.Record], prompts: Sequence[str], templ
         rejects.append(records_lib.Reject(rec.index, rec.id, first_reject[content]))
       continue
     ids = tokenizer.encode_batch(
-        [prompts_lib.build_text(p, rec.instruction, rec.response, template) for p in prompts])
+        [prompts_lib.build_text(p, rec.instruction, rec.response, template) for p in prompts]
+    )
     over = [k for k, seq in enumerate(ids) if len(seq) > max_tokens]
     reason = None
     if over and too_long == "reject":
-      reason = (f"{len(ids[over[0]])} tokens with prompt {over[0]}, more than "
-                f"engine.max_tokens={max_tokens}")
+      reason = (
+          f"{len(ids[over[0]])} tokens with prompt {over[0]}, more than "
+          f"engine.max_tokens={max_tokens}"
+      )
     elif over:
       ids, reason = fit_sample(prompts, rec, template, tokenizer, max_tokens)
     first_reject[content] = reason
     if reason:
       rejects.append(records_lib.Reject(rec.index, rec.id, reason))
     else:
-      items.extend(WorkItem(rec.index, rec.id, content, k, hashes[k], tuple(seq), bool(over))
-                   for k, seq in enumerate(ids))
+      items.extend(
+          WorkItem(rec.index, rec.id, content, k, hashes[k], tuple(seq), bool(over))
+          for k, seq in enumerate(ids)
+      )
   return items, rejects
 
 
@@ -107,36 +119,46 @@ def fit_sample(prompts, rec, template, tokenizer, max_tokens):
   response, split by `split_budget`; each part keeps its leading tokens, cut in the original
   string.
   """
-  frames = [len(seq) for seq in tokenizer.encode_batch(
-      [prompts_lib.build_text(p, "", "", template) for p in prompts])]
+  frames = [
+      len(seq)
+      for seq in tokenizer.encode_batch(
+          [prompts_lib.build_text(p, "", "", template) for p in prompts]
+      )
+  ]
   tightest = int(np.argmax(frames))
   if frames[tightest] > max_tokens:
-    return None, (f"prompt {tightest} and the template alone exceed "
-                  f"engine.max_tokens={max_tokens}")
+    return None, (
+        f"prompt {tightest} and the template alone exceed " f"engine.max_tokens={max_tokens}"
+    )
   ends = tokenizer.token_ends(rec.instruction), tokenizer.token_ends(rec.response)
   keep = split_budget(len(ends[0]), len(ends[1]), max_tokens - frames[tightest])
   # Parts tokenize a little differently in context than alone; cut further until every
   # prompt's text fits (each round drops at least one token, so it ends).
   while True:
-    instruction, response = (text[:e[n - 1]] if n else ""
-                             for text, e, n in zip((rec.instruction, rec.response), ends, keep))
+    instruction, response = (
+        text[: e[n - 1]] if n else ""
+        for text, e, n in zip((rec.instruction, rec.response), ends, keep)
+    )
     ids = tokenizer.encode_batch(
-        [prompts_lib.build_text(p, instruction, response, template) for p in prompts])
+        [prompts_lib.build_text(p, instruction, response, template) for p in prompts]
+    )
     over = max(map(len, ids)) - max_tokens
     if over <= 0:
       return ids, None
     keep = split_budget(*keep, sum(keep) - over)
 
 
-def choose_buckets(lengths: Iterable[int], max_shapes: int, multiple: int,
-                   max_tokens: int) -> list[int]:
+def choose_buckets(
+    lengths: Iterable[int], max_shapes: int, multiple: int, max_tokens: int
+) -> list[int]:
   """At most `max_shapes` padded lengths (multiples of `multiple`) minimising total padding.
 
   Exact dynamic programme over the distinct rounded lengths; a handful of compiled shapes
   instead of one per length, with less padding than fixed-width buckets.
   """
-  rounded = np.minimum(-(-np.asarray(list(lengths)) // multiple) * multiple,
-                       -(-max_tokens // multiple) * multiple)
+  rounded = np.minimum(
+      -(-np.asarray(list(lengths)) // multiple) * multiple, -(-max_tokens // multiple) * multiple
+  )
   cands, counts = np.unique(rounded, return_counts=True)
   n = len(cands)
   if n == 0:
@@ -146,8 +168,10 @@ def choose_buckets(lengths: Iterable[int], max_shapes: int, multiple: int,
   # cost[i][j]: padding when items of candidates i..j are all padded to cands[j].
   cum_n = np.concatenate([[0], np.cumsum(counts)])
   cum_l = np.concatenate([[0], np.cumsum(counts * cands)])
+
   def cost(i, j):
     return (cum_n[j + 1] - cum_n[i]) * cands[j] - (cum_l[j + 1] - cum_l[i])
+
   inf = float("inf")
   best = np.full((max_shapes + 1, n), inf)
   back = np.zeros((max_shapes + 1, n), int)
@@ -193,6 +217,7 @@ def shared_prefixes(items: Sequence[WorkItem]) -> tuple[tuple[int, ...], ...]:
 class Batch:
   """Rows of one padded length; a row packs one or more texts of one prompt (segments), each
   text's tokens after that prompt's shared prefix."""
+
   rows: tuple[tuple[WorkItem, ...], ...]
   length: int
   skips: tuple[int, ...]  # per row, the shared-prefix tokens its texts leave out
@@ -220,8 +245,12 @@ def row_length(it: WorkItem, prefixes: Sequence[Sequence[int]]) -> int:
   return len(it.ids) - prefix_length(it.prompt_index, prefixes)
 
 
-def pack_rows(items: Sequence[WorkItem], buckets: Sequence[int], prefixes: Sequence[Sequence[int]],
-              max_segments: int) -> list[tuple[int, tuple[WorkItem, ...]]]:
+def pack_rows(
+    items: Sequence[WorkItem],
+    buckets: Sequence[int],
+    prefixes: Sequence[Sequence[int]],
+    max_segments: int,
+) -> list[tuple[int, tuple[WorkItem, ...]]]:
   """(bucket, texts) rows: best-fit decreasing within each prompt.
 
   Longest texts first; each goes into the open row of its prompt with the least room that
@@ -234,7 +263,7 @@ def pack_rows(items: Sequence[WorkItem], buckets: Sequence[int], prefixes: Seque
     by_prompt.setdefault(it.prompt_index, []).append(it)
   out = []
   for k in sorted(by_prompt):
-    rows: list[tuple[int, list[WorkItem]]] = []   # (bucket, texts)
+    rows: list[tuple[int, list[WorkItem]]] = []  # (bucket, texts)
     room: list[tuple[int, int]] = []  # sorted (free tokens, row number) of rows with a free slot
     for it in sorted(by_prompt[k], key=lambda it: (-row_length(it, prefixes), it.sample_index)):
       n = row_length(it, prefixes)
@@ -251,26 +280,50 @@ def pack_rows(items: Sequence[WorkItem], buckets: Sequence[int], prefixes: Seque
   return out
 
 
-def plan_batches(items: Sequence[WorkItem], batch_size: int, buckets: Sequence[int],
-                 prefixes: Sequence[Sequence[int]] = (), max_segments: int = 1) -> list[Batch]:
+def plan_batches(
+    items: Sequence[WorkItem],
+    batch_size: int,
+    buckets: Sequence[int],
+    prefixes: Sequence[Sequence[int]] = (),
+    max_segments: int = 1,
+) -> list[Batch]:
   """Rows (`pack_rows`) ordered by (bucket, tokens, first text's sample and prompt), cut into
   batches of `batch_size` rows, each padded to the smallest bucket that holds its rows."""
-  rows = sorted(((bucket, sum(row_length(it, prefixes) for it in row),
-                  row[0].sample_index, row[0].prompt_index, row)
-                 for bucket, row in pack_rows(items, buckets, prefixes, max_segments)),
-                key=lambda r: r[:4])
+  rows = sorted(
+      (
+          (
+              bucket,
+              sum(row_length(it, prefixes) for it in row),
+              row[0].sample_index,
+              row[0].prompt_index,
+              row,
+          )
+          for bucket, row in pack_rows(items, buckets, prefixes, max_segments)
+      ),
+      key=lambda r: r[:4],
+  )
   batches = []
   for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
+    chunk = rows[start : start + batch_size]
     length = next(b for b in buckets if b >= max(r[1] for r in chunk))
-    batches.append(Batch(tuple(r[-1] for r in chunk), length,
-                         tuple(prefix_length(r[3], prefixes) for r in chunk)))
+    batches.append(
+        Batch(
+            tuple(r[-1] for r in chunk), length, tuple(prefix_length(r[3], prefixes) for r in chunk)
+        )
+    )
   return batches
 
 
-def fit_buckets(items: Sequence[WorkItem], buckets: Sequence[int], batch_size: int,
-                prefixes: Sequence[Sequence[int]], max_segments: int, multiple: int,
-                row_cost: Callable[[int, int], float], max_items: int = 2048) -> list[int]:
+def fit_buckets(
+    items: Sequence[WorkItem],
+    buckets: Sequence[int],
+    batch_size: int,
+    prefixes: Sequence[Sequence[int]],
+    max_segments: int,
+    multiple: int,
+    row_cost: Callable[[int, int], float],
+    max_items: int = 2048,
+) -> list[int]:
   """Buckets that minimise the planned work *after* packing: Σ over batches of
   batch_size · row_cost(length, prefix).
 
@@ -287,8 +340,10 @@ def fit_buckets(items: Sequence[WorkItem], buckets: Sequence[int], batch_size: i
   cost = functools.lru_cache(maxsize=None)(row_cost)
 
   def work(trial):
-    return sum(batch_size * cost(b.length, max(b.skips))
-               for b in plan_batches(items, batch_size, trial, prefixes, max_segments))
+    return sum(
+        batch_size * cost(b.length, max(b.skips))
+        for b in plan_batches(items, batch_size, trial, prefixes, max_segments)
+    )
 
   top = buckets[-1]
   best, best_work = list(buckets), work(buckets)
@@ -297,7 +352,7 @@ def fit_buckets(items: Sequence[WorkItem], buckets: Sequence[int], batch_size: i
     improved = False
     for i in range(len(best) - 1):
       for length in range(multiple, top, multiple):
-        trial = sorted({*best[:i], length, *best[i + 1:], top})
+        trial = sorted({*best[:i], length, *best[i + 1 :], top})
         trial_work = work(trial)
         if trial_work < best_work:
           best, best_work, improved = trial, trial_work, True
@@ -311,19 +366,31 @@ class Plan:
   batches: list[Batch]
 
 
-def make_plan(items: Sequence[WorkItem], engine_cfg,
-              model_cfg: LlamaConfig | None = None) -> Plan:
+def make_plan(items: Sequence[WorkItem], engine_cfg, model_cfg: LlamaConfig | None = None) -> Plan:
   """The whole run's batches from `config.engine`: shared prefixes (if `prefix_cache`), at
   most `max_shapes` row lengths, up to `max_segments` texts packed per row, batches of
   `batch_size` rows. With `model_cfg` (and `fit_buckets`), the shapes minimise the model's
   FLOPs over the packed rows rather than the texts' padding."""
   prefixes = shared_prefixes(items) if engine_cfg.prefix_cache else ()
-  buckets = choose_buckets([row_length(it, prefixes) for it in items], engine_cfg.max_shapes,
-                           engine_cfg.bucket_multiple, engine_cfg.max_tokens)
+  buckets = choose_buckets(
+      [row_length(it, prefixes) for it in items],
+      engine_cfg.max_shapes,
+      engine_cfg.bucket_multiple,
+      engine_cfg.max_tokens,
+  )
   fit = model_cfg is not None and engine_cfg.fit_buckets and engine_cfg.max_segments > 1
   if buckets and fit:
-    buckets = fit_buckets(items, buckets, engine_cfg.batch_size, prefixes,
-                          engine_cfg.max_segments, engine_cfg.bucket_multiple,
-                          functools.partial(costs.row_flops, model_cfg))
-  return Plan(prefixes, buckets, plan_batches(items, engine_cfg.batch_size, buckets, prefixes,
-                                              engine_cfg.max_segments))
+    buckets = fit_buckets(
+        items,
+        buckets,
+        engine_cfg.batch_size,
+        prefixes,
+        engine_cfg.max_segments,
+        engine_cfg.bucket_multiple,
+        functools.partial(costs.row_flops, model_cfg),
+    )
+  return Plan(
+      prefixes,
+      buckets,
+      plan_batches(items, engine_cfg.batch_size, buckets, prefixes, engine_cfg.max_segments),
+  )

@@ -4,6 +4,7 @@ full-vocabulary logsumexp per text, and `Scorer.rate`, the one loop over a plan'
 The step runs the last layer and the head only at each text's last token and never
 materialises [batch, seq, vocab]; each prompt's shared prefix is prefilled once.
 """
+
 from __future__ import annotations
 
 import time
@@ -25,6 +26,7 @@ class BatchArrays(NamedTuple):
   each text [batch_size, length]; the prompt each row continues [batch_size]; the index of
   each segment's last token [batch_size, max_segments]; and, per text of `Batch.items`, its
   flat (row × max_segments + segment) slot."""
+
   tokens: np.ndarray
   segments: np.ndarray
   positions: np.ndarray
@@ -40,6 +42,7 @@ class BatchArrays(NamedTuple):
 
 class Rated(NamedTuple):
   """One batch's result: P("1".."5") [n, 5] and logsumexp [n] per text of `batch.items`."""
+
   batch: Batch
   arrays: BatchArrays
   probs: np.ndarray
@@ -59,9 +62,9 @@ def pad_batch(batch: Batch, batch_size: int, max_segments: int, pad_id: int) -> 
     start = 0
     for s, it in enumerate(row):
       n = len(it.ids) - skip
-      tokens[r, start:start + n] = it.ids[skip:]
-      segments[r, start:start + n] = s + 1
-      positions[r, start:start + n] = np.arange(n)
+      tokens[r, start : start + n] = it.ids[skip:]
+      segments[r, start : start + n] = s + 1
+      positions[r, start : start + n] = np.arange(n)
       last[r, s] = start + n - 1
       item_slot.append(r * max_segments + s)
       start += n
@@ -81,11 +84,18 @@ def rating_probs_fn(model: nn.Module, rating_ids: np.ndarray) -> Callable:
   def step(params, table: Prefix, tokens_bt, segments_bt, positions_bt, prompt_b, last_bs):
     valid_bp = table.valid[prompt_b]
     positions = valid_bp.sum(-1, dtype=jnp.int32)[:, None] + positions_bt
-    prefix = Prefix(*(nn.with_logical_constraint(
-        jnp.take(x, prompt_b, axis=1), (None, "activation_batch", None, None, None))
-        for x in (table.k, table.v)), valid_bp)
-    last_bsd = model.apply({"params": params}, tokens_bt, positions, segments_bt, prefix,
-                           readout=last_bs)
+    prefix = Prefix(
+        *(
+            nn.with_logical_constraint(
+                jnp.take(x, prompt_b, axis=1), (None, "activation_batch", None, None, None)
+            )
+            for x in (table.k, table.v)
+        ),
+        valid_bp,
+    )
+    last_bsd = model.apply(
+        {"params": params}, tokens_bt, positions, segments_bt, prefix, readout=last_bs
+    )
     logits_bsv = model.apply({"params": params}, last_bsd, method="logits")
     return logits_bsv[..., rating_ids], jax.nn.logsumexp(logits_bsv, axis=-1)
 
@@ -101,8 +111,17 @@ class Scorer:
   the ones `owned_rows` gives it.
   """
 
-  def __init__(self, cfg: DecoderConfig, params, rating_ids: np.ndarray, mesh, batch_size: int,
-               prefixes: Sequence[Sequence[int]] = (), max_segments: int = 1, pad_id: int = 0):
+  def __init__(
+      self,
+      cfg: DecoderConfig,
+      params,
+      rating_ids: np.ndarray,
+      mesh,
+      batch_size: int,
+      prefixes: Sequence[Sequence[int]] = (),
+      max_segments: int = 1,
+      pad_id: int = 0,
+  ):
     self.mesh = mesh
     self.batch_size = batch_size
     self.max_segments = max_segments
@@ -110,8 +129,9 @@ class Scorer:
     self.scale = len(rating_ids)
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % rows:
-      raise ValueError(f"engine.batch_size={batch_size} is not a multiple of the mesh's "
-                       f"data×fsdp={rows}")
+      raise ValueError(
+          f"engine.batch_size={batch_size} is not a multiple of the mesh's " f"data×fsdp={rows}"
+      )
     self.params = params
     self._batch_sharding = sharding.batch_sharding(mesh)
     out_sharding = sharding.replicated(mesh)
@@ -119,8 +139,11 @@ class Scorer:
     self._table = self._prefill(cfg, prefixes)
     step = rating_probs_fn(registry.build(cfg), rating_ids)
     param_sh = jax.tree.map(lambda x: x.sharding, params)
-    self._step = jax.jit(step, in_shardings=(param_sh, out_sharding) + (self._batch_sharding,) * 5,
-                         out_shardings=(out_sharding, out_sharding))
+    self._step = jax.jit(
+        step,
+        in_shardings=(param_sh, out_sharding) + (self._batch_sharding,) * 5,
+        out_shardings=(out_sharding, out_sharding),
+    )
     self.compiled_shapes: set[tuple[int, int, int]] = set()  # (rows, length, segments)
     self.compile_seconds = 0.0
 
@@ -131,14 +154,14 @@ class Scorer:
     n, p = max(len(prefixes), 1), max((len(x) for x in prefixes), default=0)
     valid = np.zeros((n, p), bool)
     for k, ids in enumerate(prefixes):
-      valid[k, :len(ids)] = True
+      valid[k, : len(ids)] = True
     replicated = sharding.replicated(self.mesh)
     if p == 0:
       kv = jnp.zeros((cfg.num_layers, n, cfg.num_kv_heads, 0, cfg.head_dim), cfg.dtype)
       return jax.device_put(Prefix(kv, kv, jnp.asarray(valid)), replicated)
     tokens = np.zeros((n, p), np.int32)
     for k, ids in enumerate(prefixes):
-      tokens[k, :len(ids)] = ids
+      tokens[k, : len(ids)] = ids
     model = registry.build(cfg, collect_kv=True)
 
     def prefill(params, tokens_np, valid_np):
@@ -150,8 +173,9 @@ class Scorer:
     with self.mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
       # A handful of rows that need not divide the batch axes: run them replicated.
       with nn.logical_axis_rules(((("activation_batch", None),) + sharding.LOGICAL_AXIS_RULES)):
-        table = jax.jit(prefill, in_shardings=(param_sh, replicated, replicated),
-                        out_shardings=replicated)(self.params, tokens, valid)
+        table = jax.jit(
+            prefill, in_shardings=(param_sh, replicated, replicated), out_shardings=replicated
+        )(self.params, tokens, valid)
       jax.block_until_ready(table)
     self.prefill_seconds = time.perf_counter() - start
     return table
@@ -173,8 +197,7 @@ class Scorer:
     with self.mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
       args = (sharding.global_array(x, self._batch_sharding) for x in rows[:5])
       rating_logits, lse = self._step(self.params, self._table, *args)
-      rating_logits = np.asarray(rating_logits, np.float64).reshape(
-          -1, self.scale)[rows.item_slot]
+      rating_logits = np.asarray(rating_logits, np.float64).reshape(-1, self.scale)[rows.item_slot]
       lse = np.asarray(lse, np.float64).reshape(-1)[rows.item_slot]
     if shape not in self.compiled_shapes:
       self.compiled_shapes.add(shape)

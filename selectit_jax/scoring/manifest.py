@@ -8,6 +8,7 @@ and `bench` use what is stored rather than what the last run happened to use.
 Versions: 1 (before this module: the last run's config, one model) is read and upgraded;
 2 is written.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +27,7 @@ DATA_KEYS = ("path", "format", "turns", "alpaca_input_sep", "split")
 
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
-  key: str           # the rows' `model` column: name@weights fingerprint
+  key: str  # the rows' `model` column: name@weights fingerprint
   name: str
   path: str
   fingerprint: str
@@ -36,9 +37,9 @@ class ModelEntry:
 
 @dataclasses.dataclass(frozen=True)
 class RunEntry:
-  model: str         # ModelEntry.key
+  model: str  # ModelEntry.key
   prompt_hashes: tuple[str, ...]
-  limit: int         # records read (0 = all)
+  limit: int  # records read (0 = all)
   num_read: int
   truncated_at: int | None = None
 
@@ -48,6 +49,7 @@ class Manifest:
   """What a scores dir holds: `data` (DATA_KEYS + the detected shape and container),
   `template`, `scale` (rating values 1..scale), `prompts` {hash: text} in first-scored order,
   `models`, and one RunEntry per `score` run."""
+
   data: dict
   template: str
   scale: int = 5
@@ -82,8 +84,11 @@ class Manifest:
   def check_compatible(self, other: Manifest) -> None:
     """Raises ValueError naming every setting in which `other` (a new run) differs from what
     the dir already holds: its rows would mean something else under the same keys."""
-    diffs = [f"data.{k}: {self.data.get(k)!r} -> {other.data.get(k)!r}"
-             for k in DATA_KEYS if self.data.get(k) != other.data.get(k)]
+    diffs = [
+        f"data.{k}: {self.data.get(k)!r} -> {other.data.get(k)!r}"
+        for k in DATA_KEYS
+        if self.data.get(k) != other.data.get(k)
+    ]
     if self.template != other.template:
       diffs.append("prompts.template")
     if self.scale != other.scale:
@@ -92,21 +97,30 @@ class Manifest:
       old = self.model(m.key)
       if old is None:
         continue
-      diffs += [f"{k}: {old.settings.get(k)!r} -> {m.settings.get(k)!r}"
-                for k in sorted(set(old.settings) | set(m.settings))
-                if old.settings.get(k) != m.settings.get(k)]
+      diffs += [
+          f"{k}: {old.settings.get(k)!r} -> {m.settings.get(k)!r}"
+          for k in sorted(set(old.settings) | set(m.settings))
+          if old.settings.get(k) != m.settings.get(k)
+      ]
     if diffs:
-      raise ValueError("the scores dir holds rows made with other settings (" + "; ".join(diffs)
-                       + "): score into a new output_dir, or use another model.name for other "
-                       "model settings")
+      raise ValueError(
+          "the scores dir holds rows made with other settings ("
+          + "; ".join(diffs)
+          + "): score into a new output_dir, or use another model.name for other "
+          "model settings"
+      )
 
   def merged(self, other: Manifest) -> Manifest:
     """This manifest with `other`'s models, prompts and runs added (after check_compatible)."""
     self.check_compatible(other)
     models = self.models + [m for m in other.models if self.model(m.key) is None]
-    return dataclasses.replace(self, data={**self.data, **other.data},
-                               prompts={**self.prompts, **other.prompts}, models=models,
-                               runs=self.runs + other.runs)
+    return dataclasses.replace(
+        self,
+        data={**self.data, **other.data},
+        prompts={**self.prompts, **other.prompts},
+        models=models,
+        runs=self.runs + other.runs,
+    )
 
   # -- files
   def to_dict(self) -> dict[str, Any]:
@@ -119,10 +133,15 @@ class Manifest:
       return _from_v1(d)
     if version != VERSION:
       raise ValueError(f"manifest version {version} is newer than this code ({VERSION})")
-    return cls(data=d["data"], template=d["template"], scale=d.get("scale", 5),
-               prompts=dict(d["prompts"]), models=[ModelEntry(**m) for m in d["models"]],
-               runs=[RunEntry(**{**r, "prompt_hashes": tuple(r["prompt_hashes"])})
-                     for r in d["runs"]], version=version)
+    return cls(
+        data=d["data"],
+        template=d["template"],
+        scale=d.get("scale", 5),
+        prompts=dict(d["prompts"]),
+        models=[ModelEntry(**m) for m in d["models"]],
+        runs=[RunEntry(**{**r, "prompt_hashes": tuple(r["prompt_hashes"])}) for r in d["runs"]],
+        version=version,
+    )
 
 
 def path_in(directory: str) -> str:
@@ -148,6 +167,7 @@ def write(directory: str, manifest: Manifest) -> str:
 def _from_v1(d: dict[str, Any]) -> Manifest:
   """The single-run manifest written before version 2."""
   from selectit_jax.data import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
+
   template = d.get("template") or prompts_lib.DEFAULT_TEMPLATE
   data = dict((d.get("config") or {}).get("data") or {})
   data.update({k: v for k, v in (d.get("data") or {}).items() if v is not None})
@@ -158,11 +178,28 @@ def _from_v1(d: dict[str, Any]) -> Manifest:
   models = []
   if model:
     key = model.get("key") or model.get("name", "")
-    models.append(ModelEntry(key=key, name=model.get("name", key), path=model.get("path", ""),
-                             fingerprint=model.get("fingerprint", ""),
-                             num_params=int(model.get("num_params", 0))))
-  runs = [RunEntry(model=models[0].key, prompt_hashes=tuple(hashes), limit=limit,
-                   num_read=int(data.get("num_read", 0) or 0),
-                   truncated_at=data.get("truncated_at"))] if models else []
-  return Manifest(data=data, template=template, prompts=dict(zip(hashes, texts)),
-                  models=models, runs=runs)
+    models.append(
+        ModelEntry(
+            key=key,
+            name=model.get("name", key),
+            path=model.get("path", ""),
+            fingerprint=model.get("fingerprint", ""),
+            num_params=int(model.get("num_params", 0)),
+        )
+    )
+  runs = (
+      [
+          RunEntry(
+              model=models[0].key,
+              prompt_hashes=tuple(hashes),
+              limit=limit,
+              num_read=int(data.get("num_read", 0) or 0),
+              truncated_at=data.get("truncated_at"),
+          )
+      ]
+      if models
+      else []
+  )
+  return Manifest(
+      data=data, template=template, prompts=dict(zip(hashes, texts)), models=models, runs=runs
+  )

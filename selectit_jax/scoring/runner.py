@@ -1,4 +1,5 @@
 """`score`: records -> rating texts -> batched forward passes -> the Parquet score store."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,15 +27,15 @@ from selectit_jax.selection import report
 
 @dataclasses.dataclass
 class Summary:
-  scored_rows: int = 0       # new rows this process wrote
-  rated_rows: int = 0        # texts run through the model (whole batches, for throughput)
-  skipped_rows: int = 0      # already in the store (resume)
+  scored_rows: int = 0  # new rows this process wrote
+  rated_rows: int = 0  # texts run through the model (whole batches, for throughput)
+  skipped_rows: int = 0  # already in the store (resume)
   rejected: int = 0
   truncated_rows: int = 0
   truncated_samples: int = 0  # cut to engine.max_tokens (the same cut for all its texts)
-  tokens: int = 0             # tokens of the rated texts
-  row_tokens: int = 0         # of them in the batch rows (not in a shared prefix)
-  padded_tokens: int = 0      # row slots, padding included
+  tokens: int = 0  # tokens of the rated texts
+  row_tokens: int = 0  # of them in the batch rows (not in a shared prefix)
+  padded_tokens: int = 0  # row slots, padding included
   wall_seconds: float = 0.0
   loop_seconds: float = 0.0  # the rating loop alone (no loading, no tokenization)
   compile_seconds: float = 0.0
@@ -44,18 +45,22 @@ class Summary:
 
   def lines(self) -> list[str]:
     steady = max(self.loop_seconds - self.compile_seconds, 1e-9)
-    out = [f"scored {self.scored_rows} texts ({self.skipped_rows} already stored), "
-           f"rejected {self.rejected} records, truncated {self.truncated_samples} samples "
-           f"({self.truncated_rows} texts)",
-           f"wall {self.wall_seconds:.1f}s, of it rating {self.loop_seconds:.1f}s (first calls "
-           f"incl. compile {self.compile_seconds:.1f}s, {self.compiled_shapes} shapes); "
-           f"{self.tokens / max(self.loop_seconds, 1e-9):.0f} tok/s overall, "
-           f"{self.tokens / steady:.0f} tok/s steady; padding "
-           f"{1 - self.row_tokens / max(self.padded_tokens, 1):.1%}, "
-           f"{1 - self.row_tokens / max(self.tokens, 1):.1%} of the tokens in shared prefixes"]
+    out = [
+        f"scored {self.scored_rows} texts ({self.skipped_rows} already stored), "
+        f"rejected {self.rejected} records, truncated {self.truncated_samples} samples "
+        f"({self.truncated_rows} texts)",
+        f"wall {self.wall_seconds:.1f}s, of it rating {self.loop_seconds:.1f}s (first calls "
+        f"incl. compile {self.compile_seconds:.1f}s, {self.compiled_shapes} shapes); "
+        f"{self.tokens / max(self.loop_seconds, 1e-9):.0f} tok/s overall, "
+        f"{self.tokens / steady:.0f} tok/s steady; padding "
+        f"{1 - self.row_tokens / max(self.padded_tokens, 1):.1%}, "
+        f"{1 - self.row_tokens / max(self.tokens, 1):.1%} of the tokens in shared prefixes",
+    ]
     if self.rated_rows:
-      out.append(f"digit mass (P(1..K) summed): mean {self.digit_mass_mean:.3f}, "
-                 f"min {self.digit_mass_min:.3g}")
+      out.append(
+          f"digit mass (P(1..K) summed): mean {self.digit_mass_mean:.3f}, "
+          f"min {self.digit_mass_min:.3g}"
+      )
     return out
 
 
@@ -63,8 +68,12 @@ def model_settings(config) -> dict:
   """The settings besides the weights that change a stored probability: a dir's rows of one
   model key must all be made with the same ones (`Manifest.check_compatible`)."""
   e = config.engine
-  settings = {"model.dtype": config.model.dtype, "model.param_dtype": config.model.param_dtype,
-              "engine.max_tokens": int(e.max_tokens), "engine.too_long": e.too_long}
+  settings = {
+      "model.dtype": config.model.dtype,
+      "model.param_dtype": config.model.param_dtype,
+      "engine.max_tokens": int(e.max_tokens),
+      "engine.too_long": e.too_long,
+  }
   if e.too_long == "truncate":
     # Truncated rows made before the one shared cut (a cut per prompt, the response only)
     # mean other texts under the same keys: such a dir is refused, not silently reused.
@@ -72,21 +81,44 @@ def model_settings(config) -> dict:
   return settings
 
 
-def run_manifest(config, data_cfg, info: records_lib.ReadInfo, model_key: str,
-                 model: checkpoints.LoadedModel, model_path: str, prompts, template,
-                 scale: int = 5) -> manifest_lib.Manifest:
+def run_manifest(
+    config,
+    data_cfg,
+    info: records_lib.ReadInfo,
+    model_key: str,
+    model: checkpoints.LoadedModel,
+    model_path: str,
+    prompts,
+    template,
+    scale: int = 5,
+) -> manifest_lib.Manifest:
   """This run's manifest: what its rows will mean."""
   hashes = [prompts_lib.prompt_hash(p, template) for p in prompts]
   data = {k: data_cfg.get(k) for k in manifest_lib.DATA_KEYS if k in data_cfg}
   data.update(shape=info.format or data_cfg.format, container=info.container)
-  entry = manifest_lib.ModelEntry(key=model_key, name=config.model.name, path=model_path,
-                                  fingerprint=model.fingerprint, num_params=model.num_params,
-                                  settings=model_settings(config))
-  run_entry = manifest_lib.RunEntry(model=model_key, prompt_hashes=tuple(hashes),
-                                    limit=int(data_cfg.limit), num_read=info.num_read,
-                                    truncated_at=info.truncated_at)
-  return manifest_lib.Manifest(data=data, template=template, scale=scale,
-                               prompts=dict(zip(hashes, prompts)), models=[entry], runs=[run_entry])
+  entry = manifest_lib.ModelEntry(
+      key=model_key,
+      name=config.model.name,
+      path=model_path,
+      fingerprint=model.fingerprint,
+      num_params=model.num_params,
+      settings=model_settings(config),
+  )
+  run_entry = manifest_lib.RunEntry(
+      model=model_key,
+      prompt_hashes=tuple(hashes),
+      limit=int(data_cfg.limit),
+      num_read=info.num_read,
+      truncated_at=info.truncated_at,
+  )
+  return manifest_lib.Manifest(
+      data=data,
+      template=template,
+      scale=scale,
+      prompts=dict(zip(hashes, prompts)),
+      models=[entry],
+      runs=[run_entry],
+  )
 
 
 def read_input(config):
@@ -95,9 +127,13 @@ def read_input(config):
   with data_cfg.unlocked():
     data_cfg.path = assets.data_path(config.data)
   records, rejects, info = records_lib.read_records(data_cfg)
-  logging.info("read %d records from %s (%d rejected%s)", info.num_read, data_cfg.path,
-               info.num_rejected,
-               f", incomplete tail at byte {info.truncated_at}" if info.truncated_at else "")
+  logging.info(
+      "read %d records from %s (%d rejected%s)",
+      info.num_read,
+      data_cfg.path,
+      info.num_rejected,
+      f", incomplete tail at byte {info.truncated_at}" if info.truncated_at else "",
+  )
   return data_cfg, records, rejects, info
 
 
@@ -105,8 +141,7 @@ def pending_batches(plan: batching.Plan, stored: set, model_key: str) -> list[ba
   """The plan's batches with a text not yet stored. Multi-process: every process must run
   the same steps, so process 0's view of the shared store decides, read before anyone
   writes (the broadcast is a barrier)."""
-  pending = np.array([any(it.key(model_key) not in stored for it in b.items)
-                      for b in plan.batches])
+  pending = np.array([any(it.key(model_key) not in stored for it in b.items) for b in plan.batches])
   if jax.process_count() > 1:
     pending = np.asarray(multihost_utils.broadcast_one_to_all(pending))
   return [b for b, p in zip(plan.batches, pending) if p]
@@ -127,24 +162,30 @@ def run(config) -> Summary:
   mesh = sharding.make_mesh(config.mesh)
   # Refuse a run that cannot fit before reading any weights.
   memory.check_config(config, model_path, mesh)
-  model = checkpoints.load_model(model_path, mesh, dtype=config.model.dtype,
-                                 param_dtype=config.model.param_dtype)
+  model = checkpoints.load_model(
+      model_path, mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype
+  )
   tokenizer = load_tokenizer(model_path)
   model_key = f"{config.model.name}@{model.fingerprint}"
   logging.info("model %s: %s, θ=%d", model_key, model_path, model.num_params)
-  this_run = run_manifest(config, data_cfg, info, model_key, model, model_path, prompts, template,
-                          scale)
+  this_run = run_manifest(
+      config, data_cfg, info, model_key, model, model_path, prompts, template, scale
+  )
   stored_manifest = store.read_manifest()
   manifest = stored_manifest.merged(this_run) if stored_manifest else this_run
 
-  items, too_long = batching.prepare(records, prompts, template, tokenizer,
-                                     config.engine.max_tokens, config.engine.too_long)
+  items, too_long = batching.prepare(
+      records, prompts, template, tokenizer, config.engine.max_tokens, config.engine.too_long
+  )
   rejects = list(rejects) + too_long
   if jax.process_index() == 0:  # shared files (rejects, manifest) have one writer
     store.write_rejects(rejects, info.num_read)
     store.write_manifest(manifest)
-  summary = Summary(rejected=len(rejects), truncated_rows=sum(it.truncated for it in items),
-                    truncated_samples=len({it.sample_index for it in items if it.truncated}))
+  summary = Summary(
+      rejected=len(rejects),
+      truncated_rows=sum(it.truncated for it in items),
+      truncated_samples=len({it.sample_index for it in items if it.truncated}),
+  )
   if not items:
     logging.warning("nothing to score")
     return summary
@@ -153,28 +194,54 @@ def run(config) -> Summary:
   stored = store.stored_keys()
   todo = pending_batches(plan, stored, model_key)
   summary.skipped_rows = sum(it.key(model_key) in stored for it in items)
-  logging.info("%d texts in %d batches (buckets %s, shared prefixes %s tokens); %d batches "
-               "to run", len(items), len(plan.batches), plan.buckets,
-               [len(p) for p in plan.prefixes], len(todo))
+  logging.info(
+      "%d texts in %d batches (buckets %s, shared prefixes %s tokens); %d batches " "to run",
+      len(items),
+      len(plan.batches),
+      plan.buckets,
+      [len(p) for p in plan.prefixes],
+      len(todo),
+  )
 
-  rating_ids = rating_token_ids(tokenizer, prompts_lib.build_text(prompts[0], "", "", template),
-                                scale)
-  scorer = engine.Scorer(model.config, model.params, rating_ids, mesh, config.engine.batch_size,
-                         plan.prefixes, config.engine.max_segments, tokenizer.pad_id)
+  rating_ids = rating_token_ids(
+      tokenizer, prompts_lib.build_text(prompts[0], "", "", template), scale
+  )
+  scorer = engine.Scorer(
+      model.config,
+      model.params,
+      rating_ids,
+      mesh,
+      config.engine.batch_size,
+      plan.prefixes,
+      config.engine.max_segments,
+      tokenizer.pad_id,
+  )
   logging.info("shared prefixes prefilled in %.1fs (compile included)", scorer.prefill_seconds)
-  rate_into_store(scorer, todo, store, stored, model_key, model.num_params,
-                  config.engine.shard_rows, summary)
+  rate_into_store(
+      scorer, todo, store, stored, model_key, model.num_params, config.engine.shard_rows, summary
+  )
   summary.wall_seconds = time.perf_counter() - start
   if summary.rated_rows and summary.digit_mass_mean < report.LOW_MASS_WARN:
-    logging.warning("mean digit mass %.3f is low: the model mostly does not answer with a "
-                    "digit, so its ratings carry little signal", summary.digit_mass_mean)
+    logging.warning(
+        "mean digit mass %.3f is low: the model mostly does not answer with a "
+        "digit, so its ratings carry little signal",
+        summary.digit_mass_mean,
+    )
   for line in summary.lines():
     logging.info("%s", line)
   return summary
 
 
-def rate_into_store(scorer: engine.Scorer, batches, store: store_lib.ScoreStore, stored: set,
-                    model_key: str, num_params: int, shard_rows: int, summary: Summary) -> None:
+def rate_into_store(
+    scorer: engine.Scorer,
+    batches,
+    store: store_lib.ScoreStore,
+    stored: set,
+    model_key: str,
+    num_params: int,
+    shard_rows: int,
+    summary: Summary,
+) -> None:
   """Rates the batches, writing this process's new rows in whole-batch shards (a resumed
   run then replays exactly the batches not yet stored)."""
   owned = scorer.owned_rows()
@@ -187,11 +254,21 @@ def rate_into_store(scorer: engine.Scorer, batches, store: store_lib.ScoreStore,
       masses.append(out.probs[r].sum())
       if not owned[out.arrays.item_row[r]] or it.key(model_key) in stored:
         continue
-      rows.append(dict(sample_id=it.sample_id, sample_index=it.sample_index,
-                       content_hash=it.content_hash, model=model_key, num_params=num_params,
-                       prompt_index=it.prompt_index, prompt_hash=it.prompt_hash,
-                       probs=out.probs[r], logsumexp=out.logsumexp[r], num_tokens=len(it.ids),
-                       truncated=it.truncated))
+      rows.append(
+          dict(
+              sample_id=it.sample_id,
+              sample_index=it.sample_index,
+              content_hash=it.content_hash,
+              model=model_key,
+              num_params=num_params,
+              prompt_index=it.prompt_index,
+              prompt_hash=it.prompt_hash,
+              probs=out.probs[r],
+              logsumexp=out.logsumexp[r],
+              num_tokens=len(it.ids),
+              truncated=it.truncated,
+          )
+      )
     summary.rated_rows += len(batch.items)
     summary.tokens += batch.real_tokens
     summary.row_tokens += batch.row_tokens
@@ -201,8 +278,9 @@ def rate_into_store(scorer: engine.Scorer, batches, store: store_lib.ScoreStore,
       store.write_shard(rows)
       rows = []
     elapsed = bar.format_dict["elapsed"] or 1e-9
-    bar.set_postfix(samples_s=f"{summary.rated_rows / elapsed:.1f}",
-                    tok_s=f"{summary.tokens / elapsed:.0f}")
+    bar.set_postfix(
+        samples_s=f"{summary.rated_rows / elapsed:.1f}", tok_s=f"{summary.tokens / elapsed:.0f}"
+    )
   summary.scored_rows += len(rows)
   store.write_shard(rows)
   summary.loop_seconds = time.perf_counter() - loop_start

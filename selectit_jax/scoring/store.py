@@ -9,6 +9,7 @@ Layout under a scores dir:
 Key of a row = (content_hash, model, prompt_hash): the same text rated by the same
 model with the same prompt is computed once, whatever its index or id.
 """
+
 import dataclasses
 import json
 import os
@@ -24,19 +25,21 @@ from selectit_jax.data import records as records_lib
 from selectit_jax.scoring import manifest as manifest_lib
 
 KEY_COLUMNS = ("content_hash", "model", "prompt_hash")
-SCHEMA = pa.schema([
-    ("sample_id", pa.string()),
-    ("sample_index", pa.int64()),
-    ("content_hash", pa.string()),
-    ("model", pa.string()),
-    ("num_params", pa.int64()),
-    ("prompt_index", pa.int32()),
-    ("prompt_hash", pa.string()),
-    ("probs", pa.list_(pa.float64())),  # P("1".."K"); one scale per dir (the manifest's)
-    ("logsumexp", pa.float64()),
-    ("num_tokens", pa.int32()),
-    ("truncated", pa.bool_()),  # the sample's text was cut to engine.max_tokens
-])
+SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("sample_index", pa.int64()),
+        ("content_hash", pa.string()),
+        ("model", pa.string()),
+        ("num_params", pa.int64()),
+        ("prompt_index", pa.int32()),
+        ("prompt_hash", pa.string()),
+        ("probs", pa.list_(pa.float64())),  # P("1".."K"); one scale per dir (the manifest's)
+        ("logsumexp", pa.float64()),
+        ("num_tokens", pa.int32()),
+        ("truncated", pa.bool_()),  # the sample's text was cut to engine.max_tokens
+    ]
+)
 # Columns added after the first shards were written: rows may leave them out, and shards
 # without them read as this value.
 DEFAULTS = {"truncated": False}
@@ -51,8 +54,11 @@ class ScoreStore:
     self.shards_dir = os.path.join(directory, "shards")
     self.process_index = int(process_index)
     os.makedirs(self.shards_dir, exist_ok=True)
-    mine = [int(m.group(2)) for m in map(_SHARD.match, os.listdir(self.shards_dir))
-            if m and int(m.group(1)) == self.process_index]
+    mine = [
+        int(m.group(2))
+        for m in map(_SHARD.match, os.listdir(self.shards_dir))
+        if m and int(m.group(1)) == self.process_index
+    ]
     self._seq = max(mine) + 1 if mine else 0
 
   @property
@@ -72,8 +78,11 @@ class ScoreStore:
     and earlier ones of records at index >= num_read, which this run did not read (the
     manifest has already refused other settings, so those still hold); returns how many.
     A record this run read keeps only this run's verdict."""
-    kept = [records_lib.Reject(r["index"], r["id"], r["reason"]) for r in self.read_rejects()
-            if num_read is not None and r["index"] >= num_read]
+    kept = [
+        records_lib.Reject(r["index"], r["id"], r["reason"])
+        for r in self.read_rejects()
+        if num_read is not None and r["index"] >= num_read
+    ]
     unique = list({(r.index, r.reason): r for r in list(rejects) + kept}.values())
     unique.sort(key=lambda r: r.index)
     records_lib.write_rejects(self.rejects_path, unique)
@@ -146,8 +155,7 @@ def _read_shard(path: str) -> pa.Table:
   table = pq.read_table(path)
   for name, value in DEFAULTS.items():
     if name not in table.column_names:
-      table = table.append_column(name, pa.array([value] * table.num_rows,
-                                                 SCHEMA.field(name).type))
+      table = table.append_column(name, pa.array([value] * table.num_rows, SCHEMA.field(name).type))
   return table.select(SCHEMA.names).cast(SCHEMA)
 
 
@@ -156,7 +164,8 @@ def dedup(table: pa.Table) -> pa.Table:
   if table.num_rows == 0:
     return table
   t = table.select(list(KEY_COLUMNS)).append_column(
-      "__row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+      "__row", pa.array(np.arange(table.num_rows, dtype=np.int64))
+  )
   first = t.group_by(list(KEY_COLUMNS), use_threads=False).aggregate([("__row", "min")])
   keep = np.sort(first.column("__row_min").to_numpy())
   if len(keep) == table.num_rows:
@@ -167,13 +176,14 @@ def dedup(table: pa.Table) -> pa.Table:
 @dataclasses.dataclass(frozen=True)
 class ProbsArray:
   """probs_array's result: the stored probabilities on dense axes."""
-  probs: np.ndarray          # [N, M, K, R] float64, NaN where a cell is missing
-  sample_index: np.ndarray   # [N] int64
-  sample_id: np.ndarray      # [N] object (str)
-  models: list               # [M]
-  num_params: np.ndarray     # [M] int64
-  prompt_hashes: list        # [K]
-  missing: list              # [(sample_index, model, k)], k = position in prompt_hashes
+
+  probs: np.ndarray  # [N, M, K, R] float64, NaN where a cell is missing
+  sample_index: np.ndarray  # [N] int64
+  sample_id: np.ndarray  # [N] object (str)
+  models: list  # [M]
+  num_params: np.ndarray  # [M] int64
+  prompt_hashes: list  # [K]
+  missing: list  # [(sample_index, model, k)], k = position in prompt_hashes
 
 
 def _codes(values, order):
@@ -192,8 +202,7 @@ def rating_scale(table: pa.Table) -> int:
   return int(lengths[0])
 
 
-def probs_array(table: pa.Table, models=None, prompt_hashes=None,
-                samples=None) -> ProbsArray:
+def probs_array(table: pa.Table, models=None, prompt_hashes=None, samples=None) -> ProbsArray:
   """Dense [N, M, K, R] probabilities from score rows.
 
   models: names in the wanted order (default: all, sorted by name).
@@ -207,13 +216,16 @@ def probs_array(table: pa.Table, models=None, prompt_hashes=None,
     models = sorted(set(table.column("model").to_pylist()))
   models = list(models)
   if prompt_hashes is None:
-    pairs = set(zip(table.column("prompt_index").to_pylist(),
-                    table.column("prompt_hash").to_pylist()))
+    pairs = set(
+        zip(table.column("prompt_index").to_pylist(), table.column("prompt_hash").to_pylist())
+    )
     by_index = {}
     for i, h in sorted(pairs):
       if i in by_index:
-        raise ValueError(f"prompt_index {i} has several prompt hashes "
-                         f"({by_index[i]}, {h}); pass prompt_hashes explicitly")
+        raise ValueError(
+            f"prompt_index {i} has several prompt hashes "
+            f"({by_index[i]}, {h}); pass prompt_hashes explicitly"
+        )
       by_index[i] = h
     prompt_hashes = [by_index[i] for i in sorted(by_index)]
   prompt_hashes = list(prompt_hashes)
@@ -233,8 +245,11 @@ def probs_array(table: pa.Table, models=None, prompt_hashes=None,
     num_params[j] = vals[0] if len(vals) else 0
 
   scale = rating_scale(t)
-  row_probs = (t.column("probs").combine_chunks().flatten().to_numpy().reshape(-1, scale)
-               if t.num_rows else np.zeros((0, scale)))
+  row_probs = (
+      t.column("probs").combine_chunks().flatten().to_numpy().reshape(-1, scale)
+      if t.num_rows
+      else np.zeros((0, scale))
+  )
   if samples is not None:
     samples = list(samples)
     hashes = [records_lib.content_hash(r) for r in samples]
@@ -256,10 +271,12 @@ def probs_array(table: pa.Table, models=None, prompt_hashes=None,
       n, m, k = np.argwhere(count > 1)[0]
       raise ValueError(
           f"sample_index {sample_index[n]} has several rows for model {models[m]!r}, "
-          f"prompt {k}: the store mixes different data files; pass samples=records")
+          f"prompt {k}: the store mixes different data files; pass samples=records"
+      )
     probs = np.full((len(sample_index), M, K, scale), np.nan)
     probs[n_code, m_code, k_code] = row_probs
-  missing = [(int(sample_index[n]), models[m], int(k))
-             for n, m, k in np.argwhere(np.isnan(probs).any(axis=-1))]
-  return ProbsArray(probs, sample_index, sample_id, models, num_params,
-                    prompt_hashes, missing)
+  missing = [
+      (int(sample_index[n]), models[m], int(k))
+      for n, m, k in np.argwhere(np.isnan(probs).any(axis=-1))
+  ]
+  return ProbsArray(probs, sample_index, sample_id, models, num_params, prompt_hashes, missing)

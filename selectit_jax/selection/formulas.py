@@ -17,37 +17,40 @@ with the default k = 5 that is the same 4 used here for both modes.
 Model level divides by sum(w) in both modes (the released script does not);
 that scales all scores alike and does not change the ranking.
 """
+
 from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
-MODES = ('paper', 'code')
-LEVELS = ('token', 'sentence', 'model')
+MODES = ("paper", "code")
+LEVELS = ("token", "sentence", "model")
 CODE_SCALE = 5  # code mode reproduces scripts that exist for five ratings only
 
 # Reasons a sample's probabilities are unusable; order = precedence.
 # A (sample, model, prompt) cell has no stored row: never scored, or its text changed since
 # (cells are matched by content hash).
-REASON_MISSING = 'missing_scores'
-REASON_NONFINITE = 'nonfinite_probs'
-REASON_NEGATIVE = 'negative_probs'
-REASON_ZERO_MASS = 'zero_digit_mass'
+REASON_MISSING = "missing_scores"
+REASON_NONFINITE = "nonfinite_probs"
+REASON_NEGATIVE = "negative_probs"
+REASON_ZERO_MASS = "zero_digit_mass"
 
 
 def _check_mode(mode: str) -> None:
   if mode not in MODES:
-    raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def check_scale(scale: int, mode: str = 'paper') -> int:
+def check_scale(scale: int, mode: str = "paper") -> int:
   """Ratings 1..scale, 2 <= scale <= 9; code mode exists for the released five only."""
   if not 2 <= scale <= 9:
-    raise ValueError(f'rating scale must be 2..9, got {scale}')
-  if mode == 'code' and scale != CODE_SCALE:
-    raise ValueError(f"mode='code' reproduces the released scripts, which exist for a "
-                     f'{CODE_SCALE}-point scale only; this store rates 1..{scale}: use '
-                     "mode='paper'")
+    raise ValueError(f"rating scale must be 2..9, got {scale}")
+  if mode == "code" and scale != CODE_SCALE:
+    raise ValueError(
+        f"mode='code' reproduces the released scripts, which exist for a "
+        f"{CODE_SCALE}-point scale only; this store rates 1..{scale}: use "
+        "mode='paper'"
+    )
   return scale
 
 
@@ -56,13 +59,13 @@ def normalize(probs: jnp.ndarray) -> jnp.ndarray:
   return probs / jnp.sum(probs, axis=-1, keepdims=True)
 
 
-def token_scores(probs: jnp.ndarray, mode: str = 'paper') -> jnp.ndarray:
+def token_scores(probs: jnp.ndarray, mode: str = "paper") -> jnp.ndarray:
   """Token-level score from P("1")..P("R"): [..., R] -> [...] (Eq. 2-3)."""
   _check_mode(mode)
   probs = jnp.asarray(probs)
   scale = check_scale(probs.shape[-1], mode)
   q = normalize(probs)
-  if mode == 'code':
+  if mode == "code":
     # Released code: plain exp/sum (no max shift; q is in [0, 1] so it is safe
     # and matches numpy's arithmetic).
     e = jnp.exp(q)
@@ -92,7 +95,7 @@ def model_scores(sent: jnp.ndarray, weights) -> jnp.ndarray:
   sent = jnp.asarray(sent)
   w = jnp.asarray(weights, dtype=sent.dtype)
   if w.shape != sent.shape[-1:]:
-    raise ValueError(f'weights shape {w.shape} != models {sent.shape[-1:]}')
+    raise ValueError(f"weights shape {w.shape} != models {sent.shape[-1:]}")
   return jnp.sum(sent * w, axis=-1) / jnp.sum(w)
 
 
@@ -103,7 +106,7 @@ def cell_reasons(probs, present=None) -> np.ndarray:
   finite = np.all(np.isfinite(p), axis=-1)
   negative = np.any(p < 0, axis=-1)
   mass = np.sum(np.where(np.isfinite(p), p, 0.0), axis=-1)
-  out = np.full(p.shape[:-1], '', dtype=object)
+  out = np.full(p.shape[:-1], "", dtype=object)
   out[~(mass > 0)] = REASON_ZERO_MASS
   out[negative] = REASON_NEGATIVE
   out[~finite] = REASON_NONFINITE
@@ -121,33 +124,35 @@ def resolve_weights(spec, num_params: Sequence[int]) -> np.ndarray:
   m = len(num_params)
   if spec is None or (isinstance(spec, str) and not spec.strip()):
     w = np.asarray(num_params, dtype=np.float64)
-  elif isinstance(spec, str) and spec.strip() == 'uniform':
+  elif isinstance(spec, str) and spec.strip() == "uniform":
     w = np.ones(m, dtype=np.float64)
   else:
     if isinstance(spec, str):
-      spec = [_parse_float(s) for s in spec.split(',')]
+      spec = [_parse_float(s) for s in spec.split(",")]
     w = np.asarray(spec, dtype=np.float64)
   if w.shape != (m,):
-    raise ValueError(f'{w.size} weights given for {m} models')
+    raise ValueError(f"{w.size} weights given for {m} models")
   if not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
-    raise ValueError(f'weights must be finite, >= 0, with a positive sum: {w}')
+    raise ValueError(f"weights must be finite, >= 0, with a positive sum: {w}")
   return w
 
 
 def _parse_float(s: str) -> float:
   s = s.strip()
-  if '/' in s:  # allow the released '7/20' style
-    num, den = s.split('/')
+  if "/" in s:  # allow the released '7/20' style
+    num, den = s.split("/")
     return float(num) / float(den)
   return float(s)
 
 
-def scores(probs_nmk5,
-           mode: str = 'paper',
-           level: str = 'sentence',
-           alpha: float = 0.2,
-           prompt_index: int = 0,
-           weights=None) -> dict:
+def scores(
+    probs_nmk5,
+    mode: str = "paper",
+    level: str = "sentence",
+    alpha: float = 0.2,
+    prompt_index: int = 0,
+    weights=None,
+) -> dict:
   """All score levels for probs [N, M, K, 5].
 
   Returns a dict of arrays: 'token' [N, M, K], 'sentence' [N, M], 'model' [N]
@@ -158,27 +163,28 @@ def scores(probs_nmk5,
   """
   _check_mode(mode)
   if level not in LEVELS:
-    raise ValueError(f'level must be one of {LEVELS}, got {level!r}')
+    raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
   probs = jnp.asarray(probs_nmk5)
   if probs.ndim != 4:
-    raise ValueError(f'expected probs [N, M, K, R], got {probs.shape}')
+    raise ValueError(f"expected probs [N, M, K, R], got {probs.shape}")
   check_scale(probs.shape[-1], mode)
   _, m, k, _ = probs.shape
   if not 0 <= prompt_index < k:
-    raise ValueError(f'prompt_index {prompt_index} out of range for K={k}')
+    raise ValueError(f"prompt_index {prompt_index} out of range for K={k}")
   out = {}
-  out['token'] = token_scores(probs, mode)
-  out['sentence'] = sentence_scores(out['token'], alpha)
-  if m > 1 or level == 'model':
+  out["token"] = token_scores(probs, mode)
+  out["sentence"] = sentence_scores(out["token"], alpha)
+  if m > 1 or level == "model":
     w = jnp.ones((m,), probs.dtype) if weights is None else weights
-    out['model'] = model_scores(out['sentence'], w)
-  if level in ('token', 'sentence') and m != 1:
-    raise ValueError(f'level={level!r} needs one model, got {m}; '
-                     "use level='model' to combine models")
-  if level == 'token':
-    out['score'] = out['token'][:, 0, prompt_index]
-  elif level == 'sentence':
-    out['score'] = out['sentence'][:, 0]
+    out["model"] = model_scores(out["sentence"], w)
+  if level in ("token", "sentence") and m != 1:
+    raise ValueError(
+        f"level={level!r} needs one model, got {m}; " "use level='model' to combine models"
+    )
+  if level == "token":
+    out["score"] = out["token"][:, 0, prompt_index]
+  elif level == "sentence":
+    out["score"] = out["sentence"][:, 0]
   else:
-    out['score'] = out['model']
+    out["score"] = out["model"]
   return out

@@ -1,17 +1,18 @@
 """Metrics of a sweep setting against the default (reference) setting.
 
-  jaccard_default    |S ∩ D| / |S ∪ D| of the selected sample sets.
-  jaccard_same_cut   the same with D = the default ranking cut at this
-                     setting's proportion / top_n (isolates the score's effect).
-  spearman_default   Spearman rho of the scores, over samples ranked by both.
-  kendall_default    Kendall tau-b, the same samples, on at most
-                     config.kendall_max_samples of them (fixed random subset).
-  *_len_selected / *_len_rejected  mean instruction / response length in
-                     CHARACTERS (records re-read via the manifest, as select
-                     does); 'rejected' = ranked but not selected. NaN without
-                     records.
-  spearman_length    Spearman rho of score with instruction+response length.
+jaccard_default    |S ∩ D| / |S ∪ D| of the selected sample sets.
+jaccard_same_cut   the same with D = the default ranking cut at this
+                   setting's proportion / top_n (isolates the score's effect).
+spearman_default   Spearman rho of the scores, over samples ranked by both.
+kendall_default    Kendall tau-b, the same samples, on at most
+                   config.kendall_max_samples of them (fixed random subset).
+*_len_selected / *_len_rejected  mean instruction / response length in
+                   CHARACTERS (records re-read via the manifest, as select
+                   does); 'rejected' = ranked but not selected. NaN without
+                   records.
+spearman_length    Spearman rho of score with instruction+response length.
 """
+
 import math
 
 import numpy as np
@@ -29,8 +30,8 @@ def ranking(score, valid, sample_index, mode) -> np.ndarray:
 def kendall(a, b) -> float:
   """Kendall tau-b (scipy's O(n log n) count, ties handled); NaN below 2 samples."""
   if a.size < 2:
-    return float('nan')
-  with np.errstate(all='ignore'):
+    return float("nan")
+  with np.errstate(all="ignore"):
     return float(stats.kendalltau(a, b).statistic)
 
 
@@ -57,32 +58,32 @@ class Reference:
     return self._cache[key]
 
   def ranks(self, common: np.ndarray):
-    return self._cached('score', common, lambda: stats.rankdata(self.score[common]))
+    return self._cached("score", common, lambda: stats.rankdata(self.score[common]))
 
   def length_ranks(self, mask: np.ndarray):
-    return self._cached('length', mask, lambda: stats.rankdata(self.length[mask]))
+    return self._cached("length", mask, lambda: stats.rankdata(self.length[mask]))
 
 
 def vector_metrics(score, valid, ref: Reference, kendall_max: int) -> dict:
   """Spearman / Kendall with the reference and Spearman with length."""
   common = valid & ref.valid
-  out = {'n_common': int(common.sum())}
+  out = {"n_common": int(common.sum())}
   r_valid = stats.rankdata(score[valid]) if valid.sum() >= 2 else None
 
   def spearman_on(mask, other_ranks):
     # Most masks are `valid` itself: its ranks are computed once.
     if mask.sum() < 2:
-      return float('nan')
+      return float("nan")
     r = r_valid if np.array_equal(mask, valid) else stats.rankdata(score[mask])
     return _pearson(r, other_ranks(mask))
 
-  out['spearman_default'] = spearman_on(common, ref.ranks)
+  out["spearman_default"] = spearman_on(common, ref.ranks)
   if kendall_max and common.sum() > kendall_max:
     pick = ref.sub_perm[common[ref.sub_perm]][:kendall_max]
-    out['kendall_default'] = kendall(score[pick], ref.score[pick])
+    out["kendall_default"] = kendall(score[pick], ref.score[pick])
   else:
-    out['kendall_default'] = kendall(score[common], ref.score[common])
-  out['spearman_length'] = spearman_on(valid & np.isfinite(ref.length), ref.length_ranks)
+    out["kendall_default"] = kendall(score[common], ref.score[common])
+  out["spearman_length"] = spearman_on(valid & np.isfinite(ref.length), ref.length_ranks)
   return out
 
 
@@ -91,7 +92,7 @@ def _pearson(x, y) -> float:
   # arithmetic on a busy CPU.
   x, y = x - x.mean(), y - y.mean()
   den = math.sqrt(float(np.sum(x * x)) * float(np.sum(y * y)))
-  return float(np.sum(x * y) / den) if den > 0 else float('nan')
+  return float(np.sum(x * y) / den) if den > 0 else float("nan")
 
 
 def cut_metrics(order, cuts, mode, ref: Reference, ins_len, res_len) -> list:
@@ -109,20 +110,23 @@ def cut_metrics(order, cuts, mode, ref: Reference, ins_len, res_len) -> list:
     inter = int(in_ref[n_keep])
     union = n_keep + n_ref - inter
     # The reference ranking cut at this setting's proportion / top_n.
-    n_ref_c = ranking_lib.num_selected(ref.n_ranked, 0.0 if c.top_n else c.proportion,
-                                     c.top_n, ref.mode)
+    n_ref_c = ranking_lib.num_selected(
+        ref.n_ranked, 0.0 if c.top_n else c.proportion, c.top_n, ref.mode
+    )
     inter_c = int(np.sum(ref_rank_here[:n_keep] < n_ref_c))
     union_c = n_keep + n_ref_c - inter_c
     rest = n_valid - n_keep
-    rows.append({
-        'n_selected': n_keep,
-        'jaccard_default': inter / union if union else 1.0,
-        'jaccard_same_cut': inter_c / union_c if union_c else 1.0,
-        'instruction_len_selected': ci[n_keep] / n_keep if n_keep else float('nan'),
-        'response_len_selected': cr[n_keep] / n_keep if n_keep else float('nan'),
-        'instruction_len_rejected': (ci[-1] - ci[n_keep]) / rest if rest else float('nan'),
-        'response_len_rejected': (cr[-1] - cr[n_keep]) / rest if rest else float('nan'),
-    })
+    rows.append(
+        {
+            "n_selected": n_keep,
+            "jaccard_default": inter / union if union else 1.0,
+            "jaccard_same_cut": inter_c / union_c if union_c else 1.0,
+            "instruction_len_selected": ci[n_keep] / n_keep if n_keep else float("nan"),
+            "response_len_selected": cr[n_keep] / n_keep if n_keep else float("nan"),
+            "instruction_len_rejected": (ci[-1] - ci[n_keep]) / rest if rest else float("nan"),
+            "response_len_rejected": (cr[-1] - cr[n_keep]) / rest if rest else float("nan"),
+        }
+    )
   return rows
 
 
@@ -130,5 +134,8 @@ def prompt_spearman(tok: np.ndarray) -> np.ndarray:
   """[K, K] Spearman rho between the prompts' columns of token scores tok [n, K]."""
   k = tok.shape[1]
   ranks = np.stack([stats.rankdata(tok[:, p]) for p in range(k)], 1) if tok.size else None
-  return (np.corrcoef(ranks, rowvar=False).reshape(k, k)
-          if tok.shape[0] >= 2 else np.full((k, k), np.nan))
+  return (
+      np.corrcoef(ranks, rowvar=False).reshape(k, k)
+      if tok.shape[0] >= 2
+      else np.full((k, k), np.nan)
+  )

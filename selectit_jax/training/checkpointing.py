@@ -5,6 +5,7 @@ grain iterator state and what the run was built from, checked on resume). The it
 state is captured as a dict when `save` is called, so an async save can never record a
 later position than the state it belongs to.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,23 +18,31 @@ def manager(directory: str, ckpt_cfg) -> ocp.CheckpointManager:
       save_interval_steps=max(int(ckpt_cfg.every), 1),
       max_to_keep=max(int(ckpt_cfg.keep), 1),
       enable_async_checkpointing=bool(ckpt_cfg.async_save),
-      create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                               item_names=("state", "meta"))
+      create=True,
+  )
+  return ocp.CheckpointManager(
+      os.path.abspath(directory), options=options, item_names=("state", "meta")
+  )
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, force: bool = False) -> bool:
   """Saves when the interval policy (or `force`) says so; async writes finish in the
   background (orbax copies the arrays to host first, so the donated state may move on)."""
-  return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                  meta=ocp.args.JsonSave(meta)),
-                   force=force)
+  return mngr.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      force=force,
+  )
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None):
   """(state, meta) of `step` (default: the latest committed), placed by the abstract
   tree's shardings, so a different mesh restores correctly."""
   step = mngr.latest_step() if step is None else step
-  out = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+  out = mngr.restore(
+      step,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+      ),
+  )
   return out["state"], out["meta"]

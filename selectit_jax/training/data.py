@@ -10,6 +10,7 @@ inputs = ids[:-1], targets = ids[1:], weights = is_target[1:]. Packed rows carry
 segment id per example (1, 2, ...; 0 = padding) and positions restarting at 0, so the
 model's attention never crosses examples.
 """
+
 from __future__ import annotations
 
 import collections
@@ -30,14 +31,15 @@ _OPEN_ROWS = 64
 
 @dataclasses.dataclass
 class Example:
-  ids: np.ndarray      # [n] int32
-  target: np.ndarray   # [n] bool: token is part of a response (predicted, so in the loss)
+  ids: np.ndarray  # [n] int32
+  target: np.ndarray  # [n] bool: token is part of a response (predicted, so in the loss)
   record_index: int
 
 
 @dataclasses.dataclass
 class PrepStats:
   """What happened to each record on its way to training examples."""
+
   records: int = 0
   examples: int = 0
   tokens: int = 0
@@ -46,8 +48,10 @@ class PrepStats:
   dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
   def lines(self) -> list[str]:
-    out = [f"{self.records} records -> {self.examples} examples, {self.tokens} tokens "
-           f"({self.target_tokens} in the loss); truncated to max_length: {self.truncated}"]
+    out = [
+        f"{self.records} records -> {self.examples} examples, {self.tokens} tokens "
+        f"({self.target_tokens} in the loss); truncated to max_length: {self.truncated}"
+    ]
     out += [f"dropped {n}: {reason}" for reason, n in sorted(self.dropped.items())]
     return out
 
@@ -57,8 +61,9 @@ def resolve_template(tokenizer, template: str) -> str:
     raise ValueError(f"data.template={template!r}; expected one of {TEMPLATES}")
   has_chat = bool(getattr(tokenizer.hf, "chat_template", None))
   if template == "chat" and not has_chat:
-    raise ValueError("data.template='chat' but the tokenizer has no chat template; "
-                     "use 'alpaca' or 'auto'")
+    raise ValueError(
+        "data.template='chat' but the tokenizer has no chat template; " "use 'alpaca' or 'auto'"
+    )
   if template == "auto":
     return "chat" if has_chat else "alpaca"
   return template
@@ -84,18 +89,21 @@ def chat_chunks(tokenizer, turns) -> list[tuple[str, bool]]:
     if role != "assistant":
       continue
     prompt = hf.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
-    full = hf.apply_chat_template(messages[:k + 1], tokenize=False)
+    full = hf.apply_chat_template(messages[: k + 1], tokenize=False)
     if not (prompt.startswith(prev) and full.startswith(prompt)):
-      raise ValueError("the tokenizer's chat template does not render conversations "
-                       "prefix by prefix (it rewrites earlier turns); use "
-                       "data.template='alpaca'")
-    chunks += [(prompt[len(prev):], False), (full[len(prompt):], True)]
+      raise ValueError(
+          "the tokenizer's chat template does not render conversations "
+          "prefix by prefix (it rewrites earlier turns); use "
+          "data.template='alpaca'"
+      )
+    chunks += [(prompt[len(prev) :], False), (full[len(prompt) :], True)]
     prev = full
   return chunks
 
 
-def alpaca_chunks(turns, prompt_template: str, turn_sep: str,
-                  eos_text: str) -> list[tuple[str, bool]]:
+def alpaca_chunks(
+    turns, prompt_template: str, turn_sep: str, eos_text: str
+) -> list[tuple[str, bool]]:
   """Alpaca layout; user (and system) text before an answer forms its instruction; every
   answer ends with the EOS token (as text, which the tokenizer maps to its id)."""
   chunks, pending = [], []
@@ -149,12 +157,15 @@ def prepare(records: Sequence[Record], tokenizer, data_cfg) -> tuple[list[Exampl
       # The template adds whatever BOS / closing tokens the model was tuned with.
       ids, target = tokenize_chunks(tokenizer, chat_chunks(tokenizer, turns), add_special=False)
     else:
-      chunks = alpaca_chunks(turns, data_cfg.alpaca_prompt, data_cfg.alpaca_turn_sep,
-                             tokenizer.hf.eos_token)
+      chunks = alpaca_chunks(
+          turns, data_cfg.alpaca_prompt, data_cfg.alpaca_turn_sep, tokenizer.hf.eos_token
+      )
       ids, target = tokenize_chunks(tokenizer, chunks, add_special=True)
       if int((ids[target] == tokenizer.eos_id).sum()) != sum(t for _, t in chunks):
-        raise ValueError(f"the EOS text {tokenizer.hf.eos_token!r} does not tokenize to the "
-                         f"EOS id {tokenizer.eos_id} inside text")
+        raise ValueError(
+            f"the EOS text {tokenizer.hf.eos_token!r} does not tokenize to the "
+            f"EOS id {tokenizer.eos_id} inside text"
+        )
     if len(ids) > limit:
       if too_long == "drop":
         stats.dropped[f"longer than max_length={data_cfg.max_length} (too_long=drop)"] += 1
@@ -182,20 +193,26 @@ def split(records: Sequence[Record], val_fraction: float, val_size: int, seed: i
   return [r for i, r in enumerate(records) if i not in val_set], [records[i] for i in val]
 
 
-def pack(examples: Sequence[Example], max_length: int, seed: int | None,
-         pack: bool = True) -> dict[str, np.ndarray]:
+def pack(
+    examples: Sequence[Example], max_length: int, seed: int | None, pack: bool = True
+) -> dict[str, np.ndarray]:
   """Rows [R, max_length] of FIELDS. Examples go in a seeded order, first-fit among the
   last open rows; `pack=False` gives one example per row."""
-  order = (np.random.default_rng(seed).permutation(len(examples)) if seed is not None
-           else np.arange(len(examples)))
+  order = (
+      np.random.default_rng(seed).permutation(len(examples))
+      if seed is not None
+      else np.arange(len(examples))
+  )
   rows: list[list[Example]] = []
   free: list[int] = []
   for i in order:
     ex = examples[i]
     need = len(ex.ids) - 1
     if need > max_length:
-      raise ValueError(f"example of record {ex.record_index} has {need} positions, more than "
-                       f"max_length={max_length} (prepare() with the same max_length)")
+      raise ValueError(
+          f"example of record {ex.record_index} has {need} positions, more than "
+          f"max_length={max_length} (prepare() with the same max_length)"
+      )
     slot = None
     if pack:
       for r in range(max(0, len(rows) - _OPEN_ROWS), len(rows)):
@@ -243,21 +260,28 @@ def steps_per_run(num_rows: int, epochs: int, batch_size: int) -> int:
   return (num_rows * epochs) // batch_size
 
 
-def train_dataset(rows: dict[str, np.ndarray], epochs: int, batch_size: int,
-                  seed: int) -> grain.MapDataset:
+def train_dataset(
+    rows: dict[str, np.ndarray], epochs: int, batch_size: int, seed: int
+) -> grain.MapDataset:
   """Rows reshuffled every epoch (grain derives a new order per repetition), batched by
   the global batch; its iterator state is a small dict, checkpointed with the model."""
-  return (grain.MapDataset.source(RowSource(rows)).shuffle(seed=seed).repeat(epochs)
-          .batch(batch_size, drop_remainder=True))
+  return (
+      grain.MapDataset.source(RowSource(rows))
+      .shuffle(seed=seed)
+      .repeat(epochs)
+      .batch(batch_size, drop_remainder=True)
+  )
 
 
 def eval_batches(rows: dict[str, np.ndarray], batch_size: int):
   """Validation rows in order, the last batch padded with empty rows (weight 0)."""
   n = len(rows["inputs"])
   for start in range(0, n, batch_size):
-    batch = {k: v[start:start + batch_size] for k, v in rows.items()}
+    batch = {k: v[start : start + batch_size] for k, v in rows.items()}
     short = batch_size - len(batch["inputs"])
     if short:
-      batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
-               for k, v in batch.items()}
+      batch = {
+          k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
+          for k, v in batch.items()
+      }
     yield batch

@@ -1,5 +1,6 @@
 """Fine-tuned params -> a HF checkpoint directory `transformers` loads (config.json,
 safetensors, tokenizer files)."""
+
 from __future__ import annotations
 
 import jax

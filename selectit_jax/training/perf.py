@@ -1,5 +1,6 @@
 """MFU: model FLOPs (`costs.train_flops_per_token`) over the devices' peak (`devices`, or a
 measured matmul on CPU)."""
+
 from __future__ import annotations
 
 import time
@@ -20,7 +21,7 @@ def measure_matmul_flops(n: int = 1024, dtype=jnp.float32, repeats: int = 5) -> 
   start = time.perf_counter()
   for _ in range(repeats):
     f(a).block_until_ready()
-  return 2 * n ** 3 * repeats / (time.perf_counter() - start)
+  return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def peak_flops_per_device(override: float = 0.0, device=None) -> float:
@@ -31,6 +32,15 @@ def peak_flops_per_device(override: float = 0.0, device=None) -> float:
   return peak if peak is not None else measure_matmul_flops()
 
 
-def mfu(tokens_per_second: float, cfg: LlamaConfig, seq_len: int, peak_per_device: float,
-        num_devices: int) -> float:
-  return tokens_per_second * costs.train_flops_per_token(cfg, seq_len) / (peak_per_device * num_devices)
+def mfu(
+    tokens_per_second: float,
+    cfg: LlamaConfig,
+    seq_len: int,
+    peak_per_device: float,
+    num_devices: int,
+) -> float:
+  return (
+      tokens_per_second
+      * costs.train_flops_per_token(cfg, seq_len)
+      / (peak_per_device * num_devices)
+  )

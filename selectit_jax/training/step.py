@@ -4,6 +4,7 @@ The state is a plain dict {step, params, opt_state} (orbax saves and restores it
 Params are kept in `param_dtype` (fp32 master weights); the model casts them to `dtype`
 (e.g. bf16) for compute, so gradients and the AdamW moments stay fp32.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,11 @@ def schedule(train_cfg, total_steps: int) -> optax.Schedule:
   kind = train_cfg.schedule
   if kind not in SCHEDULES:
     raise ValueError(f"train.schedule={kind!r}; expected one of {SCHEDULES}")
-  decay = {"cosine": optax.cosine_decay_schedule(lr, rest),
-           "linear": optax.linear_schedule(lr, 0.0, rest),
-           "constant": optax.constant_schedule(lr)}[kind]
+  decay = {
+      "cosine": optax.cosine_decay_schedule(lr, rest),
+      "linear": optax.linear_schedule(lr, 0.0, rest),
+      "constant": optax.constant_schedule(lr),
+  }[kind]
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
@@ -42,8 +45,14 @@ def schedule(train_cfg, total_steps: int) -> optax.Schedule:
 def optimizer(train_cfg, sched: optax.Schedule) -> optax.GradientTransformation:
   return optax.chain(
       optax.clip_by_global_norm(float(train_cfg.max_grad_norm)),
-      optax.adamw(sched, b1=float(train_cfg.b1), b2=float(train_cfg.b2),
-                  eps=float(train_cfg.eps), weight_decay=float(train_cfg.weight_decay)))
+      optax.adamw(
+          sched,
+          b1=float(train_cfg.b1),
+          b2=float(train_cfg.b2),
+          eps=float(train_cfg.eps),
+          weight_decay=float(train_cfg.weight_decay),
+      ),
+  )
 
 
 def state_shardings(cfg: DecoderConfig, tx, mesh):
@@ -59,10 +68,14 @@ def state_shardings(cfg: DecoderConfig, tx, mesh):
 def abstract_state(cfg: DecoderConfig, tx, shardings):
   """ShapeDtypeStructs with shardings: the restore target (no weights are read)."""
   params = nn.unbox(checkpoints.param_shapes(cfg)["params"])
-  shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
-            "opt_state": jax.eval_shape(tx.init, params)}
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      shapes, shardings)
+  shapes = {
+      "step": jax.ShapeDtypeStruct((), jnp.int32),
+      "params": params,
+      "opt_state": jax.eval_shape(tx.init, params),
+  }
+  return jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+  )
 
 
 def init_state(params, tx, shardings):
@@ -109,29 +122,44 @@ def make_train_step(cfg: DecoderConfig, tx, sched, mesh, shardings):
     denom = jnp.maximum(n, 1.0)
     grads = jax.tree.map(lambda x: x / denom, g)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-           "opt_state": opt_state}
-    metrics = {"loss": l / denom, "target_tokens": n, "grad_norm": optax.global_norm(grads),
-               "learning_rate": sched(state["step"])}
+    new = {
+        "step": state["step"] + 1,
+        "params": optax.apply_updates(params, updates),
+        "opt_state": opt_state,
+    }
+    metrics = {
+        "loss": l / denom,
+        "target_tokens": n,
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": sched(state["step"]),
+    }
     return new, metrics
 
-  jitted = jax.jit(step, in_shardings=(shardings, accumulation_sharding(mesh)),
-                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  jitted = jax.jit(
+      step,
+      in_shardings=(shardings, accumulation_sharding(mesh)),
+      out_shardings=(shardings, sharding.replicated(mesh)),
+      donate_argnums=0,
+  )
 
   def run(state, batch):
     with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
       return jitted(state, batch)
+
   return run
 
 
 def make_eval_step(cfg: DecoderConfig, mesh, shardings):
   """jit'd eval(params, batch[micro, length]) -> (Σ NLL, Σ weights)."""
   model = registry.build(cfg)
-  jitted = jax.jit(lambda p, b: loss_sums(model, p, b),
-                   in_shardings=(shardings["params"], sharding.batch_sharding(mesh)),
-                   out_shardings=sharding.replicated(mesh))
+  jitted = jax.jit(
+      lambda p, b: loss_sums(model, p, b),
+      in_shardings=(shardings["params"], sharding.batch_sharding(mesh)),
+      out_shardings=sharding.replicated(mesh),
+  )
 
   def run(params, batch):
     with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
       return jitted(params, batch)
+
   return run

@@ -9,6 +9,7 @@ Outputs in output_dir: metrics.jsonl (one JSON per logged step / eval; a resumed
 appends, so the last line of a step wins), tb/ (tensorboardX), rejects.jsonl,
 train_summary.json, checkpoints/, hf/ (the exported model).
 """
+
 from __future__ import annotations
 
 import collections
@@ -46,6 +47,7 @@ class MetricsLog:
     self._file = self._tb = None
     if self._on:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
       self._file = open(os.path.join(directory, "metrics.jsonl"), "a")
       self._tb = SummaryWriter(os.path.join(directory, "tb"))
 
@@ -91,12 +93,14 @@ def load_data(config, tokenizer):
   """Train / validation rows and the report of everything dropped on the way."""
   records, rejects, info = records_lib.read_records(config.data)
   if rejects:
-    logging.warning("%d of %d records rejected: %s", len(rejects), info.num_read,
-                    _reject_summary(rejects))
+    logging.warning(
+        "%d of %d records rejected: %s", len(rejects), info.num_read, _reject_summary(rejects)
+    )
   if not records:
-    raise ValueError(f"{info.path}: no usable records to train on (read {info.num_read}, "
-                     f"rejected {len(rejects)}"
-                     + (f": {_reject_summary(rejects)}" if rejects else "") + ")")
+    raise ValueError(
+        f"{info.path}: no usable records to train on (read {info.num_read}, "
+        f"rejected {len(rejects)}" + (f": {_reject_summary(rejects)}" if rejects else "") + ")"
+    )
   d = config.data
   train_recs, val_recs = data_lib.split(records, d.val_fraction, d.val_size, d.seed)
   train_ex, train_stats = data_lib.prepare(train_recs, tokenizer, d)
@@ -108,11 +112,15 @@ def load_data(config, tokenizer):
     raise ValueError("no training examples left: " + "; ".join(train_stats.lines()))
   train_rows = data_lib.pack(train_ex, d.max_length, d.seed, d.pack)
   val_rows = data_lib.pack(val_ex, d.max_length, None, d.pack) if val_ex else None
-  report = {"read": dataclasses.asdict(info), "rejected": len(rejects),
-            "reject_reasons": dict(collections.Counter(r.reason for r in rejects)),
-            "train": _stats_dict(train_stats), "validation": _stats_dict(val_stats),
-            "train_rows": int(len(train_rows["inputs"])),
-            "validation_rows": int(len(val_rows["inputs"])) if val_rows else 0}
+  report = {
+      "read": dataclasses.asdict(info),
+      "rejected": len(rejects),
+      "reject_reasons": dict(collections.Counter(r.reason for r in rejects)),
+      "train": _stats_dict(train_stats),
+      "validation": _stats_dict(val_stats),
+      "train_rows": int(len(train_rows["inputs"])),
+      "validation_rows": int(len(val_rows["inputs"])) if val_rows else 0,
+  }
   return train_rows, val_rows, rejects, report
 
 
@@ -125,17 +133,28 @@ def _stats_dict(s: data_lib.PrepStats) -> dict:
 def evaluate(eval_step, params, val_rows, micro: int, shard) -> dict:
   total, count = 0.0, 0.0
   for batch in data_lib.eval_batches(val_rows, micro):
-    l, n = jax.device_get(eval_step(params, jax.tree.map(lambda v: sharding.global_array(v, shard), batch)))
+    l, n = jax.device_get(
+        eval_step(params, jax.tree.map(lambda v: sharding.global_array(v, shard), batch))
+    )
     total, count = total + float(l), count + float(n)
   loss = total / max(count, 1.0)
-  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
-          "eval_tokens": count}
+  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)), "eval_tokens": count}
 
 
 # The settings a resumed run must share with the saved one (max_steps, logging and eval
 # cadence may change between runs).
-_OPTIMIZER_FIELDS = ("learning_rate", "epochs", "warmup_ratio", "schedule", "weight_decay", "b1",
-                     "b2", "eps", "max_grad_norm", "micro_batch_size")
+_OPTIMIZER_FIELDS = (
+    "learning_rate",
+    "epochs",
+    "warmup_ratio",
+    "schedule",
+    "weight_decay",
+    "b1",
+    "b2",
+    "eps",
+    "max_grad_norm",
+    "micro_batch_size",
+)
 
 
 def _batch_sizes(config, mesh) -> tuple[int, int, int]:
@@ -144,11 +163,14 @@ def _batch_sizes(config, mesh) -> tuple[int, int, int]:
   rows_per_shard = mesh.shape["data"] * mesh.shape["fsdp"]
   batch, micro = int(t.batch_size), int(t.micro_batch_size)
   if batch % micro:
-    raise ValueError(f"train.batch_size={batch} is not a multiple of "
-                     f"train.micro_batch_size={micro}")
+    raise ValueError(
+        f"train.batch_size={batch} is not a multiple of " f"train.micro_batch_size={micro}"
+    )
   if micro % rows_per_shard:
-    raise ValueError(f"train.micro_batch_size={micro} is not a multiple of the mesh's "
-                     f"data×fsdp={rows_per_shard}")
+    raise ValueError(
+        f"train.micro_batch_size={micro} is not a multiple of the mesh's "
+        f"data×fsdp={rows_per_shard}"
+    )
   return batch, micro, batch // micro
 
 
@@ -158,15 +180,19 @@ def _start_state(model_path, cfg, tx, mesh, shardings, mngr, iterator, run_meta,
   or optimisation settings rather than mixing two runs."""
   resumed_from = mngr.latest_step()
   if resumed_from is None:
-    loaded = checkpoints.load_model(model_path, mesh, dtype=cfg.dtype,
-                                    param_dtype=cfg.param_dtype, remat=cfg.remat)
+    loaded = checkpoints.load_model(
+        model_path, mesh, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat
+    )
     return step_lib.init_state(loaded.params, tx, shardings), None
   state, meta = checkpointing.restore(
-      mngr, step_lib.abstract_state(cfg, tx, shardings), resumed_from)
+      mngr, step_lib.abstract_state(cfg, tx, shardings), resumed_from
+  )
   for k, v in run_meta.items():
     if meta.get(k) != v:
-      raise ValueError(f"{out}/checkpoints holds a run with {k}={meta.get(k)!r}, this "
-                       f"config gives {v!r}; use a new output_dir or the same data/config")
+      raise ValueError(
+          f"{out}/checkpoints holds a run with {k}={meta.get(k)!r}, this "
+          f"config gives {v!r}; use a new output_dir or the same data/config"
+      )
   iterator.set_state(meta["iterator"])
   logging.info("resumed from step %d", resumed_from)
   return state, resumed_from
@@ -188,8 +214,7 @@ class _Throughput:
       self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
     self.first = False
     tok_s = tokens / seconds
-    return dict(tokens=tokens, tokens_per_second=tok_s, step_seconds=seconds,
-                mfu=self.mfu(tok_s))
+    return dict(tokens=tokens, tokens_per_second=tok_s, step_seconds=seconds, mfu=self.mfu(tok_s))
 
   def steady(self) -> dict:
     if not self.seconds:
@@ -198,8 +223,23 @@ class _Throughput:
     return dict(steady_tokens_per_second=rate, steady_mfu=self.mfu(rate))
 
 
-def _train_loop(state, step, last_step, iterator, train_step, eval_fn, speed, log, mngr,
-                run_meta, accum, micro, train_shard, log_every, eval_every):
+def _train_loop(
+    state,
+    step,
+    last_step,
+    iterator,
+    train_step,
+    eval_fn,
+    speed,
+    log,
+    mngr,
+    run_meta,
+    accum,
+    micro,
+    train_shard,
+    log_every,
+    eval_every,
+):
   """Steps to last_step: one global batch each (accum micro-batches), metrics, evaluation
   and checkpoints (the iterator's state saved with each)."""
   last_metrics, last_eval = {}, {}
@@ -207,8 +247,10 @@ def _train_loop(state, step, last_step, iterator, train_step, eval_fn, speed, lo
   while step < last_step:
     host_batch = next(iterator)
     tokens = int((host_batch["segment_ids"] > 0).sum())
-    device_batch = {k: sharding.global_array(v.reshape((accum, micro) + v.shape[1:]), train_shard)
-                    for k, v in host_batch.items()}
+    device_batch = {
+        k: sharding.global_array(v.reshape((accum, micro) + v.shape[1:]), train_shard)
+        for k, v in host_batch.items()
+    }
     start = time.perf_counter()
     state, metrics = train_step(state, device_batch)
     metrics = jax.device_get(metrics)  # syncs: the step time below is real
@@ -219,15 +261,25 @@ def _train_loop(state, step, last_step, iterator, train_step, eval_fn, speed, lo
     if step % max(log_every, 1) == 0 or step == last_step:
       log.write(step, scalars)
     bar.update(1)
-    bar.set_postfix(loss=f"{scalars['loss']:.4f}", tok_s=f"{scalars['tokens_per_second']:.0f}",
-                    mfu=f"{scalars['mfu']:.2%}")
+    bar.set_postfix(
+        loss=f"{scalars['loss']:.4f}",
+        tok_s=f"{scalars['tokens_per_second']:.0f}",
+        mfu=f"{scalars['mfu']:.2%}",
+    )
     if eval_fn and ((eval_every and step % eval_every == 0) or step == last_step):
       last_eval = eval_fn(state["params"])
       log.write(step, last_eval)
-      bar.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f} "
-                f"ppl {last_eval['eval_perplexity']:.2f}")
-    checkpointing.save(mngr, step, state, {**run_meta, "iterator": iterator.get_state(),
-                                           "step": step}, force=step == last_step)
+      bar.write(
+          f"step {step}: eval loss {last_eval['eval_loss']:.4f} "
+          f"ppl {last_eval['eval_perplexity']:.2f}"
+      )
+    checkpointing.save(
+        mngr,
+        step,
+        state,
+        {**run_meta, "iterator": iterator.get_state(), "step": step},
+        force=step == last_step,
+    )
   bar.close()
   return state, step, last_metrics, last_eval
 
@@ -251,14 +303,20 @@ def run(config) -> dict:
   num_rows = data_report["train_rows"]
   total_steps = data_lib.steps_per_run(num_rows, int(t.epochs), batch)
   if total_steps == 0:
-    raise ValueError(f"the selection packs into {num_rows} rows of {d.max_length} tokens, "
-                     f"fewer than one global batch (train.batch_size={batch}) over "
-                     f"{t.epochs} epoch(s); lower train.batch_size")
+    raise ValueError(
+        f"the selection packs into {num_rows} rows of {d.max_length} tokens, "
+        f"fewer than one global batch (train.batch_size={batch}) over "
+        f"{t.epochs} epoch(s); lower train.batch_size"
+    )
   last_step = min(total_steps, int(t.max_steps)) if t.max_steps else total_steps
 
   _, cfg = checkpoints.tensor_source(model_path)
-  cfg = dataclasses.replace(cfg, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                            remat=bool(config.model.remat))
+  cfg = dataclasses.replace(
+      cfg,
+      dtype=config.model.dtype,
+      param_dtype=config.model.param_dtype,
+      remat=bool(config.model.remat),
+  )
   sched = step_lib.schedule(t, total_steps)
   tx = step_lib.optimizer(t, sched)
   shardings = step_lib.state_shardings(cfg, tx, mesh)
@@ -267,14 +325,20 @@ def run(config) -> dict:
   train_shard = step_lib.accumulation_sharding(mesh)
   eval_shard = sharding.batch_sharding(mesh)
 
-  iterator = iter(data_lib.train_dataset(train_rows, int(t.epochs), batch,
-                                         int(d.seed)).to_iter_dataset())
-  run_meta = {"train_rows_digest": _rows_digest(train_rows), "total_steps": total_steps,
-              "batch_size": batch, "model_fingerprint": checkpoints.fingerprint(model_path),
-              "optimizer": json.dumps({k: t[k] for k in _OPTIMIZER_FIELDS}, sort_keys=True)}
+  iterator = iter(
+      data_lib.train_dataset(train_rows, int(t.epochs), batch, int(d.seed)).to_iter_dataset()
+  )
+  run_meta = {
+      "train_rows_digest": _rows_digest(train_rows),
+      "total_steps": total_steps,
+      "batch_size": batch,
+      "model_fingerprint": checkpoints.fingerprint(model_path),
+      "optimizer": json.dumps({k: t[k] for k in _OPTIMIZER_FIELDS}, sort_keys=True),
+  }
   mngr = checkpointing.manager(os.path.join(out, "checkpoints"), config.checkpoint)
-  state, resumed_from = _start_state(model_path, cfg, tx, mesh, shardings, mngr, iterator,
-                                     run_meta, out)
+  state, resumed_from = _start_state(
+      model_path, cfg, tx, mesh, shardings, mngr, iterator, run_meta, out
+  )
   step = int(jax.device_get(state["step"]))
 
   seq_len = int(d.max_length)
@@ -282,30 +346,62 @@ def run(config) -> dict:
   speed = _Throughput(cfg, seq_len, peak)
   log = MetricsLog(out)
   eval_every = int(t.eval_every)
-  summary = {"data": data_report, "total_steps": total_steps, "last_step": last_step,
-             "resumed_from": resumed_from, "accumulation": accum, "model": model_path,
-             "num_params": costs.num_params(cfg),
-             "flops_per_token": costs.train_flops_per_token(cfg, seq_len),
-             "peak_flops_per_device": peak, "devices": jax.device_count(),
-             "device_kind": jax.devices()[0].device_kind}
-  logging.info("%d train rows, %d steps (%d this run), global batch %d = %d x %d micro",
-               num_rows, total_steps, last_step - step, batch, accum, micro)
+  summary = {
+      "data": data_report,
+      "total_steps": total_steps,
+      "last_step": last_step,
+      "resumed_from": resumed_from,
+      "accumulation": accum,
+      "model": model_path,
+      "num_params": costs.num_params(cfg),
+      "flops_per_token": costs.train_flops_per_token(cfg, seq_len),
+      "peak_flops_per_device": peak,
+      "devices": jax.device_count(),
+      "device_kind": jax.devices()[0].device_kind,
+  }
+  logging.info(
+      "%d train rows, %d steps (%d this run), global batch %d = %d x %d micro",
+      num_rows,
+      total_steps,
+      last_step - step,
+      batch,
+      accum,
+      micro,
+  )
 
-  eval_fn = None if val_rows is None else (
-      lambda params: evaluate(eval_step, params, val_rows, micro, eval_shard))
+  eval_fn = (
+      None
+      if val_rows is None
+      else (lambda params: evaluate(eval_step, params, val_rows, micro, eval_shard))
+  )
   if eval_fn and resumed_from is None:
     log.write(step, eval_fn(state["params"]))
   state, step, last_metrics, last_eval = _train_loop(
-      state, step, last_step, iterator, train_step, eval_fn, speed, log, mngr, run_meta,
-      accum, micro, train_shard, int(t.log_every), eval_every)
+      state,
+      step,
+      last_step,
+      iterator,
+      train_step,
+      eval_fn,
+      speed,
+      log,
+      mngr,
+      run_meta,
+      accum,
+      micro,
+      train_shard,
+      int(t.log_every),
+      eval_every,
+  )
   mngr.wait_until_finished()
   mngr.close()
   log.close()
 
   summary.update(final_step=step, final=last_metrics, final_eval=last_eval, **speed.steady())
   if config.export.enabled:
-    summary["export_dir"] = export_lib.export_hf(os.path.join(out, "hf"), cfg,
-                                                 state["params"], tokenizer)
+    summary["export_dir"] = export_lib.export_hf(
+        os.path.join(out, "hf"), cfg, state["params"], tokenizer
+    )
   if jax.process_index() == 0:
     fileio.write_json(os.path.join(out, "train_summary.json"), summary, indent=2, default=str)
   logging.info("done: step %d, %s", step, json.dumps(last_eval))

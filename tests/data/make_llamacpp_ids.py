@@ -18,6 +18,7 @@ data config, prompts read with readlines() (prompts.load_prompts), the default t
 Step 2 tokenizes as llama.cpp does at inference: no special-token parsing, BOS as the GGUF's
 tokenizer.ggml.add_bos_token says (false for SmolLM2). The test reads rating_texts() from here.
 """
+
 import gzip
 import hashlib
 import json
@@ -50,8 +51,11 @@ def rating_texts(prompts_path: str = REFERENCE_PROMPTS):
     raise RuntimeError(f"only {len(recs)} usable records in the first {info.num_read}")
   ps = prompts.load_prompts(prompts_path)[:NUM_PROMPTS]
   template = prompts.template_from_config(cfg.prompts)
-  return [(r.index, r.id, k, prompts.build_text(p, r.instruction, r.response, template))
-          for r in recs[:NUM_RECORDS] for k, p in enumerate(ps)]
+  return [
+      (r.index, r.id, k, prompts.build_text(p, r.instruction, r.response, template))
+      for r in recs[:NUM_RECORDS]
+      for k, p in enumerate(ps)
+  ]
 
 
 def sha256(text: str) -> str:
@@ -75,8 +79,13 @@ def write_ids(texts_path: str, gguf_path: str, out: str) -> None:
   with gzip.GzipFile(out, "wb", mtime=0) as f:
     for row in rows:
       ids = llm.tokenize(row["text"].encode("utf-8"), add_bos=add_bos, special=False)
-      meta = dict(index=row["index"], id=row["id"], prompt=row["prompt"],
-                  sha256=sha256(row["text"]), ids=ids)
+      meta = dict(
+          index=row["index"],
+          id=row["id"],
+          prompt=row["prompt"],
+          sha256=sha256(row["text"]),
+          ids=ids,
+      )
       f.write((json.dumps(meta, separators=(",", ":")) + "\n").encode())
   print(f"{len(rows)} texts, add_bos={add_bos}, llama-cpp-python {llama_cpp.__version__} -> {out}")
 
