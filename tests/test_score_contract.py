@@ -90,6 +90,11 @@ def test_runs_add_models_prompts_and_coverage(tiny_checkpoint, tmp_path):
   assert len(summary["models"]) == 2 and summary["k"] == 2
   assert summary["num_samples"] == summary["num_ranked"] + summary["num_selection_rejects"]
   assert summary["num_samples"] >= 3  # the 4 records read, less any the reader rejected
+  counts = manifest.runs[0].turn_counts  # what data.turns chose among, in the report too
+  assert set(counts) == {"first", "first_user", "released"}
+  assert counts["first"] == summary["num_samples"] <= counts["first_user"] <= 4
+  report = open(os.path.join(str(tmp_path / "sel"), "report.md")).read()
+  assert "turn policies over the 4 records read: first " in report
 
 
 def test_rating_scale_is_a_setting(tiny_checkpoint, tmp_path):

@@ -133,16 +133,6 @@ def test_indivisible_mesh_is_a_clear_error(ckpt):
     engine.Scorer(model.config, model.params, np.arange(5), _mesh((2, 4, 1)), 4)
 
 
-def test_owned_rows_split_the_batch_once():
-  # One process here owns every row; the split across processes follows the batch sharding.
-  scorer_rows = engine.Scorer.owned_rows.__get__(
-      type(
-          "S", (), {"batch_size": 8, "_batch_sharding": sharding.batch_sharding(_mesh((2, 2, 2)))}
-      )()
-  )
-  assert scorer_rows().all()
-
-
 @pytest.mark.parametrize(
     "size,slice_,fits",
     [

@@ -311,6 +311,14 @@ def read_records(cfg_data) -> tuple[list[Record], list[Reject], ReadInfo]:
   return records, rejects, info
 
 
+def turn_policy_counts_of(cfg_data, num_read: int, shape: str | None = None) -> dict[str, int]:
+  """turn_policy_counts over the first num_read records of config.data's input."""
+  s = _resolve(cfg_data)
+  box = containers.open_container(s.path, s.format, s.split)
+  objs = (obj for (_, obj), _ in zip(box, range(num_read)))
+  return turn_policy_counts(objs, shape if shape in SHAPES else None, s.sep)
+
+
 def turn_policy_counts(
     objs: Iterable[Any], shape: str | None = None, sep: str = "\n\n"
 ) -> dict[str, int]:

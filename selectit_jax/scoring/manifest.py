@@ -42,6 +42,8 @@ class RunEntry:
   limit: int  # records read (0 = all)
   num_read: int
   truncated_at: int | None = None
+  # {turn policy: records of the num_read it accepts}: what data.turns chose among.
+  turn_counts: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

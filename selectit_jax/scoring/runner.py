@@ -81,6 +81,21 @@ def model_settings(config) -> dict:
   return settings
 
 
+def turn_counts(data_cfg, info: records_lib.ReadInfo) -> dict:
+  """How many of the records read each turn policy accepts (chat formats), logged so a user
+  sees what data.turns chose among."""
+  if info.format not in ("sharegpt", "messages") or not info.num_read:
+    return {}
+  counts = records_lib.turn_policy_counts_of(data_cfg, info.num_read, info.format)
+  logging.info(
+      "turn policies over the %d records read: %s (data.turns=%s)",
+      info.num_read,
+      ", ".join(f"{k} {v}" for k, v in counts.items()),
+      data_cfg.turns,
+  )
+  return counts
+
+
 def run_manifest(
     config,
     data_cfg,
@@ -110,6 +125,7 @@ def run_manifest(
       limit=int(data_cfg.limit),
       num_read=info.num_read,
       truncated_at=info.truncated_at,
+      turn_counts=turn_counts(data_cfg, info),
   )
   return manifest_lib.Manifest(
       data=data,

@@ -11,6 +11,7 @@ import numpy as np
 from selectit_jax import fileio
 from selectit_jax.data import containers
 from selectit_jax.data import records as records_lib
+from selectit_jax.scoring import manifest as manifest_lib
 from selectit_jax.selection import formulas
 from selectit_jax.selection import inputs
 from selectit_jax.selection import ranking
@@ -139,6 +140,22 @@ def coverage(loaded: inputs.Loaded) -> dict:
   }
 
 
+def turn_policy_notes(dirs) -> list[str]:
+  """Per score dir, how many of the records its widest run read each turn policy accepts."""
+  out = []
+  for d in dirs:
+    m = manifest_lib.read(d)
+    runs = [r for r in (m.runs if m else []) if r.turn_counts]
+    if runs:
+      run = max(runs, key=lambda r: r.num_read)
+      counts = ", ".join(f"{k} {v}" for k, v in run.turn_counts.items())
+      out.append(
+          f"turn policies over the {run.num_read} records read: {counts} "
+          f"(scored with data.turns={m.data.get('turns', 'first')})"
+      )
+  return out
+
+
 def check_coverage(cov: dict, allow_partial: bool, notes: list) -> None:
   if not cov["missing_unexplained"]:
     return
@@ -170,6 +187,7 @@ def run(config) -> dict:
       f"{cov['prompts']} prompts x {cov['models']} models stored"
   )
   check_coverage(cov, bool(config.get("allow_partial", False)), notes)
+  notes += turn_policy_notes(dirs)
   weights = formulas.resolve_weights(config.weights, loaded.num_params)
   if mode == "paper" and str(config.weights).strip() and level == "model":
     notes.append(f"explicit model weights {config.weights!r} (Eq. 5 uses theta)")
