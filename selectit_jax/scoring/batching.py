@@ -49,6 +49,15 @@ class WorkItem:
 RESPONSE_MIN_SHARE = 0.5
 
 
+TOO_LONG = ("truncate", "reject")
+
+
+def check_too_long(too_long: str) -> str:
+  if too_long not in TOO_LONG:
+    raise ValueError(f"engine.too_long={too_long!r}; expected one of {TOO_LONG}")
+  return too_long
+
+
 def prepare(
     records: Sequence[records_lib.Record],
     prompts: Sequence[str],
@@ -68,8 +77,7 @@ def prepare(
   whose text repeats an earlier one's is not rated again: rows are keyed by content, so the
   first copy's scores serve every copy (and its reject, if any, is repeated for each copy).
   """
-  if too_long not in ("truncate", "reject"):
-    raise ValueError(f"engine.too_long={too_long!r}; expected 'truncate' or 'reject'")
+  check_too_long(too_long)
   hashes = [prompts_lib.prompt_hash(p, template) for p in prompts]
   items, rejects = [], []
   first_reject = {}  # content hash -> reason (None: rated)

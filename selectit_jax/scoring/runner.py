@@ -169,6 +169,7 @@ def run(config) -> Summary:
     raise ValueError("set --config.output_dir")
   start = time.perf_counter()
   model_path = assets.model_path(config.model)
+  batching.check_too_long(config.engine.too_long)  # before minutes of weight loading
   data_cfg, records, rejects, info = read_input(config)
   template = prompts_lib.template_from_config(config.prompts)
   prompts = prompts_lib.prompts_from_config(config.prompts)
