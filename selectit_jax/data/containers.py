@@ -64,6 +64,43 @@ def _sniff(path: str) -> tuple[int, bytes]:
       head = f.read(1 << 16)
 
 
+class _TextWindow:
+  """A window of decoded text over a byte file: reads on demand, drops what was consumed,
+  and maps text positions back to byte offsets (each byte encoded once: positions only move
+  forward)."""
+
+  def __init__(self, f, start: int):
+    self.f = f
+    self.udec = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+    self.buf, self.pos, self.eof, self.chunk = "", 0, False, _CHUNK
+    self.mark, self.mark_off = 0, start  # buf[mark] starts at byte mark_off
+
+  def byte_at(self, i: int) -> int:
+    self.mark_off += len(self.buf[self.mark : i].encode("utf-8", "surrogateescape"))
+    self.mark = i
+    return self.mark_off
+
+  def more(self, n: int) -> None:
+    if self.pos:
+      self.byte_at(self.pos)
+      self.buf, self.pos, self.mark = self.buf[self.pos :], 0, 0
+    data = self.f.read(n)
+    self.eof = not data
+    self.buf += self.udec.decode(data, final=self.eof)
+
+  def skip_ws(self) -> bool:
+    """Moves past whitespace; False when the data ends there."""
+    while True:
+      self.pos = _WS.match(self.buf, self.pos).end()
+      if self.pos < len(self.buf) or self.eof:
+        return self.pos < len(self.buf)
+      self.more(self.chunk)
+
+  def where(self, path: str, i: int) -> str:
+    off = self.byte_at(i)
+    return f"byte {off} (line {_line_of(path, off)})"
+
+
 class _JsonArrayStream:
   """Yields (byte_offset, text, obj) for each element of a top-level JSON array.
 
@@ -78,108 +115,82 @@ class _JsonArrayStream:
     self.bytes_read = 0
 
   def __iter__(self):
-    dec = json.JSONDecoder()
-    udec = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
     with open(self.path, "rb") as f:
       f.seek(self.start + 1)
-      buf, pos, eof, chunk = "", 0, False, _CHUNK
-      # Byte offsets: buf[mark] starts at byte mark_off; advanced incrementally
-      # (positions only move forward) so every byte is encoded once.
-      mark, mark_off = 0, self.start + 1
-
-      def byte_at(i):
-        nonlocal mark, mark_off
-        mark_off += len(buf[mark:i].encode("utf-8", "surrogateescape"))
-        mark = i
-        return mark_off
-
-      def more(n):
-        nonlocal buf, pos, mark, eof
-        if pos:
-          byte_at(pos)
-          buf, pos, mark = buf[pos:], 0, 0
-        data = f.read(n)
-        eof = not data
-        buf += udec.decode(data, final=eof)
-
-      def skip_ws():
-        nonlocal pos
-        while True:
-          pos = _WS.match(buf, pos).end()
-          if pos < len(buf) or eof:
-            return
-          more(chunk)
-
+      w = _TextWindow(f, self.start + 1)
       first = True
-      while True:
-        skip_ws()
-        if pos >= len(buf):  # data ends where an element or ']' was due
-          self.truncated_at = byte_at(pos)
-          break
-        if buf[pos] == "]":
-          break
-        if not first:
-          if buf[pos] != ",":
-            off = byte_at(pos)
-            raise ValueError(
-                f"{self.path}: malformed JSON array at byte {off} (line "
-                f"{_line_of(self.path, off)}): expected ',' or ']', got {buf[pos]!r}"
-            )
-          pos += 1
-          skip_ws()
-          if pos >= len(buf):
-            self.truncated_at = byte_at(pos)
-            break
-          if buf[pos] == "]":  # tolerate a trailing comma
-            break
+      while self._next_element(w, first):
         first = False
-        while True:
-          try:
-            obj, end = dec.raw_decode(buf, pos)
-            # A number at the buffer end may continue in the next chunk.
-            if end == len(buf) and not eof:
-              raise json.JSONDecodeError("need more", buf, end)
-            break
-          except json.JSONDecodeError as e:
-            if not _ends_early(e):  # a syntax error that more data cannot fix
-              off = byte_at(e.pos)
-              raise ValueError(
-                  f"{self.path}: malformed JSON at byte {off} (line "
-                  f"{_line_of(self.path, off)}): {e.msg}"
-              ) from None
-            if eof:
-              off = byte_at(pos)
-              self.truncated_at = off
-              logging.warning(
-                  "%s: incomplete JSON record at byte %d (line %d) "
-                  "up to the end of the file (%s); kept the complete "
-                  "records before it.",
-                  self.path,
-                  off,
-                  _line_of(self.path, off),
-                  e.msg,
-              )
-              self.bytes_read = off
-              return
-            if len(buf) - pos > _MAX_RECORD_BYTES:
-              off = byte_at(pos)
-              raise ValueError(
-                  f"{self.path}: JSON record at byte {off} (line "
-                  f"{_line_of(self.path, off)}) does not parse within "
-                  f"{_MAX_RECORD_BYTES} bytes: {e}"
-              ) from None
-            chunk = max(chunk, 2 * (len(buf) - pos))  # grow: no quadratic re-parsing
-            more(chunk)
-        text = buf[pos:end]
-        off = byte_at(pos)
-        pos = end
-        self.bytes_read = byte_at(end)
+        decoded = self._decode(w)
+        if decoded is None:  # the file ends inside this record
+          return
+        obj, end = decoded
+        off, text = w.byte_at(w.pos), w.buf[w.pos : end]
+        w.pos = end
+        self.bytes_read = w.byte_at(end)
         yield off, text, obj
       if self.truncated_at is not None:
         logging.warning(
             "%s: JSON array not closed; data ends at byte %d.", self.path, self.truncated_at
         )
-      self.bytes_read = max(self.bytes_read, byte_at(pos))
+      self.bytes_read = max(self.bytes_read, w.byte_at(w.pos))
+
+  def _next_element(self, w: _TextWindow, first: bool) -> bool:
+    """Moves to the next element's first character; False at ']' or where the data ends."""
+    if not w.skip_ws():  # data ends where an element or ']' was due
+      self.truncated_at = w.byte_at(w.pos)
+      return False
+    if w.buf[w.pos] == "]":
+      return False
+    if not first:
+      if w.buf[w.pos] != ",":
+        raise ValueError(
+            f"{self.path}: malformed JSON array at {w.where(self.path, w.pos)}: expected ',' "
+            f"or ']', got {w.buf[w.pos]!r}"
+        )
+      w.pos += 1
+      if not w.skip_ws():
+        self.truncated_at = w.byte_at(w.pos)
+        return False
+      if w.buf[w.pos] == "]":  # tolerate a trailing comma
+        return False
+    return True
+
+  def _decode(self, w: _TextWindow):
+    """(obj, end) of the element at w.pos, reading more as needed; None if the file ends
+    inside it (every complete record before it is kept)."""
+    dec = json.JSONDecoder()
+    while True:
+      try:
+        obj, end = dec.raw_decode(w.buf, w.pos)
+        # A number at the buffer end may continue in the next chunk.
+        if end == len(w.buf) and not w.eof:
+          raise json.JSONDecodeError("need more", w.buf, end)
+        return obj, end
+      except json.JSONDecodeError as e:
+        if not _ends_early(e):  # a syntax error that more data cannot fix
+          raise ValueError(
+              f"{self.path}: malformed JSON at {w.where(self.path, e.pos)}: {e.msg}"
+          ) from None
+        if w.eof:
+          off = w.byte_at(w.pos)
+          self.truncated_at = self.bytes_read = off
+          logging.warning(
+              "%s: incomplete JSON record at byte %d (line %d) up to the end of the file "
+              "(%s); kept the complete records before it.",
+              self.path,
+              off,
+              _line_of(self.path, off),
+              e.msg,
+          )
+          return None
+        if len(w.buf) - w.pos > _MAX_RECORD_BYTES:
+          raise ValueError(
+              f"{self.path}: JSON record at {w.where(self.path, w.pos)} does not parse "
+              f"within {_MAX_RECORD_BYTES} bytes: {e}"
+          ) from None
+        w.chunk = max(w.chunk, 2 * (len(w.buf) - w.pos))  # grow: no quadratic re-parsing
+        w.more(w.chunk)
 
 
 def _ends_early(e: json.JSONDecodeError) -> bool:
