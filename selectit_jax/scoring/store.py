@@ -202,6 +202,66 @@ def rating_scale(table: pa.Table) -> int:
   return int(lengths[0])
 
 
+def _prompt_order(table: pa.Table) -> list:
+  """Stored prompt hashes ordered by prompt_index (one hash per index)."""
+  pairs = set(
+      zip(table.column("prompt_index").to_pylist(), table.column("prompt_hash").to_pylist())
+  )
+  by_index = {}
+  for i, h in sorted(pairs):
+    if i in by_index:
+      raise ValueError(
+          f"prompt_index {i} has several prompt hashes "
+          f"({by_index[i]}, {h}); pass prompt_hashes explicitly"
+      )
+    by_index[i] = h
+  return [by_index[i] for i in sorted(by_index)]
+
+
+def _num_params(t: pa.Table, m_code: np.ndarray, models: list) -> np.ndarray:
+  """θ per model from its rows (which must agree)."""
+  num_params = np.zeros(len(models), np.int64)
+  row_np = t.column("num_params").to_numpy()
+  for j in range(len(models)):
+    vals = np.unique(row_np[m_code == j])
+    if len(vals) > 1:
+      raise ValueError(f"model {models[j]!r} has rows with num_params {vals.tolist()}")
+    num_params[j] = vals[0] if len(vals) else 0
+  return num_params
+
+
+def _cells_by_content(t, samples, m_code, k_code, row_probs, shape_mkr):
+  """The N axis from Records: cells found by content hash (duplicates share theirs)."""
+  samples = list(samples)
+  hashes = [records_lib.content_hash(r) for r in samples]
+  order = list(dict.fromkeys(hashes))
+  c_code = _codes(t.column("content_hash").to_pylist(), order)
+  keep = c_code >= 0
+  cells = np.full((len(order),) + shape_mkr, np.nan)
+  cells[c_code[keep], m_code[keep], k_code[keep]] = row_probs[keep]  # keys are unique
+  probs = cells[_codes(hashes, order)] if samples else cells[:0]
+  sample_index = np.array([r.index for r in samples], np.int64)
+  return probs, sample_index, np.array([r.id for r in samples], dtype=object)
+
+
+def _cells_by_index(t, m_code, k_code, row_probs, shape_mkr, models):
+  """The N axis from the stored sample indices, ascending."""
+  idx = t.column("sample_index").to_numpy()
+  sample_index, first, n_code = np.unique(idx, return_index=True, return_inverse=True)
+  sample_id = np.array(t.column("sample_id").to_pylist(), dtype=object)[first]
+  count = np.zeros((len(sample_index),) + shape_mkr[:2], np.int64)
+  np.add.at(count, (n_code, m_code, k_code), 1)
+  if (count > 1).any():
+    n, m, k = np.argwhere(count > 1)[0]
+    raise ValueError(
+        f"sample_index {sample_index[n]} has several rows for model {models[m]!r}, "
+        f"prompt {k}: the store mixes different data files; pass samples=records"
+    )
+  probs = np.full((len(sample_index),) + shape_mkr, np.nan)
+  probs[n_code, m_code, k_code] = row_probs
+  return probs, sample_index, sample_id
+
+
 def probs_array(table: pa.Table, models=None, prompt_hashes=None, samples=None) -> ProbsArray:
   """Dense [N, M, K, R] probabilities from score rows.
 
@@ -212,71 +272,38 @@ def probs_array(table: pa.Table, models=None, prompt_hashes=None, samples=None) 
     with no rows at all are handled. Without it, N = distinct sample_index in the
     table, ascending. Missing cells are NaN and listed in .missing.
   """
-  if models is None:
-    models = sorted(set(table.column("model").to_pylist()))
-  models = list(models)
-  if prompt_hashes is None:
-    pairs = set(
-        zip(table.column("prompt_index").to_pylist(), table.column("prompt_hash").to_pylist())
-    )
-    by_index = {}
-    for i, h in sorted(pairs):
-      if i in by_index:
-        raise ValueError(
-            f"prompt_index {i} has several prompt hashes "
-            f"({by_index[i]}, {h}); pass prompt_hashes explicitly"
-        )
-      by_index[i] = h
-    prompt_hashes = [by_index[i] for i in sorted(by_index)]
-  prompt_hashes = list(prompt_hashes)
+  models = list(sorted(set(table.column("model").to_pylist())) if models is None else models)
+  prompt_hashes = list(_prompt_order(table) if prompt_hashes is None else prompt_hashes)
   m_code = _codes(table.column("model").to_pylist(), models)
   k_code = _codes(table.column("prompt_hash").to_pylist(), prompt_hashes)
   sel = (m_code >= 0) & (k_code >= 0)
   t = table.filter(pa.array(sel))
   m_code, k_code = m_code[sel], k_code[sel]
-  M, K = len(models), len(prompt_hashes)
-
-  num_params = np.zeros(M, np.int64)
-  row_np = t.column("num_params").to_numpy()
-  for j in range(M):
-    vals = np.unique(row_np[m_code == j])
-    if len(vals) > 1:
-      raise ValueError(f"model {models[j]!r} has rows with num_params {vals.tolist()}")
-    num_params[j] = vals[0] if len(vals) else 0
-
   scale = rating_scale(t)
   row_probs = (
       t.column("probs").combine_chunks().flatten().to_numpy().reshape(-1, scale)
       if t.num_rows
       else np.zeros((0, scale))
   )
+  shape_mkr = (len(models), len(prompt_hashes), scale)
   if samples is not None:
-    samples = list(samples)
-    hashes = [records_lib.content_hash(r) for r in samples]
-    order = list(dict.fromkeys(hashes))
-    c_code = _codes(t.column("content_hash").to_pylist(), order)
-    keep = c_code >= 0
-    cells = np.full((len(order), M, K, scale), np.nan)
-    cells[c_code[keep], m_code[keep], k_code[keep]] = row_probs[keep]  # keys are unique
-    probs = cells[_codes(hashes, order)] if samples else cells[:0]
-    sample_index = np.array([r.index for r in samples], np.int64)
-    sample_id = np.array([r.id for r in samples], dtype=object)
+    probs, sample_index, sample_id = _cells_by_content(
+        t, samples, m_code, k_code, row_probs, shape_mkr
+    )
   else:
-    idx = t.column("sample_index").to_numpy()
-    sample_index, first, n_code = np.unique(idx, return_index=True, return_inverse=True)
-    sample_id = np.array(t.column("sample_id").to_pylist(), dtype=object)[first]
-    count = np.zeros((len(sample_index), M, K), np.int64)
-    np.add.at(count, (n_code, m_code, k_code), 1)
-    if (count > 1).any():
-      n, m, k = np.argwhere(count > 1)[0]
-      raise ValueError(
-          f"sample_index {sample_index[n]} has several rows for model {models[m]!r}, "
-          f"prompt {k}: the store mixes different data files; pass samples=records"
-      )
-    probs = np.full((len(sample_index), M, K, scale), np.nan)
-    probs[n_code, m_code, k_code] = row_probs
+    probs, sample_index, sample_id = _cells_by_index(
+        t, m_code, k_code, row_probs, shape_mkr, models
+    )
   missing = [
       (int(sample_index[n]), models[m], int(k))
       for n, m, k in np.argwhere(np.isnan(probs).any(axis=-1))
   ]
-  return ProbsArray(probs, sample_index, sample_id, models, num_params, prompt_hashes, missing)
+  return ProbsArray(
+      probs,
+      sample_index,
+      sample_id,
+      models,
+      _num_params(t, m_code, models),
+      prompt_hashes,
+      missing,
+  )
