@@ -23,8 +23,13 @@ from selectit_jax.models.layers import (
     Prefix,
     RMSNorm,
     attention_mask,
+    block_step,
+    decoder_params,
+    final_states,
+    prefixed_mask,
     rope_inv_freq,
     sliding_window,
+    vocab_logits,
 )
 
 LOCAL, GLOBAL = "sliding_attention", "full_attention"  # HF's layer_types names
@@ -193,23 +198,7 @@ class Block(nn.Module):
     # Index 1: local (sliding-window) tables, 0: global.
     which = is_local.astype(jnp.int32)
     sin, cos, mask = sin_2bth[which], cos_2bth[which], mask_2[which]
-    if readout is None:
-      out = self._layer(x, sin, cos, mask, prefix_kv)
-    else:
-      out = nn.cond(
-          is_last,
-          lambda m, *a: m._layer(*a, readout=readout),
-          lambda m, *a: m._layer(*a),
-          self,
-          x,
-          sin,
-          cos,
-          mask,
-          prefix_kv,
-      )
-    x, kv = out
-    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-    return x, (kv if self.collect_kv else None)
+    return block_step(self, x, sin, cos, mask, prefix_kv, readout, is_last)
 
   def _layer(self, x, sin, cos, mask, prefix_kv, readout=None):
     attn, kv = self.attn(self.attn_norm(x), sin, cos, mask, prefix_kv, queries=readout)
@@ -228,32 +217,7 @@ class Gemma3(nn.Module):
   collect_kv: bool = False
 
   def setup(self):
-    c = self.cfg
-    self.embedding = self.param(
-        "embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
-        (c.vocab_size, c.hidden_size),
-        c.param_dtype,
-    )
-    block = nn.remat(Block, prevent_cse=False) if c.remat else Block
-    self.layers = nn.scan(
-        block,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, 0),
-        length=c.num_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )(c, self.collect_kv, name="layers")
-    self.final_norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
-    if not c.tie_word_embeddings:
-      self.lm_head = self.param(
-          "lm_head",
-          nn.with_logical_partitioning(
-              nn.initializers.normal(stddev=c.hidden_size**-0.5), ("embed", "vocab")
-          ),
-          (c.hidden_size, c.vocab_size),
-          c.param_dtype,
-      )
+    decoder_params(self, Block, layer_flags=2)
 
   def __call__(
       self, tokens_bt, positions_bt, segment_ids_bt, prefix: Prefix | None = None, readout=None
@@ -269,14 +233,9 @@ class Gemma3(nn.Module):
     freqs = jnp.stack(
         [positions_bt[..., None].astype(jnp.float32) * rope_inv_freq(cfg) for cfg in (c, local_cfg)]
     )
-    mask = attention_mask(segment_ids_bt)
+    mask, prefix_kv = prefixed_mask(attention_mask(segment_ids_bt), prefix)
     k_positions = positions_bt
-    prefix_kv = None
     if prefix is not None:
-      seen = jnp.broadcast_to(
-          prefix.valid[:, None, None, None, :], mask.shape[:-1] + prefix.valid.shape[-1:]
-      )
-      mask = jnp.concatenate([seen, mask], axis=-1)
       p = prefix.valid.shape[-1]
       k_positions = jnp.concatenate(
           [
@@ -285,26 +244,17 @@ class Gemma3(nn.Module):
           ],
           axis=-1,
       )
-      prefix_kv = (prefix.k, prefix.v)
     masks = jnp.stack([mask, sliding_window(mask, positions_bt, k_positions, c.sliding_window)])
     is_last = jnp.arange(c.num_layers) == c.num_layers - 1
     is_local = jnp.asarray(np.asarray(c.local_layers))
     x, kv = self.layers(
         x, jnp.sin(freqs), jnp.cos(freqs), masks, prefix_kv, readout, is_last, is_local
     )
-    if readout is not None:
-      x = jnp.take_along_axis(x, readout[..., None], axis=1)
-    return (self.final_norm(x), kv) if self.collect_kv else self.final_norm(x)
+    return final_states(self, x, kv, readout)
 
   def logits(self, hidden_xd):
     """Vocabulary logits [..., vocab] in fp32 (tanh-capped when the config says so)."""
-    w = self.embedding.T if self.cfg.tie_word_embeddings else self.lm_head
-    out = jnp.einsum(
-        "...d,dv->...v",
-        hidden_xd.astype(self.cfg.dtype),
-        w.astype(self.cfg.dtype),
-        preferred_element_type=jnp.float32,
-    )
+    out = vocab_logits(self, hidden_xd)
     cap = self.cfg.final_logit_softcapping
     return out if cap is None else jnp.tanh(out / cap) * cap
 

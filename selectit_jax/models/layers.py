@@ -235,3 +235,92 @@ class Prefix(NamedTuple):
   k: jax.Array
   v: jax.Array
   valid: jax.Array
+
+
+# ------------------------------------------------------------- decoder plumbing shared by
+# the families: parameters around the layer stack, the prefix mask, the last-layer read-out.
+
+
+def decoder_params(module: nn.Module, block: type, layer_flags: int) -> None:
+  """Sets `module.embedding`, `module.layers` (the block scanned over a leading `layers` axis;
+  its call takes the carry x, then sin, cos and mask for every layer, the prefix's per-layer
+  (k, v), the read-out positions, and `layer_flags` per-layer arrays such as is_last),
+  `module.final_norm` and, untied, `module.lm_head`. Call from `setup`."""
+  c = module.cfg
+  module.embedding = module.param(
+      "embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+      (c.vocab_size, c.hidden_size),
+      c.param_dtype,
+  )
+  block = nn.remat(block, prevent_cse=False) if c.remat else block
+  module.layers = nn.scan(
+      block,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(nn.broadcast,) * 3 + (0, nn.broadcast) + (0,) * layer_flags,
+      length=c.num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+  )(c, module.collect_kv, name="layers")
+  module.final_norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
+  if not c.tie_word_embeddings:
+    module.lm_head = module.param(
+        "lm_head",
+        nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=c.hidden_size**-0.5), ("embed", "vocab")
+        ),
+        (c.hidden_size, c.vocab_size),
+        c.param_dtype,
+    )
+
+
+def prefixed_mask(mask, prefix: Prefix | None):
+  """(mask with the prefix's valid keys in front, prefix (k, v) or None): every real query
+  sees the prefix, then the causal mask within its own segment."""
+  if prefix is None:
+    return mask, None
+  seen = jnp.broadcast_to(
+      prefix.valid[:, None, None, None, :], mask.shape[:-1] + prefix.valid.shape[-1:]
+  )
+  return jnp.concatenate([seen, mask], axis=-1), (prefix.k, prefix.v)
+
+
+def block_step(block: nn.Module, x, sin, cos, mask, prefix_kv, readout, is_last):
+  """One scanned layer: the block's `_layer` on every row, or, with `readout` [b, s], on the
+  last layer (`is_last`) only the read-out rows (the others keep stale values)."""
+  if readout is None:
+    x, kv = block._layer(x, sin, cos, mask, prefix_kv)  # pylint: disable=protected-access
+  else:
+    x, kv = nn.cond(
+        is_last,
+        lambda m, *a: m._layer(*a, readout=readout),  # pylint: disable=protected-access
+        lambda m, *a: m._layer(*a),  # pylint: disable=protected-access
+        block,
+        x,
+        sin,
+        cos,
+        mask,
+        prefix_kv,
+    )
+  x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+  return x, (kv if block.collect_kv else None)
+
+
+def final_states(module: nn.Module, x, kv, readout):
+  """Normed final states (at the read-out positions when given), with the layers' (k, v)
+  when the module collects them."""
+  if readout is not None:
+    x = jnp.take_along_axis(x, readout[..., None], axis=1)
+  return (module.final_norm(x), kv) if module.collect_kv else module.final_norm(x)
+
+
+def vocab_logits(module: nn.Module, hidden_xd):
+  """Vocabulary logits [..., vocab] in fp32 through the (tied or untied) head."""
+  c = module.cfg
+  w = module.embedding.T if c.tie_word_embeddings else module.lm_head
+  return jnp.einsum(
+      "...d,dv->...v",
+      hidden_xd.astype(c.dtype),
+      w.astype(c.dtype),
+      preferred_element_type=jnp.float32,
+  )

@@ -11,7 +11,19 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from selectit_jax.models.layers import Attention, Mlp, Prefix, RMSNorm, attention_mask, rope_inv_freq
+from selectit_jax.models.layers import (
+    Attention,
+    Mlp,
+    Prefix,
+    RMSNorm,
+    attention_mask,
+    block_step,
+    decoder_params,
+    final_states,
+    prefixed_mask,
+    rope_inv_freq,
+    vocab_logits,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,24 +147,8 @@ class Block(nn.Module):
 
   def __call__(self, x, sin, cos, mask, prefix_kv, readout=None, is_last=None):
     """`readout` [b, s]: the positions read after the last layer (`is_last`, per scanned
-    layer); that layer computes only their rows, the others keep stale values."""
-    if readout is None:
-      out = self._layer(x, sin, cos, mask, prefix_kv)
-    else:
-      out = nn.cond(
-          is_last,
-          lambda m, *a: m._layer(*a, readout=readout),
-          lambda m, *a: m._layer(*a),
-          self,
-          x,
-          sin,
-          cos,
-          mask,
-          prefix_kv,
-      )
-    x, kv = out
-    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-    return x, (kv if self.collect_kv else None)
+    layer); that layer computes only their rows."""
+    return block_step(self, x, sin, cos, mask, prefix_kv, readout, is_last)
 
   def _layer(self, x, sin, cos, mask, prefix_kv, readout=None):
     attn, kv = self.attn(self.attn_norm(x), sin, cos, mask, prefix_kv, queries=readout)
@@ -174,32 +170,7 @@ class Llama(nn.Module):
   collect_kv: bool = False
 
   def setup(self):
-    c = self.cfg
-    self.embedding = self.param(
-        "embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
-        (c.vocab_size, c.hidden_size),
-        c.param_dtype,
-    )
-    block = nn.remat(Block, prevent_cse=False) if c.remat else Block
-    self.layers = nn.scan(
-        block,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
-        length=c.num_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )(c, self.collect_kv, name="layers")
-    self.final_norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
-    if not c.tie_word_embeddings:
-      self.lm_head = self.param(
-          "lm_head",
-          nn.with_logical_partitioning(
-              nn.initializers.normal(stddev=c.hidden_size**-0.5), ("embed", "vocab")
-          ),
-          (c.hidden_size, c.vocab_size),
-          c.param_dtype,
-      )
+    decoder_params(self, Block, layer_flags=1)
 
   def __call__(
       self, tokens_bt, positions_bt, segment_ids_bt, prefix: Prefix | None = None, readout=None
@@ -211,29 +182,14 @@ class Llama(nn.Module):
     x = jnp.take(self.embedding, tokens_bt, axis=0).astype(c.dtype)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     freqs = positions_bt[..., None].astype(jnp.float32) * rope_inv_freq(c)
-    mask = attention_mask(segment_ids_bt)
-    prefix_kv = None
-    if prefix is not None:
-      seen = jnp.broadcast_to(
-          prefix.valid[:, None, None, None, :], mask.shape[:-1] + prefix.valid.shape[-1:]
-      )
-      mask = jnp.concatenate([seen, mask], axis=-1)
-      prefix_kv = (prefix.k, prefix.v)
+    mask, prefix_kv = prefixed_mask(attention_mask(segment_ids_bt), prefix)
     is_last = None if readout is None else jnp.arange(c.num_layers) == c.num_layers - 1
     x, kv = self.layers(x, jnp.sin(freqs), jnp.cos(freqs), mask, prefix_kv, readout, is_last)
-    if readout is not None:
-      x = jnp.take_along_axis(x, readout[..., None], axis=1)
-    return (self.final_norm(x), kv) if self.collect_kv else self.final_norm(x)
+    return final_states(self, x, kv, readout)
 
   def logits(self, hidden_xd):
     """Vocabulary logits [..., vocab] in fp32, for the rows the caller chose."""
-    w = self.embedding.T if self.cfg.tie_word_embeddings else self.lm_head
-    return jnp.einsum(
-        "...d,dv->...v",
-        hidden_xd.astype(self.cfg.dtype),
-        w.astype(self.cfg.dtype),
-        preferred_element_type=jnp.float32,
-    )
+    return vocab_logits(self, hidden_xd)
 
 
 # ------------------------------------------------------------------ checkpoint layouts
