@@ -112,9 +112,9 @@ def _prepare(workdir: str) -> dict:
   from selectit_jax.checkpoints.tokenizer import load_tokenizer, rating_token_ids
 
   config = _load_config()
-  model_path = config.model.path or assets.default_gguf_path()
+  model_path = assets.model_path(config.model)
   data_cfg = config.data.copy_and_resolve_references()
-  data_cfg.path = config.data.path or assets.default_sharegpt_path()
+  data_cfg.path = assets.data_path(config.data)
   data_cfg.limit = 4 * _NUM_RECORDS.value + 32  # ~25 % of ShareGPT records are unusable
   records, _, _ = records_lib.read_records(data_cfg)
   template = prompts_lib.DEFAULT_TEMPLATE

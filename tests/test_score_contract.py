@@ -34,14 +34,9 @@ def _run(module, *args, ok=True):
 def _score(ckpt, out, *extra, ok=True):
   return _run(
       "score",
-      "--config=configs/smollm2_135m.py",
+      "--config=configs/score_tiny.py",  # 4 records, 2 prompts, short rows, one device
       f"--config.model.path={ckpt}",
       f"--config.output_dir={out}",
-      "--config.data.limit=4",
-      "--config.prompts.k=2",
-      "--config.engine.max_tokens=256",
-      "--config.engine.batch_size=2",
-      "--config.mesh.data=1",
       *extra,
       ok=ok,
   )
