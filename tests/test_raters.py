@@ -68,6 +68,9 @@ def test_two_raters_agreement(tmp_path, data_path, proportion):
   assert "## Raters: digit mass and agreement" in report
   assert f"| a | b | {len(common)} | {rho:.4g} |" in report
   assert "| b | 268,000,000 |" in report
+  section = report.split("## Raters")[1].split("\n## ")[0]
+  pair_table = [x for x in section.splitlines() if x.startswith(("| model A", "| a | b |"))]
+  assert len(pair_table) == 2 and {x.count("|") for x in pair_table} == {7}  # no stray pipes
 
 
 def test_one_model_has_no_agreement(tmp_path, data_path):

@@ -181,7 +181,7 @@ def _raters_section(r: dict) -> list:
       "",
   ]
   L += md_table(
-      ["model A", "model B", "samples", "Spearman rho", "top overlap", "|A|, |B|"],
+      ["model A", "model B", "samples", "Spearman rho", "top overlap", "top sizes A, B"],
       [
           (*a["models"], a["n_common"], _opt(a["spearman"]), _opt(a["top_overlap"]))
           + (", ".join(map(str, a["top_sizes"])),)
