@@ -37,6 +37,7 @@ class ReportData:
   truncated: Optional[np.ndarray] = None  # [N] bool: text cut to engine.max_tokens
   num_counted: Optional[int] = None  # N of floor(N * proportion)
   warnings: Sequence[str] = ()
+  raters: Optional[dict] = None  # raters.rater_stats, level=model with >= 2 models
 
 
 def _trunc(s: str, n: int = TRUNCATE) -> str:
@@ -156,6 +157,41 @@ def _extremes(d: ReportData, positions) -> list:
   return md_table(["rank", "index", "id", "score", "instruction", "response"], rows, align="rrlrll")
 
 
+def _opt(x, digits: int = 4) -> str:
+  return "n/a" if x is None else fmt_value(float(x), digits)
+
+
+def _raters_section(r: dict) -> list:
+  """Per model θ and digit mass; per pair Spearman rho and top-set overlap (raters.py)."""
+  L = ["## Raters: digit mass and agreement", ""]
+  L += md_table(
+      ["model", "θ (parameters)", "samples scored", "mean digit mass", "min digit mass"],
+      [
+          (x["model"], f'{x["num_params"]:,}', x["num_scored"])
+          + (_opt(x["digit_mass_mean"]), _opt(x["digit_mass_min"]))
+          for x in r["raters"]
+      ],
+      align="lrrrr",
+  )
+  L += [
+      "",
+      "Each model alone at sentence level (Eq. 4): Spearman rho of the scores over the "
+      "samples both can score, and |A ∩ B| / |A| of the top sets each would select alone "
+      "(same proportion / top_n).",
+      "",
+  ]
+  L += md_table(
+      ["model A", "model B", "samples", "Spearman rho", "top overlap", "top sizes A, B"],
+      [
+          (*a["models"], a["n_common"], _opt(a["spearman"]), _opt(a["top_overlap"]))
+          + (", ".join(map(str, a["top_sizes"])),)
+          for a in r["agreement"]
+      ],
+      align="llrrrr",
+  )
+  return L + [""]
+
+
 def write_report(out_dir: str, d: ReportData) -> str:
   """Writes report.md (and PNGs) into out_dir; returns the report path."""
   os.makedirs(out_dir, exist_ok=True)
@@ -229,6 +265,9 @@ def write_report(out_dir: str, d: ReportData) -> str:
           "scores rest on small probabilities."
       )
   L += [""] + warnings + ([""] if warnings else [])
+
+  if d.raters:
+    L += _raters_section(d.raters)
 
   rejects = []
   for stage, rows in (("scoring", d.store_rejects), ("selection", d.selection_rejects)):

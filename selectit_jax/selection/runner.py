@@ -15,6 +15,7 @@ from selectit_jax.scoring import manifest as manifest_lib
 from selectit_jax.selection import formulas
 from selectit_jax.selection import inputs
 from selectit_jax.selection import ranking
+from selectit_jax.selection import raters as raters_lib
 from selectit_jax.selection import report as report_lib
 
 
@@ -193,6 +194,10 @@ def run(config) -> dict:
     notes.append(f"explicit model weights {config.weights!r} (Eq. 5 uses theta)")
   ranked = rank_samples(loaded, config, weights)
   n = len(ranked.reasons)
+  # Eq. 5 mixes raters; how far they agree alone says what the mix is worth.
+  rater = None
+  if level == "model" and len(loaded.models) >= 2:
+    rater = raters_lib.rater_stats(loaded, ranked.scores["sentence"], config)
   warnings = []
   tied_kept, tied_dropped = ranked.tie
   if tied_kept:
@@ -259,6 +264,8 @@ def run(config) -> dict:
       notes=notes,
       warnings=warnings,
   )
+  if rater is not None:
+    summary.update(rater)
   fileio.write_json(os.path.join(out_dir, "summary.json"), summary)
 
   rep = report_lib.ReportData(
@@ -279,6 +286,7 @@ def run(config) -> dict:
       truncated=loaded.truncated,
       num_counted=ranked.num_counted,
       warnings=warnings,
+      raters=rater,
   )
   summary["report"] = report_lib.write_report(out_dir, rep)
   logging.info(
