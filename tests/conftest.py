@@ -5,6 +5,8 @@ Eight fake CPU devices are set up before JAX is imported, so mesh code runs on C
 
 import io
 import json
+import subprocess
+import sys
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -317,3 +319,39 @@ def select_cfg(**kw):
 def read_jsonl(path):
   with open(path, encoding="utf-8") as f:
     return [json.loads(x) for x in f]
+
+
+# ---------------------------------------- running the commands as a user does
+
+
+def run_command(command: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+  """`python -m selectit_jax.<command> args` from the checkout on one CPU device, output
+  captured (tracebacks for user errors off, as a user sees them)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(
+      os.environ,
+      XLA_FLAGS="--xla_force_host_platform_device_count=1",
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+  env.pop("SELECTIT_TRACEBACK", None)
+  return subprocess.run(
+      [sys.executable, "-m", f"selectit_jax.{command}", *args],
+      cwd=root,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
+
+
+def right_padded(seqs):
+  """(tokens, positions, segment ids) [n, t] of right-padded sequences (segment 0 = pad)."""
+  t = max(map(len, seqs))
+  tokens = np.zeros((len(seqs), t), np.int32)
+  segments = np.zeros((len(seqs), t), np.int32)
+  for i, s in enumerate(seqs):
+    tokens[i, : len(s)] = s
+    segments[i, : len(s)] = 1
+  positions = np.broadcast_to(np.arange(t, dtype=np.int32), tokens.shape)
+  return tokens, positions, segments

@@ -2,15 +2,14 @@
 traceback (selectit_jax/cli.py)."""
 
 import os
-import subprocess
-import sys
 
 import pytest
+
+from conftest import run_command
 
 from selectit_jax import cli
 from selectit_jax.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _guarded_run(capsys, exc):
@@ -156,21 +155,7 @@ _EXPECT = {
 def test_command_user_error(case, inputs, tiny_checkpoint):
   command, *args = _cases()[case]
   args = [a.format(d=inputs, model=tiny_checkpoint) for a in args]
-  env = dict(
-      os.environ,
-      XLA_FLAGS="--xla_force_host_platform_device_count=1",
-      JAX_PLATFORMS="cpu",
-      PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-  )
-  env.pop("SELECTIT_TRACEBACK", None)
-  proc = subprocess.run(
-      [sys.executable, "-m", f"selectit_jax.{command}", *args],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=300,
-  )
+  proc = run_command(command, *args, timeout=300)
   last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
   assert proc.returncode == cli.EXIT_USER_ERROR, proc.stderr[-3000:]
   assert last.startswith("error: ") and _EXPECT[case] in last, proc.stderr[-3000:]

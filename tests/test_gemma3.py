@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 
+from conftest import right_padded
 from conftest import REFERENCE_PROMPTS, sharegpt_records
 from selectit_jax import assets
 from selectit_jax import checkpoints
@@ -73,17 +74,6 @@ def _write_tiny(directory, cfg=TINY, seed=0):
   return cfg
 
 
-def _right_padded(seqs):
-  t = max(map(len, seqs))
-  tokens = np.zeros((len(seqs), t), np.int32)
-  segments = np.zeros((len(seqs), t), np.int32)
-  for i, s in enumerate(seqs):
-    tokens[i, : len(s)] = s
-    segments[i, : len(s)] = 1
-  positions = np.broadcast_to(np.arange(t, dtype=np.int32), tokens.shape)
-  return tokens, positions, segments
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("tiny_gemma3"))
@@ -99,7 +89,7 @@ def test_tiny_checkpoint_logits_match_transformers(tiny):
   assert model.num_params == costs.num_params(cfg)
   rng = np.random.default_rng(0)
   seqs = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (30, 5, 19)]
-  tokens, positions, segments = _right_padded(seqs)
+  tokens, positions, segments = right_padded(seqs)
   gemma = Gemma3(cfg)
   hidden = gemma.apply({"params": model.params}, tokens, positions, segments)
   ours = np.asarray(gemma.apply({"params": model.params}, hidden, method=Gemma3.logits))

@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 
+from conftest import right_padded
 from conftest import REFERENCE_PROMPTS, sharegpt_records, write_tiny_checkpoint
 from selectit_jax.models import costs
 from selectit_jax import assets
@@ -22,17 +23,6 @@ from selectit_jax.parallel import sharding
 from selectit_jax.models.llama import Llama
 from selectit_jax.checkpoints.gguf_pretokenizers import apply_gguf_pre_tokenizer
 from selectit_jax.checkpoints.tokenizer import load_tokenizer, rating_token_ids
-
-
-def _right_padded(seqs):
-  t = max(map(len, seqs))
-  tokens = np.zeros((len(seqs), t), np.int32)
-  segments = np.zeros((len(seqs), t), np.int32)
-  for i, s in enumerate(seqs):
-    tokens[i, : len(s)] = s
-    segments[i, : len(s)] = 1
-  positions = np.broadcast_to(np.arange(t, dtype=np.int32), tokens.shape)
-  return tokens, positions, segments
 
 
 def _our_logits(model, tokens, positions, segments):
@@ -60,7 +50,7 @@ def test_tiny_checkpoint_logits_match_transformers(tmp_path, tied, sharded):
 
   rng = np.random.default_rng(0)
   seqs = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (17, 5, 11)]
-  tokens, positions, segments = _right_padded(seqs)
+  tokens, positions, segments = right_padded(seqs)
   ours = _our_logits(model, tokens, positions, segments)
 
   ref_model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)

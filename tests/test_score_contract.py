@@ -4,29 +4,19 @@ the rating scale is a setting. Tiny random checkpoint, real ShareGPT records."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+
+from conftest import run_command
 
 from selectit_jax.scoring import manifest as manifest_lib
 from selectit_jax.scoring import store as store_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow  # a dozen CLI runs, ~10 s each
 
 
 def _run(module, *args, ok=True):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run(
-      [sys.executable, "-m", f"selectit_jax.{module}", *args],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
+  proc = run_command(module, *args)
   assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
   return proc.stderr
 
