@@ -1,7 +1,6 @@
 """User errors end every command with one `error: ...` line and exit 2; bugs keep their
 traceback (selectit_jax/cli.py)."""
 
-import os
 
 import pytest
 
