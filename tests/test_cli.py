@@ -1,14 +1,12 @@
 """User errors end every command with one `error: ...` line and exit 2; bugs keep their
 traceback (selectit_jax/cli.py)."""
 
-
 import pytest
 
 from conftest import run_command
 
 from selectit_jax import cli
 from selectit_jax.errors import UserError
-
 
 
 def _guarded_run(capsys, exc):
