@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -223,25 +224,28 @@ class _Throughput:
     return dict(steady_tokens_per_second=rate, steady_mfu=self.mfu(rate))
 
 
-def _train_loop(
-    state,
-    step,
-    last_step,
-    iterator,
-    train_step,
-    eval_fn,
-    speed,
-    log,
-    mngr,
-    run_meta,
-    accum,
-    micro,
-    train_shard,
-    log_every,
-    eval_every,
-):
+@dataclasses.dataclass
+class _Loop:
+  """What every training step uses: the jit'd step, evaluation, metrics, checkpoints."""
+
+  train_step: Any
+  eval_fn: Any  # params -> eval metrics, or None without a validation split
+  speed: _Throughput
+  log: MetricsLog
+  mngr: Any
+  run_meta: dict
+  accum: int
+  micro: int
+  train_shard: Any
+  log_every: int
+  eval_every: int
+
+
+def _train_loop(loop: _Loop, state, step: int, last_step: int, iterator):
   """Steps to last_step: one global batch each (accum micro-batches), metrics, evaluation
   and checkpoints (the iterator's state saved with each)."""
+  accum, micro, train_shard, log = loop.accum, loop.micro, loop.train_shard, loop.log
+  eval_fn, eval_every, mngr, run_meta = loop.eval_fn, loop.eval_every, loop.mngr, loop.run_meta
   last_metrics, last_eval = {}, {}
   bar = tqdm(total=last_step, initial=step, desc="train", disable=jax.process_index() != 0)
   while step < last_step:
@@ -252,13 +256,13 @@ def _train_loop(
         for k, v in host_batch.items()
     }
     start = time.perf_counter()
-    state, metrics = train_step(state, device_batch)
+    state, metrics = loop.train_step(state, device_batch)
     metrics = jax.device_get(metrics)  # syncs: the step time below is real
     step += 1
     scalars = {k: float(v) for k, v in metrics.items()}
-    scalars.update(speed.step(tokens, time.perf_counter() - start))
+    scalars.update(loop.speed.step(tokens, time.perf_counter() - start))
     last_metrics = scalars
-    if step % max(log_every, 1) == 0 or step == last_step:
+    if step % max(loop.log_every, 1) == 0 or step == last_step:
       log.write(step, scalars)
     bar.update(1)
     bar.set_postfix(
@@ -376,11 +380,7 @@ def run(config) -> dict:
   )
   if eval_fn and resumed_from is None:
     log.write(step, eval_fn(state["params"]))
-  state, step, last_metrics, last_eval = _train_loop(
-      state,
-      step,
-      last_step,
-      iterator,
+  loop = _Loop(
       train_step,
       eval_fn,
       speed,
@@ -393,6 +393,7 @@ def run(config) -> dict:
       int(t.log_every),
       eval_every,
   )
+  state, step, last_metrics, last_eval = _train_loop(loop, state, step, last_step, iterator)
   mngr.wait_until_finished()
   mngr.close()
   log.close()
