@@ -288,6 +288,26 @@ def _train_loop(loop: _Loop, state, step: int, last_step: int, iterator):
   return state, step, last_metrics, last_eval
 
 
+def _steps(config, num_rows: int, batch: int) -> tuple[int, int]:
+  """(optimizer steps of the whole run, the step this invocation stops at)."""
+  t = config.train
+  total_steps = data_lib.steps_per_run(num_rows, int(t.epochs), batch)
+  if total_steps == 0:
+    raise ValueError(
+        f"the selection packs into {num_rows} rows of {config.data.max_length} tokens, fewer "
+        f"than one global batch (train.batch_size={batch}) over {t.epochs} epoch(s); lower "
+        "train.batch_size"
+    )
+  return total_steps, (min(total_steps, int(t.max_steps)) if t.max_steps else total_steps)
+
+
+def _model_config(config, model_path: str):
+  """The checkpoint's architecture with the config's numerics."""
+  _, cfg = checkpoints.tensor_source(model_path)
+  m = config.model
+  return dataclasses.replace(cfg, dtype=m.dtype, param_dtype=m.param_dtype, remat=bool(m.remat))
+
+
 def run(config) -> dict:
   """Trains (or resumes) as configured; returns the summary also written to
   train_summary.json."""
@@ -305,22 +325,8 @@ def run(config) -> dict:
   if rejects and jax.process_index() == 0:
     records_lib.write_rejects(os.path.join(out, "rejects.jsonl"), rejects)
   num_rows = data_report["train_rows"]
-  total_steps = data_lib.steps_per_run(num_rows, int(t.epochs), batch)
-  if total_steps == 0:
-    raise ValueError(
-        f"the selection packs into {num_rows} rows of {d.max_length} tokens, "
-        f"fewer than one global batch (train.batch_size={batch}) over "
-        f"{t.epochs} epoch(s); lower train.batch_size"
-    )
-  last_step = min(total_steps, int(t.max_steps)) if t.max_steps else total_steps
-
-  _, cfg = checkpoints.tensor_source(model_path)
-  cfg = dataclasses.replace(
-      cfg,
-      dtype=config.model.dtype,
-      param_dtype=config.model.param_dtype,
-      remat=bool(config.model.remat),
-  )
+  total_steps, last_step = _steps(config, num_rows, batch)
+  cfg = _model_config(config, model_path)
   sched = step_lib.schedule(t, total_steps)
   tx = step_lib.optimizer(t, sched)
   shardings = step_lib.state_shardings(cfg, tx, mesh)
@@ -332,13 +338,14 @@ def run(config) -> dict:
   iterator = iter(
       data_lib.train_dataset(train_rows, int(t.epochs), batch, int(d.seed)).to_iter_dataset()
   )
-  run_meta = {
-      "train_rows_digest": _rows_digest(train_rows),
-      "total_steps": total_steps,
-      "batch_size": batch,
-      "model_fingerprint": checkpoints.fingerprint(model_path),
-      "optimizer": json.dumps({k: t[k] for k in _OPTIMIZER_FIELDS}, sort_keys=True),
-  }
+  # Resuming is refused unless these match the saved run.
+  run_meta = dict(
+      train_rows_digest=_rows_digest(train_rows),
+      total_steps=total_steps,
+      batch_size=batch,
+      model_fingerprint=checkpoints.fingerprint(model_path),
+      optimizer=json.dumps({k: t[k] for k in _OPTIMIZER_FIELDS}, sort_keys=True),
+  )
   mngr = checkpointing.manager(os.path.join(out, "checkpoints"), config.checkpoint)
   state, resumed_from = _start_state(
       model_path, cfg, tx, mesh, shardings, mngr, iterator, run_meta, out
@@ -350,19 +357,19 @@ def run(config) -> dict:
   speed = _Throughput(cfg, seq_len, peak)
   log = MetricsLog(out)
   eval_every = int(t.eval_every)
-  summary = {
-      "data": data_report,
-      "total_steps": total_steps,
-      "last_step": last_step,
-      "resumed_from": resumed_from,
-      "accumulation": accum,
-      "model": model_path,
-      "num_params": costs.num_params(cfg),
-      "flops_per_token": costs.train_flops_per_token(cfg, seq_len),
-      "peak_flops_per_device": peak,
-      "devices": jax.device_count(),
-      "device_kind": jax.devices()[0].device_kind,
-  }
+  summary = dict(
+      data=data_report,
+      total_steps=total_steps,
+      last_step=last_step,
+      resumed_from=resumed_from,
+      accumulation=accum,
+      model=model_path,
+      num_params=costs.num_params(cfg),
+      flops_per_token=costs.train_flops_per_token(cfg, seq_len),
+      peak_flops_per_device=peak,
+      devices=jax.device_count(),
+      device_kind=jax.devices()[0].device_kind,
+  )
   logging.info(
       "%d train rows, %d steps (%d this run), global batch %d = %d x %d micro",
       num_rows,
@@ -373,11 +380,9 @@ def run(config) -> dict:
       micro,
   )
 
-  eval_fn = (
-      None
-      if val_rows is None
-      else (lambda params: evaluate(eval_step, params, val_rows, micro, eval_shard))
-  )
+  eval_fn = None
+  if val_rows is not None:
+    eval_fn = lambda params: evaluate(eval_step, params, val_rows, micro, eval_shard)
   if eval_fn and resumed_from is None:
     log.write(step, eval_fn(state["params"]))
   loop = _Loop(
