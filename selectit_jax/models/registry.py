@@ -31,7 +31,7 @@ FAMILIES = (
         "llama",
         llama.LlamaConfig,
         llama.Llama,
-        ("llama", "mistral"),
+        tuple(llama.HF_MODEL_TYPES),  # LLaMA, Mistral, Qwen2/2.5, Qwen3
         ("llama",),
         llama.param_table,
         llama.GGUF_LAYER_NAMES,
