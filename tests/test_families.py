@@ -199,3 +199,16 @@ def test_hf_config_round_trip_and_refusals():
   }
   v5["rope_parameters"] = {**dict(LLAMA3), "rope_theta": 10000.0}
   assert registry.config_from_hf(v5) == CASES["llama3"][0]
+
+
+def test_sharded_load_places_biases_and_norms(case):
+  """Loaded onto an fsdp × tensor mesh by the logical axes (biases split over heads): the
+  same values as the single-device load."""
+  name, cfg, _, model, _ = case
+  mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=2), jax.devices()[:4])
+  sharded = checkpoints.load_model(model.source_path, mesh)
+  for got, want in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(model.params)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  if cfg.qkv_bias:
+    q_bias = sharded.params["layers"]["attn"]["q_bias"]
+    assert q_bias.sharding.shard_shape(q_bias.shape)[1] < cfg.num_heads
