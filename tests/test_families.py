@@ -212,3 +212,71 @@ def test_sharded_load_places_biases_and_norms(case):
   if cfg.qkv_bias:
     q_bias = sharded.params["layers"]["attn"]["q_bias"]
     assert q_bias.sharding.shard_shape(q_bias.shape)[1] < cfg.num_heads
+
+
+def _write_gguf(path, arch, cfg, params):
+  """Our params as an fp32 GGUF in llama.cpp's qwen2/qwen3 layout (HF's rotary order, HF
+  names mapped to llama.cpp's), with the metadata transformers' GGUF loader reads."""
+  import gguf
+
+  from selectit_jax.checkpoints import gguf as gguf_lib
+  from selectit_jax.models import llama
+
+  to_gguf = {hf_name: name for name, hf_name in gguf_lib._GLOBAL_NAMES.items()}
+  to_gguf.update(
+      {f"model.layers.{{i}}.{v}": f"blk.{{i}}.{k}" for k, v in llama.GGUF_LAYER_NAMES.items()}
+  )
+  writer = gguf.GGUFWriter(path, arch)
+  writer.add_context_length(cfg.max_position_embeddings)
+  writer.add_embedding_length(cfg.hidden_size)
+  writer.add_block_count(cfg.num_layers)
+  writer.add_feed_forward_length(cfg.intermediate_size)
+  writer.add_head_count(cfg.num_heads)
+  writer.add_head_count_kv(cfg.num_kv_heads)
+  writer.add_key_length(cfg.head_dim)
+  writer.add_value_length(cfg.head_dim)
+  writer.add_rope_freq_base(cfg.rope_theta)
+  writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+  writer.add_vocab_size(cfg.vocab_size)
+  for name, w in hf.hf_tensors(cfg, params):
+    layer, _, rest = name.removeprefix("model.layers.").partition(".")
+    if name.startswith("model.layers."):
+      stem, kind = rest.rsplit(".", 1)
+      gguf_name = to_gguf[f"model.layers.{{i}}.{stem}"].format(i=layer) + "." + kind
+    else:
+      gguf_name = to_gguf[name]
+    writer.add_tensor(gguf_name, w)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3"])
+def test_gguf_loads_like_safetensors_and_transformers(name, tmp_path):
+  cfg, arch = CASES[name]
+  params = _random_params(cfg, seed=2)
+  path = str(tmp_path / f"{name}.gguf")
+  _write_gguf(path, name, cfg, params)
+  model = checkpoints.load_model(path)
+  assert model.config.rms_norm_eps == pytest.approx(cfg.rms_norm_eps)  # stored as f32
+  assert dataclasses.replace(model.config, rms_norm_eps=cfg.rms_norm_eps) == cfg
+  for got, want in zip(jax.tree.leaves(model.params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  if name == "qwen3":
+    # transformers' GGUF reader drops qwen3's attention.key_length (head_dim falls back to
+    # its default 128): the reference reads the same weights from our safetensors export.
+    hf.save_hf(str(tmp_path / "hf"), cfg, params)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "hf"), dtype=torch.float32
+    )
+  else:
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=f"{name}.gguf", dtype=torch.float32
+    )
+  assert type(ref).__name__ == arch
+  tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 20)).astype(np.int32)
+  ours = _ours(cfg, model.params, tokens, np.arange(20, dtype=np.int32)[None], np.ones_like(tokens))
+  with torch.no_grad():
+    theirs = ref(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)

@@ -127,13 +127,16 @@ class LlamaConfig:
 
   @classmethod
   def from_gguf(cls, source, **overrides) -> "LlamaConfig":
-    """From the metadata of a GGUF file (`checkpoints.gguf.GGUFSource`)."""
-    f = lambda k, d=None: source.field(f"llama.{k}", d)
+    """From the metadata of a GGUF file (`checkpoints.gguf.GGUFSource`); llama.cpp's llama,
+    qwen2 and qwen3 architectures."""
+    arch = source.field("general.architecture")
+    f = lambda k, d=None: source.field(f"{arch}.{k}", d)
     heads = f("attention.head_count")
     d = f("embedding_length")
     scaling = None
     if f("rope.scaling.type") not in (None, "none"):
       scaling = (("factor", f("rope.scaling.factor")), ("rope_type", f("rope.scaling.type")))
+    exported_type, options = HF_MODEL_TYPES[arch]
     return cls(
         vocab_size=f("vocab_size") or len(source.field("tokenizer.ggml.tokens")),
         hidden_size=d,
@@ -141,12 +144,15 @@ class LlamaConfig:
         num_layers=f("block_count"),
         num_heads=heads,
         num_kv_heads=f("attention.head_count_kv", heads),
-        head_dim=f("rope.dimension_count", d // heads),
+        # Qwen3 states head_dim (≠ d / heads) as the key length.
+        head_dim=f("attention.key_length") or f("rope.dimension_count", d // heads),
         rms_norm_eps=f("attention.layer_norm_rms_epsilon"),
         rope_theta=f("rope.freq_base", 10000.0),
         rope_scaling=scaling,
         tie_word_embeddings="lm_head.weight" not in source.keys(),
         max_position_embeddings=f("context_length", 4096),
+        model_type=exported_type,
+        **options,
         **overrides,
     )
 
@@ -246,6 +252,8 @@ GGUF_LAYER_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
@@ -261,7 +269,10 @@ def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def gguf_tensor(hf_name: str, w: np.ndarray, source) -> np.ndarray:
   """A dequantized GGUF tensor in HF's layout: llama.cpp's converter permutes the Q/K rows
-  of HF checkpoints into its interleaved rotary layout; undone here."""
+  of HF LLaMA checkpoints into its interleaved rotary layout; undone here. Its qwen2 and
+  qwen3 converters keep HF's order (transformers' GGUF loader unpermutes llama only too)."""
+  if source.field("general.architecture") != "llama":
+    return w
   if hf_name.endswith("q_proj.weight"):
     return unpermute_rotary(w, source.field("llama.attention.head_count"))
   if hf_name.endswith("k_proj.weight"):

@@ -32,7 +32,7 @@ FAMILIES = (
         llama.LlamaConfig,
         llama.Llama,
         tuple(llama.HF_MODEL_TYPES),  # LLaMA, Mistral, Qwen2/2.5, Qwen3
-        ("llama",),
+        ("llama", "qwen2", "qwen3"),
         llama.param_table,
         llama.GGUF_LAYER_NAMES,
         llama.gguf_tensor,
