@@ -19,7 +19,7 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")  # Qwen2 has q/k/v biases
 
 
 def _hf_name(name: str, layer_names: dict[str, str]) -> str | None:
@@ -27,7 +27,7 @@ def _hf_name(name: str, layer_names: dict[str, str]) -> str | None:
     return _GLOBAL_NAMES[name]
   m = _LAYER_RE.fullmatch(name)
   if m and m.group(2) in layer_names:
-    return f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}.weight"
+    return f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"
   return None
 
 

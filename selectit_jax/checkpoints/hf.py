@@ -79,6 +79,14 @@ def _in_proj(heads_attr: str):
   return to_ours, to_hf
 
 
+def _head_bias(heads_attr: str):
+  """torch [heads*head_dim] <-> ours [heads, head_dim]."""
+  return (
+      lambda w, c: w.reshape(getattr(c, heads_attr), c.head_dim),
+      lambda w, c: w.reshape(-1),
+  )
+
+
 def _o_to_ours(w, c):
   return w.T.reshape(c.num_heads, c.head_dim, c.hidden_size)
 
@@ -121,6 +129,7 @@ TRANSPOSE = (_transpose, _transpose)
 O_PROJ = (_o_to_ours, _o_to_hf)
 PLUS_ONE = (_plus_one, _minus_one)  # Gemma's RMSNorm weight w, our scale 1 + w
 in_proj = _in_proj
+head_bias = _head_bias  # q/k/v biases (Qwen2)
 
 
 def param_table(cfg: DecoderConfig) -> list[ParamSpec]:

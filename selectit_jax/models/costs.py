@@ -31,6 +31,7 @@ def num_params(cfg) -> int:
   head = 0 if cfg.tie_word_embeddings else d * cfg.vocab_size
   # Two norms per block (LLaMA), or the family's own count (Gemma 3: four, and q/k norms).
   norms = getattr(cfg, "layer_norm_params", 2 * d)
+  norms += getattr(cfg, "layer_bias_params", 0)  # Qwen2's q/k/v biases
   return matmul_params(cfg) + cfg.num_layers * norms + cfg.vocab_size * d + d + head
 
 

@@ -114,12 +114,14 @@ class Attention(nn.Module):
   value matmuls of every query block read contiguous rows (on CPU ~25 % faster attention
   than slicing token-major blocks and transposing each).
 
-  `qk_norm`: RMSNorm over head_dim on queries and keys before the rotation (Gemma 3);
+  `qk_norm`: RMSNorm over head_dim on queries and keys before the rotation (Gemma 3,
+  Qwen3); `qkv_bias`: biases on the q, k, v projections, none on o (Qwen2);
   `scale`: the score scale (default head_dim^-0.5; Gemma: query_pre_attn_scalar^-0.5).
   """
 
   cfg: DecoderConfig
   qk_norm: bool = False
+  qkv_bias: bool = False
   scale: float | None = None
 
   @nn.compact
@@ -135,14 +137,15 @@ class Attention(nn.Module):
     wv = _weight(self, "v", (d, kv, hd), ("embed", "kv_heads", "head_dim"), d)
     wo = _weight(self, "o", (h, hd, d), ("heads", "head_dim", "embed"), h * hd)
     scale = self.scale or hd**-0.5
+    project = {n: _projection(self, n, w) for n, w in (("q", wq), ("k", wk), ("v", wv))}
     q_norm = k_norm = lambda x: x
     if self.qk_norm:
       q_norm, k_norm = (
           RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, "head_dim", name=n)
           for n in ("q_norm", "k_norm")
       )
-    k = apply_rope(k_norm(jnp.einsum("btd,dnh->bnth", x_btd, wk)), sin, cos)
-    v = jnp.einsum("btd,dnh->bnth", x_btd, wv)
+    k = apply_rope(k_norm(project["k"](x_btd)), sin, cos)
+    v = project["v"](x_btd)
     own_kv = (k, v)
     if prefix_kv is not None:
       k, v = (
@@ -154,7 +157,7 @@ class Attention(nn.Module):
           jnp.take_along_axis(a, queries[..., None], axis=1) for a in (x_btd, sin, cos)
       )
       mask = jnp.take_along_axis(mask, queries[:, None, None, :, None], axis=3)
-    q = apply_rope(q_norm(jnp.einsum("btd,dnh->bnth", x_btd, wq)), sin, cos)
+    q = apply_rope(q_norm(project["q"](x_btd)), sin, cos)
     q = nn.with_logical_constraint(
         q, ("activation_batch", "activation_heads", "activation_length", None)
     )
@@ -183,6 +186,23 @@ class Attention(nn.Module):
       )
     out = out.reshape(b, h, t, hd).astype(v.dtype)
     return jnp.einsum("bnth,nhd->btd", out, wo), own_kv
+
+
+def _projection(module: Attention, name: str, w_dnh):
+  """x [b, t, d] -> head-major [b, n, t, hd] through `w`, plus the bias `{name}_bias`
+  [n, hd] when the module has q/k/v biases (created only then)."""
+  bias = None
+  if module.qkv_bias:
+    axes = ("heads" if name == "q" else "kv_heads", "head_dim")
+    init = nn.with_logical_partitioning(nn.initializers.zeros, axes)
+    bias = module.param(f"{name}_bias", init, w_dnh.shape[1:], module.cfg.param_dtype)
+    bias = bias.astype(module.cfg.dtype)
+
+  def project(x_btd):
+    out = jnp.einsum("btd,dnh->bnth", x_btd, w_dnh)
+    return out if bias is None else out + bias[:, None, :]
+
+  return project
 
 
 def _attend(q_bkgth, k_bksh, v_bksh, mask, scale):

@@ -1,6 +1,6 @@
-"""The LLaMA family (LLaMA-2, SmolLM2, Mistral-style GQA) in Flax linen: its config and
-decoder, built from the shared layers. Layers are stacked with `nn.scan` (one compiled
-block, a leading `layers` axis)."""
+"""The LLaMA family (LLaMA-2/3, SmolLM2, Mistral-style GQA, and Qwen2/2.5/3, which are LLaMA
+plus q/k/v biases or q/k norms) in Flax linen: its config and decoder, built from the shared
+layers. Layers are stacked with `nn.scan` (one compiled block, a leading `layers` axis)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,20 @@ from selectit_jax.models.layers import (
     rope_inv_freq,
     vocab_logits,
 )
+
+# HF model_type -> (the model_type we export, architecture options). Mistral is exported as
+# LLaMA, as it always was (its exported config then carries no sliding window).
+HF_MODEL_TYPES = {
+    "llama": ("llama", {}),
+    "mistral": ("llama", {}),
+    "qwen2": ("qwen2", {"qkv_bias": True}),  # biases on q, k, v; none on o
+    "qwen3": ("qwen3", {"qk_norm": True}),  # per-head q/k RMSNorm, plain w·x weights
+}
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,25 +63,50 @@ class LlamaConfig:
   # Causal attention in query blocks of this many rows, each against only the keys up to its
   # end, so the masked upper triangle is mostly skipped (0 = one block: the full t×t square).
   attention_block: int = 128
+  qkv_bias: bool = False  # Qwen2
+  qk_norm: bool = False  # Qwen3
+  model_type: str = "llama"  # what `to_hf` writes: llama, qwen2 or qwen3
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"num_heads={self.num_heads} is not a multiple of " f"num_kv_heads={self.num_kv_heads}"
       )
+    if self.model_type not in _ARCHITECTURES:
+      raise ValueError(f"model_type {self.model_type!r} is not one of {sorted(_ARCHITECTURES)}")
+
+  @property
+  def layer_norm_params(self) -> int:
+    """Norm weights of one block: two over d, and q/k norms over head_dim (Qwen3)."""
+    return 2 * self.hidden_size + 2 * self.head_dim * self.qk_norm
+
+  @property
+  def layer_bias_params(self) -> int:
+    """Bias weights of one block: q, k and v (Qwen2)."""
+    return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim * self.qkv_bias
 
   @classmethod
   def from_hf(cls, hf: dict[str, Any], **overrides) -> "LlamaConfig":
     """Builds a config from a HF `config.json` dict."""
-    archs = hf.get("architectures") or []
-    if hf.get("model_type", "llama") not in ("llama", "mistral") and not any(
-        "Llama" in a for a in archs
-    ):
+    model_type = hf.get("model_type") or "llama"
+    if model_type not in HF_MODEL_TYPES:
       raise ValueError(
-          f"unsupported architecture: model_type={hf.get('model_type')!r} " f"architectures={archs}"
+          f"unsupported architecture: model_type={model_type!r} "
+          f"architectures={hf.get('architectures')}"
       )
+    # Refused, not ignored: each would change the logits.
+    for key in ("use_sliding_window", "attention_bias", "mlp_bias"):
+      if hf.get(key):
+        raise ValueError(f"{model_type}: {key}=true is not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+      raise ValueError(f"{model_type}: hidden_act={hf['hidden_act']!r} is not supported")
+    exported_type, options = HF_MODEL_TYPES[model_type]
     heads = hf["num_attention_heads"]
-    scaling = hf.get("rope_scaling")
+    # transformers >= 5 writes rope_parameters; older files rope_theta and rope_scaling.
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
+    if scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+      scaling = None
     return cls(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -77,22 +116,27 @@ class LlamaConfig:
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=hf.get("rope_theta", 10000.0),
+        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
         rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        model_type=exported_type,
+        **options,
         **overrides,
     )
 
   @classmethod
   def from_gguf(cls, source, **overrides) -> "LlamaConfig":
-    """From the metadata of a GGUF file (`checkpoints.gguf.GGUFSource`)."""
-    f = lambda k, d=None: source.field(f"llama.{k}", d)
+    """From the metadata of a GGUF file (`checkpoints.gguf.GGUFSource`); llama.cpp's llama,
+    qwen2 and qwen3 architectures."""
+    arch = source.field("general.architecture")
+    f = lambda k, d=None: source.field(f"{arch}.{k}", d)
     heads = f("attention.head_count")
     d = f("embedding_length")
     scaling = None
     if f("rope.scaling.type") not in (None, "none"):
       scaling = (("factor", f("rope.scaling.factor")), ("rope_type", f("rope.scaling.type")))
+    exported_type, options = HF_MODEL_TYPES[arch]
     return cls(
         vocab_size=f("vocab_size") or len(source.field("tokenizer.ggml.tokens")),
         hidden_size=d,
@@ -100,20 +144,23 @@ class LlamaConfig:
         num_layers=f("block_count"),
         num_heads=heads,
         num_kv_heads=f("attention.head_count_kv", heads),
-        head_dim=f("rope.dimension_count", d // heads),
+        # Qwen3 states head_dim (≠ d / heads) as the key length.
+        head_dim=f("attention.key_length") or f("rope.dimension_count", d // heads),
         rms_norm_eps=f("attention.layer_norm_rms_epsilon"),
         rope_theta=f("rope.freq_base", 10000.0),
         rope_scaling=scaling,
         tie_word_embeddings="lm_head.weight" not in source.keys(),
         max_position_embeddings=f("context_length", 4096),
+        model_type=exported_type,
+        **options,
         **overrides,
     )
 
   def to_hf(self) -> dict[str, Any]:
     """The HF `config.json` dict of this architecture."""
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [_ARCHITECTURES[self.model_type]],
+        "model_type": self.model_type,
         "vocab_size": self.vocab_size,
         "hidden_size": self.hidden_size,
         "intermediate_size": self.intermediate_size,
@@ -127,8 +174,9 @@ class LlamaConfig:
         "tie_word_embeddings": self.tie_word_embeddings,
         "max_position_embeddings": self.max_position_embeddings,
         "hidden_act": "silu",
-        "attention_bias": False,
+        "attention_bias": False,  # Qwen2's q/k/v biases are implied by its model_type
         "mlp_bias": False,
+        "use_sliding_window": False,
         "torch_dtype": "float32",
     }
 
@@ -142,7 +190,8 @@ class Block(nn.Module):
 
   def setup(self):
     norm = lambda: RMSNorm(self.cfg.rms_norm_eps, self.cfg.dtype, self.cfg.param_dtype)
-    self.attn_norm, self.attn = norm(), Attention(self.cfg)
+    attn = Attention(self.cfg, qk_norm=self.cfg.qk_norm, qkv_bias=self.cfg.qkv_bias)
+    self.attn_norm, self.attn = norm(), attn
     self.mlp_norm, self.mlp = norm(), Mlp(self.cfg)
 
   def __call__(self, x, sin, cos, mask, prefix_kv, readout=None, is_last=None):
@@ -203,6 +252,8 @@ GGUF_LAYER_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
@@ -218,7 +269,10 @@ def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def gguf_tensor(hf_name: str, w: np.ndarray, source) -> np.ndarray:
   """A dequantized GGUF tensor in HF's layout: llama.cpp's converter permutes the Q/K rows
-  of HF checkpoints into its interleaved rotary layout; undone here."""
+  of HF LLaMA checkpoints into its interleaved rotary layout; undone here. Its qwen2 and
+  qwen3 converters keep HF's order (transformers' GGUF loader unpermutes llama only too)."""
+  if source.field("general.architecture") != "llama":
+    return w
   if hf_name.endswith("q_proj.weight"):
     return unpermute_rotary(w, source.field("llama.attention.head_count"))
   if hf_name.endswith("k_proj.weight"):
@@ -246,6 +300,19 @@ def param_table(cfg: LlamaConfig):
       hf.ParamSpec(("layers", "mlp", "down"), _L + "mlp.down_proj.weight", *hf.TRANSPOSE),
       hf.ParamSpec(("final_norm", "scale"), "model.norm.weight", *hf.SAME),
   ]
+  attn = lambda leaf, name, pair: hf.ParamSpec(("layers", "attn") + leaf, _L + name, *pair)
+  if cfg.qkv_bias:  # Qwen2
+    q_bias, kv_bias = hf.head_bias("num_heads"), hf.head_bias("num_kv_heads")
+    table += [
+        attn(("q_bias",), "self_attn.q_proj.bias", q_bias),
+        attn(("k_bias",), "self_attn.k_proj.bias", kv_bias),
+        attn(("v_bias",), "self_attn.v_proj.bias", kv_bias),
+    ]
+  if cfg.qk_norm:  # Qwen3: plain w·x norm weights, loaded as they are (Gemma's are 1 + w)
+    table += [
+        attn(("q_norm", "scale"), "self_attn.q_norm.weight", hf.SAME),
+        attn(("k_norm", "scale"), "self_attn.k_norm.weight", hf.SAME),
+    ]
   if not cfg.tie_word_embeddings:
     table.append(hf.ParamSpec(("lm_head",), "lm_head.weight", *hf.TRANSPOSE))
   return table

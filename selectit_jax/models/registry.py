@@ -31,8 +31,8 @@ FAMILIES = (
         "llama",
         llama.LlamaConfig,
         llama.Llama,
-        ("llama", "mistral"),
-        ("llama",),
+        tuple(llama.HF_MODEL_TYPES),  # LLaMA, Mistral, Qwen2/2.5, Qwen3
+        ("llama", "qwen2", "qwen3"),
         llama.param_table,
         llama.GGUF_LAYER_NAMES,
         llama.gguf_tensor,
