@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs a command's main as `python -m` would, then prints which JAX backends exist.
@@ -39,3 +41,111 @@ def test_plan_never_initialises_the_accelerator():
   assert proc.returncode == 0, out[-3000:]
   assert "-> fits" in out
   assert "BACKENDS []" in out, out[-3000:]
+
+
+def _plan(ids=(1, 5, 7, 9)):
+  from selectit_jax.scoring import batching  # noqa: PLC0415
+
+  item = lambda i, ids: batching.WorkItem(i, f"s{i}", f"h{i}", 0, "p0", tuple(ids))
+  batch = batching.Batch(rows=((item(0, ids),), (item(1, (1, 2)),)), length=16, skips=(0, 0))
+  return batching.Plan(prefixes=((1,),), buckets=[16], batches=[batch])
+
+
+def test_plan_digest_changes_with_one_token_id():
+  from selectit_jax.scoring import runner  # noqa: PLC0415
+
+  assert runner.plan_digest(_plan()) == runner.plan_digest(_plan())
+  assert runner.plan_digest(_plan()) != runner.plan_digest(_plan(ids=(1, 5, 8, 9)))
+  assert runner.plan_digest(None) != runner.plan_digest(_plan())
+
+
+def test_differing_processes_names_process_and_part():
+  import numpy as np  # noqa: PLC0415
+
+  from selectit_jax.scoring import runner  # noqa: PLC0415
+
+  n = len(runner.AGREEMENT_PARTS)
+  gathered = np.zeros((3, n, 32), np.uint8)
+  assert runner.differing_processes(gathered) == {}
+  gathered[2, runner.AGREEMENT_PARTS.index("batch plan"), 5] = 1
+  assert runner.differing_processes(gathered) == {2: ["batch plan"]}
+
+
+def _env(devices_per_process=4):
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+  env.update(
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+      PYTHONPATH=ROOT,
+      DEVICES_PER_PROCESS=str(devices_per_process),
+  )
+  return env
+
+
+def _score_cmd(ckpt, out, *extra):
+  return [
+      sys.executable,
+      "-m",
+      "selectit_jax.score",
+      "--config=configs/score_tiny.py",
+      f"--config.model.path={ckpt}",
+      "--config.model.name=tiny",
+      f"--config.output_dir={out}",
+      "--config.memory.device=cpu",
+      *extra,
+  ]
+
+
+@pytest.mark.slow  # 2 processes load the tiny model (~30 s on 2 busy cores)
+def test_hosts_that_read_different_data_are_refused(tiny_checkpoint, tmp_path):
+  """Process 1 reads one record more than process 0 (local.sh sets JAX_PROCESS_ID per
+  process, so the limit differs per host): both refuse before writing or scoring anything,
+  naming process 1 and what differs."""
+  out = tmp_path / "scores"
+  cmd = " ".join(_score_cmd(tiny_checkpoint, out, "--config.mesh.data=-1"))
+  proc = subprocess.run(
+      [
+          "bash",
+          "launch/local.sh",
+          "2",
+          "bash",
+          "-c",
+          cmd + " --config.data.limit=$((3 + JAX_PROCESS_ID))",
+      ],
+      cwd=ROOT,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  log = proc.stdout + proc.stderr
+  assert proc.returncode != 0, log[-3000:]
+  assert "processes disagree with process 0" in log, log[-3000:]
+  assert "process 1: input bytes, records" in log, log[-3000:]
+  assert not (out / "shards").exists() or not os.listdir(out / "shards")
+  assert not (out / "manifest.json").exists()
+
+
+def test_one_config_scores_on_eight_devices(tiny_checkpoint, tmp_path):
+  """configs/score_tiny.py (global batch 2) on 8 fake CPU devices, mesh.data=-1: the batch
+  is rounded up to 8 with a note instead of being refused, and the planner agrees."""
+  from configs import score_tiny  # noqa: PLC0415
+  from selectit_jax.parallel import memory  # noqa: PLC0415
+  from selectit_jax.scoring import runner  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+
+  assert jax.device_count() == 8  # conftest's fake devices
+  config = score_tiny.get_config()
+  config.model.path = tiny_checkpoint
+  config.model.name = "tiny"
+  config.mesh.data = -1
+  config.memory.device = "cpu"
+  config.output_dir = str(tmp_path / "scores")
+  summary = runner.run(config)
+  assert summary.scored_rows > 0 and summary.rated_rows > 0
+  assert config.engine.batch_size == 2  # the caller's config is left as it was
+
+  fits, lines = memory.plan_config(config)
+  assert fits and lines[0].startswith("note: engine.batch_size=2 rounded up to 8")
+  assert any("batch 8 (1 rows/device)" in line for line in lines), lines
