@@ -1,10 +1,13 @@
 """Pod readiness: steps that run on one worker never touch the accelerator, hosts that would
 score different inputs are refused, and one config runs on any device count."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,3 +152,136 @@ def test_one_config_scores_on_eight_devices(tiny_checkpoint, tmp_path):
   fits, lines = memory.plan_config(config)
   assert fits and lines[0].startswith("note: engine.batch_size=2 rounded up to 8")
   assert any("batch 8 (1 rows/device)" in line for line in lines), lines
+
+
+FAKE_BIN = os.path.join(ROOT, "tests", "fake_gcloud")
+
+
+def _fake_slice(root, ckpt, workers=2):
+  """A bucket holding the tiny checkpoint and `workers` worker homes, each with the tools
+  setup expects (a venv whose python is this one, gcsfuse/sudo/mountpoint stand-ins)."""
+  bucket = root / "gcs" / "bkt"
+  shutil.copytree(ckpt, bucket / "models" / "tiny")
+  for i in range(workers):
+    bin_ = root / f"worker-{i}" / "bin"
+    venv = root / f"worker-{i}" / "venv" / "bin"
+    for d in (bin_, venv):
+      d.mkdir(parents=True)
+    scripts = {
+        bin_ / "hostname": f"echo worker-{i}",
+        bin_ / "sudo": 'exec "$@"',
+        bin_ / "gcsfuse": "exit 0",
+        bin_ / "mountpoint": "exit 0",
+        venv / "pip": "exit 0",
+        venv / "python": f'exec {sys.executable} "$@"',
+    }
+    for path, body in scripts.items():
+      path.write_text(f"#!/usr/bin/env bash\n{body}\n")
+      path.chmod(0o755)
+  return bucket
+
+
+def _tpu_pod(root, *extra, step="all"):
+  env = _env()
+  env.update(
+      FAKE_ROOT=str(root),
+      FAKE_WORKERS="2",
+      FAKE_DEVICES="4",
+      PATH=FAKE_BIN + os.pathsep + env["PATH"],
+      USER=env.get("USER", "tester"),
+      TPU_NAME="t",
+      ZONE="z",
+      ACCELERATOR="v5p-16",
+      BUCKET="bkt",
+      MODEL="models/tiny",
+      RUN="runs/r",
+      CONFIG="configs/score_tiny.py",
+      GCS_MOUNT=str(root / "gcs" / "bkt"),
+      POLL="1",
+      EXTRA=" ".join(
+          [
+              "--config.model.name=tiny",
+              "--config.memory.device=cpu",
+              "--config.mesh.data=-1",
+              "--config.data.limit=6",
+              *extra,
+          ]
+      ),
+  )
+  return subprocess.run(
+      ["bash", "launch/tpu_pod.sh", step],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+
+
+def _calls(root):
+  with open(root / "calls.jsonl") as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow  # a 2-worker score, plan, select and a 1-process score (~1 min)
+def test_tpu_pod_all_end_to_end_with_a_stand_in_gcloud(tiny_checkpoint, tmp_path):
+  """tpu_pod.sh all on a stand-in slice of 2 workers: the store equals a 1-process run's,
+  select ran, the slice was deleted, and each worker's step logs are in the bucket."""
+  from selectit_jax.scoring import store as store_lib  # noqa: PLC0415
+
+  bucket = _fake_slice(tmp_path, tiny_checkpoint)
+  proc = _tpu_pod(tmp_path)
+  log = proc.stdout + proc.stderr
+  assert proc.returncode == 0, log[-4000:]
+  calls = _calls(tmp_path)
+  ssh = [c for c in calls if c[3] == "ssh"]
+  # Every remote command is strict: no step's failure is piped away.
+  assert all(
+      flag.startswith("--command=set -euo pipefail;")
+      for c in ssh
+      for flag in c
+      if flag.startswith("--command=")
+  )
+  assert calls[-1][3] == "delete"
+  logs = sorted(os.listdir(bucket / "runs" / "r" / "logs"))
+  assert {
+      "score-worker-0.log",
+      "score-worker-1.log",
+      "plan-worker-0.log",
+      "select-worker-0.log",
+  } <= set(logs), logs
+  assert (bucket / "runs" / "r" / "selection" / "scores.jsonl").exists()
+
+  one = tmp_path / "one"
+  single = subprocess.run(
+      _score_cmd(tiny_checkpoint, one, "--config.data.limit=6"),
+      cwd=ROOT,
+      env=_env(1),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert single.returncode == 0, (single.stdout + single.stderr)[-3000:]
+  a = store_lib.probs_array(store_lib.ScoreStore(str(one)).read_table())
+  b = store_lib.probs_array(store_lib.ScoreStore(str(bucket / "runs" / "r")).read_table())
+  assert not a.missing and not b.missing
+  np.testing.assert_array_equal(a.sample_index, b.sample_index)
+  np.testing.assert_allclose(b.probs, a.probs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow  # a failing 2-worker score (~20 s)
+def test_tpu_pod_failed_score_stops_before_select_and_delete(tiny_checkpoint, tmp_path):
+  """A score that fails on the workers (prompts.k=-1, a bad flag) makes `all` exit
+  nonzero: no select, no delete, and the workers' logs with the error are in the bucket."""
+  bucket = _fake_slice(tmp_path, tiny_checkpoint)
+  proc = _tpu_pod(tmp_path, "--config.prompts.k=-1")
+  log = proc.stdout + proc.stderr
+  assert proc.returncode != 0, log[-4000:]
+  assert "[score] FAILED" in log, log[-4000:]
+  calls = _calls(tmp_path)
+  assert not any(c[3] == "delete" for c in calls)
+  assert not any("selectit_jax.select" in " ".join(c) for c in calls)
+  assert not (bucket / "runs" / "r" / "selection").exists()
+  for w in (0, 1):
+    text = (bucket / "runs" / "r" / "logs" / f"score-worker-{w}.log").read_text()
+    assert "error:" in text, text[-2000:]
