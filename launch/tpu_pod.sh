@@ -68,7 +68,7 @@ EOF
   # here is ssh itself: reconnect, the step keeps running.
   local out tries=0
   out=$(mktemp)
-  until on "$worker" "set -euo pipefail
+  until on "$worker" "set -euo pipefail;
       while [[ ! -f $dir/$name.rc ]]; do sleep $POLL; done
       tail -n 20 $dir/$name.log | sed \"s/^/[\$(hostname)] /\"
       echo STEP_RC=\$(cat $dir/$name.rc) \$(hostname)" > "$out"; do

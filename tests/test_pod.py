@@ -1,6 +1,7 @@
 """Pod readiness: steps that run on one worker never touch the accelerator, hosts that would
 score different inputs are refused, and one config runs on any device count."""
 
+import getpass
 import json
 import os
 import shutil
@@ -188,7 +189,7 @@ def _tpu_pod(root, *extra, step="all"):
       FAKE_WORKERS="2",
       FAKE_DEVICES="4",
       PATH=FAKE_BIN + os.pathsep + env["PATH"],
-      USER=env.get("USER", "tester"),
+      USER=env.get("USER") or getpass.getuser(),  # setup chowns the mount to it
       TPU_NAME="t",
       ZONE="z",
       ACCELERATOR="v5p-16",
