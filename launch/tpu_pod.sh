@@ -18,7 +18,8 @@
 # session: the script only polls for the step's status file, reconnecting when ssh drops
 # (rerunning a step starts it anew; it does not attach to a running one). Every worker copies
 # its step log to gs://$BUCKET/$RUN/logs/<step>-<host>.log.
-# A step that fails on any worker stops `all` before select and delete, slice and logs kept.
+# A step that fails on any worker is stopped on the others, and `all` ends before select and
+# delete (slice and logs kept).
 set -euo pipefail
 
 : "${TPU_NAME:?}" "${ZONE:?}" "${ACCELERATOR:?}" "${BUCKET:?}" "${CONFIG:?}" "${MODEL:?}" "${RUN:?}"
@@ -40,50 +41,60 @@ workers() {  # how many workers must report a status for --worker=all
 }
 
 # run_step NAME WORKER CMD: runs CMD (bash, `set -euo pipefail`) detached on WORKER (all or
-# an index), then waits until every one of them has written its status; fails unless all 0.
+# an index) and polls until every worker has written its status. The first failure stops
+# the step on the other workers too (they would wait on it in a collective forever), like
+# launch/local.sh; the step fails unless every worker reports 0.
 run_step() {
   local name=$1 worker=$2 cmd=$3 dir='~/selectit_steps' expect=1
-  [[ $worker == all ]] && expect=$(workers)
-  # The step as a script file: no quoting of CMD through gcloud, ssh and the remote shell.
-  # Not -e in the wrapper: the status and the log copy must happen whatever CMD does.
-  local script
-  script=$(cat <<EOF
-#!/usr/bin/env bash
+  if [[ $worker == all ]]; then expect=$(workers); fi
+  # CMD and its wrapper as files: no quoting of CMD through gcloud, ssh and the remote shell.
+  # The wrapper is not -e: the status and the log copy must happen whatever CMD does. CMD
+  # gets its own process group (setsid), whose id is the pid file, so it can be stopped.
+  local body wrapper
+  body=$(printf 'set -euo pipefail\n%s\n' "$cmd")
+  wrapper=$(cat <<EOF
 set -uo pipefail
-log=$dir/$name.log
-( set -euo pipefail
-$cmd
-) > "\$log" 2>&1 < /dev/null
+setsid bash $dir/$name.cmd > $dir/$name.log 2>&1 < /dev/null &
+echo \$! > $dir/$name.pid
+wait \$!
 rc=\$?
-gcloud storage cp "\$log" "gs://$BUCKET/$RUN/logs/$name-\$(hostname).log" >> "\$log" 2>&1 \
-  || echo "copying the log to gs://$BUCKET/$RUN/logs failed" >> "\$log"
+gcloud storage cp $dir/$name.log "gs://$BUCKET/$RUN/logs/$name-\$(hostname).log" \
+  >> $dir/$name.log 2>&1 || echo "copying the log to gs://$BUCKET/$RUN/logs failed" >> $dir/$name.log
 echo \$rc > $dir/$name.rc
 EOF
 )
   echo "[$name] starting on worker(s) $worker; logs: gs://$BUCKET/$RUN/logs/$name-<host>.log"
-  on "$worker" "set -euo pipefail; mkdir -p $dir; rm -f $dir/$name.rc
-    echo $(printf %s "$script" | base64 | tr -d '\n') | base64 -d > $dir/$name.sh
+  on "$worker" "set -euo pipefail; mkdir -p $dir; rm -f $dir/$name.rc $dir/$name.pid
+    echo $(printf %s "$body" | base64 | tr -d '\n') | base64 -d > $dir/$name.cmd
+    echo $(printf %s "$wrapper" | base64 | tr -d '\n') | base64 -d > $dir/$name.sh
     nohup setsid bash $dir/$name.sh > /dev/null 2>&1 < /dev/null &"
-  # Waiting is a separate ssh that always exits 0 once the status exists, so a nonzero exit
-  # here is ssh itself: reconnect, the step keeps running.
-  local out tries=0
+  # Each poll is a short ssh that exits 0 when it could look; a nonzero exit is ssh itself:
+  # try again, the step keeps running.
+  local out tries=0 reported=0 failed=''
   out=$(mktemp)
-  until on "$worker" "set -euo pipefail;
-      while [[ ! -f $dir/$name.rc ]]; do sleep $POLL; done
-      tail -n 20 $dir/$name.log | sed \"s/^/[\$(hostname)] /\"
-      echo STEP_RC=\$(cat $dir/$name.rc) \$(hostname)" > "$out"; do
-    tries=$((tries + 1))
-    if ((tries > SSH_RETRIES)); then echo "[$name] ssh failed $tries times" >&2; return 1; fi
-    echo "[$name] ssh dropped; reconnecting ($tries/$SSH_RETRIES)" >&2
+  while true; do
     sleep "$POLL"
+    if ! on "$worker" "set -euo pipefail; if [[ -f $dir/$name.rc ]]; then
+        echo STEP_RC=\$(cat $dir/$name.rc) \$(hostname); else echo STEP_RUNNING \$(hostname); fi" \
+        > "$out"; then
+      tries=$((tries + 1))
+      if ((tries > SSH_RETRIES)); then echo "[$name] ssh failed $tries times" >&2; break; fi
+      echo "[$name] ssh failed; trying again ($tries/$SSH_RETRIES)" >&2
+      continue
+    fi
+    reported=$(grep -c '^STEP_RC=' "$out" || true)
+    failed=$(grep '^STEP_RC=' "$out" | grep -v '^STEP_RC=0 ' || true)
+    if [[ -n $failed || $reported -ge $expect ]]; then break; fi
   done
-  cat "$out"
-  local reported failed
-  reported=$(grep -c '^STEP_RC=' "$out" || true)
-  failed=$(grep '^STEP_RC=' "$out" | grep -v '^STEP_RC=0 ' || true)
   rm -f "$out"
-  if [[ -n $failed || $reported -ne $expect ]]; then
-    echo "[$name] FAILED ($reported of $expect workers reported): ${failed:-missing status}" >&2
+  if [[ -n $failed ]]; then  # stop the step where it still runs, then let its log land
+    on "$worker" "set -euo pipefail; if [[ ! -f $dir/$name.rc && -f $dir/$name.pid ]]; then
+        kill -TERM -- -\$(cat $dir/$name.pid) || true; fi" || true
+    sleep "$POLL"
+  fi
+  on "$worker" "set -euo pipefail; tail -n 20 $dir/$name.log | sed \"s/^/[\$(hostname)] /\"" || true
+  if [[ -n $failed || $reported -lt $expect ]]; then
+    echo "[$name] FAILED ($reported of $expect workers reported): ${failed:-no status}" >&2
     echo "[$name] logs: gs://$BUCKET/$RUN/logs/ and $dir/$name.log on each worker" >&2
     return 1
   fi

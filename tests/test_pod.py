@@ -270,19 +270,25 @@ def test_tpu_pod_all_end_to_end_with_a_stand_in_gcloud(tiny_checkpoint, tmp_path
   np.testing.assert_allclose(b.probs, a.probs, rtol=0, atol=1e-6)
 
 
-@pytest.mark.slow  # a failing 2-worker score (~20 s)
+@pytest.mark.slow  # a failing 2-worker score (~30 s)
 def test_tpu_pod_failed_score_stops_before_select_and_delete(tiny_checkpoint, tmp_path):
-  """A score that fails on the workers (prompts.k=-1, a bad flag) makes `all` exit
-  nonzero: no select, no delete, and the workers' logs with the error are in the bucket."""
+  """Worker 1's score crashes at once, while worker 0 waits for it in
+  jax.distributed.initialize: `all` stops worker 0's step too and exits nonzero, with no
+  select and no delete, and both workers' logs are in the bucket."""
   bucket = _fake_slice(tmp_path, tiny_checkpoint)
-  proc = _tpu_pod(tmp_path, "--config.prompts.k=-1")
+  # Worker 1's python runs only score (plan and select run on worker 0).
+  (tmp_path / "worker-1" / "venv" / "bin" / "python").write_text(
+      "#!/usr/bin/env bash\necho 'simulated crash on worker 1' >&2\nexit 3\n"
+  )
+  proc = _tpu_pod(tmp_path)
   log = proc.stdout + proc.stderr
   assert proc.returncode != 0, log[-4000:]
-  assert "[score] FAILED" in log, log[-4000:]
+  assert "[score] FAILED" in log and "STEP_RC=3 worker-1" in log, log[-4000:]
   calls = _calls(tmp_path)
   assert not any(c[3] == "delete" for c in calls)
   assert not any("selectit_jax.select" in " ".join(c) for c in calls)
   assert not (bucket / "runs" / "r" / "selection").exists()
-  for w in (0, 1):
-    text = (bucket / "runs" / "r" / "logs" / f"score-worker-{w}.log").read_text()
-    assert "error:" in text, text[-2000:]
+  logs = bucket / "runs" / "r" / "logs"
+  assert "simulated crash" in (logs / "score-worker-1.log").read_text()
+  assert (logs / "score-worker-0.log").exists()  # stopped, and its log still copied
+  assert (tmp_path / "worker-0" / "selectit_steps" / "score.rc").read_text().strip() != "0"
