@@ -44,7 +44,11 @@ def score_config() -> ml_collections.ConfigDict:
   )
   config.engine = ml_collections.ConfigDict(
       dict(
-          batch_size=4,  # rows per step; a multiple of mesh data×fsdp
+          # Rows per step, global (all devices together): each data×fsdp shard gets
+          # batch_size / (data×fsdp) rows. A batch that does not divide is rounded up to the
+          # next multiple of data×fsdp with a logged note (score and plan alike), so one
+          # config runs unchanged on 1 CPU device, 8 fake devices (launch/local.sh) and a pod.
+          batch_size=4,
           max_tokens=2048,  # longer texts: see too_long
           too_long="truncate",  # truncate (one cut for all prompts; README) | reject the record
           max_shapes=5,  # compiled sequence lengths (buckets: see fit_buckets)

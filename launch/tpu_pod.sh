@@ -13,6 +13,13 @@
 # worker: a shared, resumable score store (rerun `score` after preemption: stored rows are
 # skipped) and weights read by byte range, not copied. Runtimes: v4 tpu-ubuntu2204-base,
 # v5e v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e.
+#
+# Each remote step runs detached on its workers (nohup setsid), so it outlives this ssh
+# session: the script only polls for the step's status file, reconnecting when ssh drops
+# (rerunning a step starts it anew; it does not attach to a running one). Every worker copies
+# its step log to gs://$BUCKET/$RUN/logs/<step>-<host>.log.
+# A step that fails on any worker is stopped on the others, and `all` ends before select and
+# delete (slice and logs kept).
 set -euo pipefail
 
 : "${TPU_NAME:?}" "${ZONE:?}" "${ACCELERATOR:?}" "${BUCKET:?}" "${CONFIG:?}" "${MODEL:?}" "${RUN:?}"
@@ -21,11 +28,78 @@ DATA=${DATA:-}                      # '' = the ShareGPT file the package ships
 SPOT=${SPOT:-0}                     # 1 = spot/preemptible capacity
 KEEP=${KEEP:-0}                     # 1 = `all` does not delete the slice at the end
 EXTRA=${EXTRA:-}                    # more flags for score, e.g. --config.prompts.k=5
-GCS=/mnt/gcs
+POLL=${POLL:-30}                    # seconds between a waiting worker's status checks
+SSH_RETRIES=${SSH_RETRIES:-20}      # reconnections while waiting on a step
+GCS=${GCS_MOUNT:-/mnt/gcs}          # where workers mount the bucket (tests use a local dir)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 
 tpu() { gcloud compute tpus tpu-vm "$@" --zone="$ZONE"; }
-on_all() { tpu ssh "$TPU_NAME" --worker=all --command="$1"; }
+on() { tpu ssh "$TPU_NAME" --worker="$1" --command="$2"; }  # $1: all or a worker index
+
+workers() {  # how many workers must report a status for --worker=all
+  tpu describe "$TPU_NAME" --format='value(networkEndpoints.len())'
+}
+
+# run_step NAME WORKER CMD: runs CMD (bash, `set -euo pipefail`) detached on WORKER (all or
+# an index) and polls until every worker has written its status. The first failure stops
+# the step on the other workers too (they would wait on it in a collective forever), like
+# launch/local.sh; the step fails unless every worker reports 0.
+run_step() {
+  local name=$1 worker=$2 cmd=$3 dir='~/selectit_steps' expect=1
+  if [[ $worker == all ]]; then expect=$(workers); fi
+  # CMD and its wrapper as files: no quoting of CMD through gcloud, ssh and the remote shell.
+  # The wrapper is not -e: the status and the log copy must happen whatever CMD does. CMD
+  # gets its own process group (setsid), whose id is the pid file, so it can be stopped.
+  local body wrapper
+  body=$(printf 'set -euo pipefail\n%s\n' "$cmd")
+  wrapper=$(cat <<EOF
+set -uo pipefail
+setsid bash $dir/$name.cmd > $dir/$name.log 2>&1 < /dev/null &
+echo \$! > $dir/$name.pid
+wait \$!
+rc=\$?
+gcloud storage cp $dir/$name.log "gs://$BUCKET/$RUN/logs/$name-\$(hostname).log" \
+  >> $dir/$name.log 2>&1 || echo "copying the log to gs://$BUCKET/$RUN/logs failed" >> $dir/$name.log
+echo \$rc > $dir/$name.rc
+EOF
+)
+  echo "[$name] starting on worker(s) $worker; logs: gs://$BUCKET/$RUN/logs/$name-<host>.log"
+  on "$worker" "set -euo pipefail; mkdir -p $dir; rm -f $dir/$name.rc $dir/$name.pid
+    echo $(printf %s "$body" | base64 | tr -d '\n') | base64 -d > $dir/$name.cmd
+    echo $(printf %s "$wrapper" | base64 | tr -d '\n') | base64 -d > $dir/$name.sh
+    nohup setsid bash $dir/$name.sh > /dev/null 2>&1 < /dev/null &"
+  # Each poll is a short ssh that exits 0 when it could look; a nonzero exit is ssh itself:
+  # try again, the step keeps running.
+  local out tries=0 reported=0 failed=''
+  out=$(mktemp)
+  while true; do
+    sleep "$POLL"
+    if ! on "$worker" "set -euo pipefail; if [[ -f $dir/$name.rc ]]; then
+        echo STEP_RC=\$(cat $dir/$name.rc) \$(hostname); else echo STEP_RUNNING \$(hostname); fi" \
+        > "$out"; then
+      tries=$((tries + 1))
+      if ((tries > SSH_RETRIES)); then echo "[$name] ssh failed $tries times" >&2; break; fi
+      echo "[$name] ssh failed; trying again ($tries/$SSH_RETRIES)" >&2
+      continue
+    fi
+    reported=$(grep -c '^STEP_RC=' "$out" || true)
+    failed=$(grep '^STEP_RC=' "$out" | grep -v '^STEP_RC=0 ' || true)
+    if [[ -n $failed || $reported -ge $expect ]]; then break; fi
+  done
+  rm -f "$out"
+  if [[ -n $failed ]]; then  # stop the step where it still runs, then let its log land
+    on "$worker" "set -euo pipefail; if [[ ! -f $dir/$name.rc && -f $dir/$name.pid ]]; then
+        kill -TERM -- -\$(cat $dir/$name.pid) || true; fi" || true
+    sleep "$POLL"
+  fi
+  on "$worker" "set -euo pipefail; tail -n 20 $dir/$name.log | sed \"s/^/[\$(hostname)] /\"" || true
+  if [[ -n $failed || $reported -lt $expect ]]; then
+    echo "[$name] FAILED ($reported of $expect workers reported): ${failed:-no status}" >&2
+    echo "[$name] logs: gs://$BUCKET/$RUN/logs/ and $dir/$name.log on each worker" >&2
+    return 1
+  fi
+  echo "[$name] done on $reported worker(s)"
+}
 
 create() {  # reuse the slice if it already exists
   if tpu describe "$TPU_NAME" >/dev/null 2>&1; then echo "reusing $TPU_NAME"; return; fi
@@ -36,12 +110,12 @@ create() {  # reuse the slice if it already exists
 setup() {  # the committed code on every worker, a venv with jax[tpu], gcsfuse mounted
   git -C "$REPO" archive --format=tar.gz -o /tmp/selectit_jax.tar.gz HEAD
   tpu scp /tmp/selectit_jax.tar.gz "$TPU_NAME":~/ --worker=all
-  on_all "set -e
-    mkdir -p ~/selectit_jax && tar xzf ~/selectit_jax.tar.gz -C ~/selectit_jax
+  run_step setup all "rm -rf ~/selectit_jax && mkdir -p ~/selectit_jax
+    tar xzf ~/selectit_jax.tar.gz -C ~/selectit_jax
     if ! command -v gcsfuse >/dev/null; then
       export GCSFUSE_REPO=gcsfuse-\$(lsb_release -c -s)
       echo \"deb https://packages.cloud.google.com/apt \$GCSFUSE_REPO main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list
-      curl -s https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add -
+      curl -fsS https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add -
       sudo apt-get update -q && sudo apt-get install -yq gcsfuse python3-venv
     fi
     sudo mkdir -p $GCS && sudo chown \$USER $GCS
@@ -50,26 +124,37 @@ setup() {  # the committed code on every worker, a venv with jax[tpu], gcsfuse m
     ~/venv/bin/pip install -q -U 'jax[tpu]' -e ~/selectit_jax"
 }
 
-score_cmd() {  # $1: module; the same command on every worker (jax.distributed joins them)
-  echo "cd ~/selectit_jax && ~/venv/bin/python -m selectit_jax.$1 --config=$CONFIG \
-    --config.model.path=$GCS/$MODEL ${DATA:+--config.data.path=$GCS/$DATA} \
+# plan and select run on worker 0 alone: JAX_PLATFORMS=cpu (the commands also pin CPU) so
+# they never open the TPU, which on one host of a multi-host slice waits for all the others.
+plan() { run_step plan 0 "cd ~/selectit_jax && JAX_PLATFORMS=cpu ~/venv/bin/python \
+    -m selectit_jax.plan --config=$CONFIG --config.model.path=$GCS/$MODEL $EXTRA"; }
+score() {  # the same command on every worker (jax.distributed joins them)
+  run_step score all "cd ~/selectit_jax && ~/venv/bin/python -m selectit_jax.score \
+    --config=$CONFIG --config.model.path=$GCS/$MODEL ${DATA:+--config.data.path=$GCS/$DATA} \
     --config.output_dir=$GCS/$RUN --config.distributed.initialize=always $EXTRA"
 }
-
-plan() { tpu ssh "$TPU_NAME" --worker=0 --command="cd ~/selectit_jax && ~/venv/bin/python \
-    -m selectit_jax.plan --config=$CONFIG --config.model.path=$GCS/$MODEL $EXTRA"; }
-score() { on_all "$(score_cmd score) 2>&1 | tee -a ~/score.log"; }
 select_() {  # no model: one worker reads every process's shards from the shared store
-  tpu ssh "$TPU_NAME" --worker=0 --command="cd ~/selectit_jax && ~/venv/bin/python -m \
+  run_step select 0 "cd ~/selectit_jax && JAX_PLATFORMS=cpu ~/venv/bin/python -m \
     selectit_jax.select --config=configs/select.py --config.scores_dir=$GCS/$RUN \
     --config.output_dir=$GCS/$RUN/selection ${SELECT_EXTRA:-}"
   echo "outputs: gs://$BUCKET/$RUN (shards/, manifest.json) and gs://$BUCKET/$RUN/selection"
 }
 delete() { tpu delete "$TPU_NAME" --quiet; }
 
+# Each step on its own line: with `set -e`, the first failing step ends the script, so a
+# failed score never reaches select or delete.
+all() {
+  create
+  setup
+  plan
+  score
+  select_
+  if [[ $KEEP != 1 ]]; then delete; fi
+}
+
 case "${1:-all}" in
   create) create ;; setup) setup ;; plan) plan ;; score) score ;; select) select_ ;;
-  delete) delete ;; ssh) shift; on_all "$*" ;;
-  all) create; setup; plan; score; select_; [[ $KEEP == 1 ]] || delete ;;
+  delete) delete ;; ssh) shift; on all "set -euo pipefail; $*" ;;
+  all) all ;;
   *) echo "usage: $0 [all|create|setup|plan|score|select|delete|ssh CMD]" >&2; exit 2 ;;
 esac

@@ -47,6 +47,19 @@ def run_main(main: Callable[[list[str]], int | None]) -> None:
   app.run(_guarded(main), flags_parser=_parse_flags)
 
 
+def force_cpu() -> None:
+  """Pins JAX to the CPU platform; call first in the main of a command that needs no
+  accelerator (plan, select, sweep).
+
+  launch/tpu_pod.sh runs those on worker 0 only. On one host of a multi-host TPU slice,
+  initialising the TPU backend blocks until every host joins, so such a step would hang;
+  on CPU it cannot. Also keeps a GPU node's memory free for a score run beside it.
+  """
+  import jax  # noqa: PLC0415  (importing does not initialise a backend)
+
+  jax.config.update("jax_platforms", "cpu")
+
+
 def fail(message: str) -> None:
   """Prints a message's detail lines, then `error: <last line>`, and exits with status 2.
 

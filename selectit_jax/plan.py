@@ -19,6 +19,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Scoring config file."
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.force_cpu()  # runs on one worker of a pod: must not wait for the others
   fits, lines = memory.plan_config(_CONFIG.value)
   print("\n".join(lines))
   return 0 if fits else 1

@@ -21,6 +21,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.force_cpu()  # runs on one worker of a pod: must not wait for the others
   runner.run(_CONFIG.value)
 
 

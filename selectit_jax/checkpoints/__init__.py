@@ -45,8 +45,9 @@ def tensor_source(path: str) -> tuple[hf.TensorSource, DecoderConfig]:
 def param_shapes(cfg: DecoderConfig):
   """Abstract param tree (shapes, dtypes, logical-axis metadata) without allocating."""
   model = registry.build(cfg)
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, tokens, tokens + 1))
+  # Abstract inputs too: a concrete array here would initialise a backend (`plan` must not).
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  return jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t, t, t + 1), tokens)
 
 
 def load_params(cfg: DecoderConfig, source: hf.TensorSource, shardings=None):

@@ -174,12 +174,14 @@ def check_config(config, model_path: str, mesh) -> None:
   """The score command's pre-flight check: raises (config.memory.check) or warns when the
   configured batch and longest bucket will not fit the mesh's devices."""
   cfg = arch(config, model_path)
+  # The batch the run will use (score rounds it up to a multiple of data×fsdp too).
+  batch_size = sharding.effective_batch_size(config.engine.batch_size, dict(mesh.shape))
   device = config.memory.device or devices.detect(mesh.devices.flat[0])
   local = sum(d.process_index == mesh.devices.flat[0].process_index for d in mesh.devices.flat)
   fits, lines = fit_lines(
       cfg,
       dict(mesh.shape),
-      config.engine.batch_size,
+      batch_size,
       max_length(config),
       device,
       local,
@@ -201,15 +203,26 @@ def plan_config(config) -> tuple[bool, list[str]]:
   cfg = arch(config)
   num_devices = config.memory.get("num_devices") or jax.device_count()
   sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
+  batch_size = sharding.effective_batch_size(config.engine.batch_size, sizes)
   device = config.memory.device or devices.detect(jax.devices()[0])
   local = 1 if device != "cpu" else jax.local_device_count()
-  return fit_lines(
+  fits, lines = fit_lines(
       cfg,
       sizes,
-      config.engine.batch_size,
+      batch_size,
       max_length(config),
       device,
       local,
       config.memory.headroom,
       config.engine.max_segments,
+  )
+  if batch_size != config.engine.batch_size:
+    lines.insert(0, batch_note(config.engine.batch_size, batch_size, sizes))
+  return fits, lines
+
+
+def batch_note(configured: int, effective: int, mesh_sizes) -> str:
+  return (
+      f"note: engine.batch_size={configured} rounded up to {effective}, a multiple of the "
+      f"mesh's data×fsdp={sharding.row_shards(mesh_sizes)} (batch_size is global)"
   )

@@ -51,6 +51,20 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
+def row_shards(mesh_sizes) -> int:
+  """Devices a batch's rows are split over: data×fsdp (`activation_batch`)."""
+  return int(mesh_sizes["data"]) * int(mesh_sizes["fsdp"])
+
+
+def effective_batch_size(batch_size: int, mesh_sizes) -> int:
+  """engine.batch_size is global; a run on more row shards than it divides rounds it up to
+  the next multiple of data×fsdp (never down: fewer rows per step would change no result,
+  but a larger batch may not fit, which the memory check then says), so one config runs on
+  one CPU device, 8 fake devices and a pod alike."""
+  shards = row_shards(mesh_sizes)
+  return -(-int(batch_size) // shards) * shards
+
+
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
   """All (global) devices as a (data, fsdp, tensor) mesh. On TPU the device order follows
   the physical torus (mesh_utils), so `tensor` neighbours share the fastest links; elsewhere,

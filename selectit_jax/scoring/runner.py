@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import time
 
 import jax
@@ -153,6 +155,100 @@ def read_input(config):
   return data_cfg, records, rejects, info
 
 
+# What every process must agree on before the first scoring step, in digest order.
+AGREEMENT_PARTS = ("input bytes", "records", "tokenizer", "prompts and template", "batch plan")
+
+
+def plan_digest(plan: batching.Plan | None) -> bytes:
+  """sha256 of everything a process will feed the jitted steps: the shared prefixes, the
+  buckets and every batch's rows (sample, prompt, token ids, skips, length), in order."""
+  h = hashlib.sha256()
+  if plan is None:
+    return h.digest()
+  h.update(repr((plan.prefixes, tuple(plan.buckets))).encode())
+  for b in plan.batches:
+    rows = tuple(tuple((it.sample_index, it.prompt_index, it.ids) for it in row) for row in b.rows)
+    h.update(repr((b.length, b.skips, rows)).encode())
+  return h.digest()
+
+
+def _input_bytes_digest(info: records_lib.ReadInfo) -> bytes:
+  """sha256 of the first `bytes_read` bytes of the input file (what parsing consumed); a
+  non-file source (TFDS) is covered by the records digest alone."""
+  h = hashlib.sha256(repr((info.format, info.container, info.num_read)).encode())
+  if info.path and os.path.isfile(info.path):
+    left = info.bytes_read
+    with open(info.path, "rb") as f:
+      while left > 0:
+        chunk = f.read(min(left, 1 << 20))
+        if not chunk:
+          break
+        h.update(chunk)
+        left -= len(chunk)
+  return h.digest()
+
+
+def _tokenizer_digest(tokenizer) -> bytes:
+  """sha256 of the vocabulary and, for fast tokenizers, the whole pipeline (normalizer,
+  pre-tokenizer, merges, post-processor) as serialised by the tokenizers library."""
+  h = hashlib.sha256(repr(sorted(tokenizer.hf.get_vocab().items())).encode())
+  backend = getattr(tokenizer.hf, "backend_tokenizer", None)
+  if backend is not None:
+    h.update(backend.to_str().encode())
+  h.update(repr((tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)).encode())
+  return h.digest()
+
+
+def agreement_digests(info, records, tokenizer, prompts, template, plan) -> np.ndarray:
+  """[len(AGREEMENT_PARTS), 32] uint8: one sha256 per part, in AGREEMENT_PARTS order."""
+  rec = hashlib.sha256()
+  for r in records:
+    rec.update(repr((r.index, r.id, r.instruction, r.response)).encode())
+  parts = (
+      _input_bytes_digest(info),
+      rec.digest(),
+      _tokenizer_digest(tokenizer),
+      hashlib.sha256(repr((tuple(prompts), template)).encode()).digest(),
+      plan_digest(plan),
+  )
+  return np.frombuffer(b"".join(parts), np.uint8).reshape(len(parts), 32)
+
+
+def differing_processes(gathered: np.ndarray) -> dict[int, list[str]]:
+  """{process: the parts where its digests differ from process 0's} for [P, parts, 32]."""
+  out = {}
+  for p in range(1, gathered.shape[0]):
+    parts = [
+        AGREEMENT_PARTS[i]
+        for i in range(gathered.shape[1])
+        if (gathered[p, i] != gathered[0, i]).any()
+    ]
+    if parts:
+      out[p] = parts
+  return out
+
+
+def check_processes_agree(digests: np.ndarray) -> None:
+  """Every process must run the same steps on the same inputs: a host that read other data
+  (a stale copy, a different --config.data.limit), another tokenizer or prompts would either
+  hang a collective or store rows under keys that mean something else. All processes gather
+  every digest, so all raise the same error (none is left waiting)."""
+  if jax.process_count() == 1:
+    return
+  gathered = np.asarray(multihost_utils.process_allgather(digests))
+  gathered = gathered.reshape(jax.process_count(), *digests.shape)
+  bad = differing_processes(gathered)
+  if bad:
+    detail = "; ".join(f"process {p}: {', '.join(parts)}" for p, parts in sorted(bad.items()))
+    raise ValueError(
+        f"processes disagree with process 0 before scoring ({detail}): every host must read "
+        f"the same data, tokenizer, prompts and config"
+    )
+  logging.info(
+      "all %d processes agree on inputs, tokenizer, prompts and batch plan", jax.process_count()
+  )
+
+
 def pending_batches(plan: batching.Plan, stored: set, model_key: str) -> list[batching.Batch]:
   """The plan's batches with a text not yet stored. Multi-process: every process must run
   the same steps, so process 0's view of the shared store decides, read before anyone
@@ -161,6 +257,20 @@ def pending_batches(plan: batching.Plan, stored: set, model_key: str) -> list[ba
   if jax.process_count() > 1:
     pending = np.asarray(multihost_utils.broadcast_one_to_all(pending))
   return [b for b, p in zip(plan.batches, pending) if p]
+
+
+def with_effective_batch(config, mesh):
+  """config with engine.batch_size rounded up to a multiple of the mesh's data×fsdp (see
+  sharding.effective_batch_size), so the plan, the memory check and the steps share it."""
+  sizes = dict(mesh.shape)
+  batch_size = sharding.effective_batch_size(config.engine.batch_size, sizes)
+  if batch_size == config.engine.batch_size:
+    return config
+  logging.info("%s", memory.batch_note(config.engine.batch_size, batch_size, sizes))
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.engine.batch_size = batch_size
+  return config
 
 
 def run(config) -> Summary:
@@ -177,6 +287,7 @@ def run(config) -> Summary:
   store = store_lib.ScoreStore(config.output_dir, jax.process_index())
 
   mesh = sharding.make_mesh(config.mesh)
+  config = with_effective_batch(config, mesh)
   # Refuse a run that cannot fit before reading any weights.
   memory.check_config(config, model_path, mesh)
   model = checkpoints.load_model(
@@ -195,6 +306,10 @@ def run(config) -> Summary:
       records, prompts, template, tokenizer, config.engine.max_tokens, config.engine.too_long
   )
   rejects = list(rejects) + too_long
+  plan = batching.make_plan(items, config.engine, model.config) if items else None
+  # Before anything is written or any step runs (an empty plan included: a process with
+  # nothing to score must not leave the others waiting).
+  check_processes_agree(agreement_digests(info, records, tokenizer, prompts, template, plan))
   if jax.process_index() == 0:  # shared files (rejects, manifest) have one writer
     store.write_rejects(rejects, info.num_read)
     store.write_manifest(manifest)
@@ -207,7 +322,6 @@ def run(config) -> Summary:
     logging.warning("nothing to score")
     return summary
 
-  plan = batching.make_plan(items, config.engine, model.config)
   stored = store.stored_keys()
   todo = pending_batches(plan, stored, model_key)
   summary.skipped_rows = sum(it.key(model_key) in stored for it in items)
