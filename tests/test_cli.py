@@ -121,10 +121,10 @@ def _cases():
           "--config.data.path={d}/missing.json",
           "--config.output_dir={d}/t",
       ],
-      "plan_bad_batch": [
+      "plan_bad_mesh": [
           "plan",
           "--config=configs/llama2_70b.py:v5e-8",
-          "--config.engine.batch_size=3",
+          "--config.mesh.tensor=3",
       ],
       "plan_bad_preset": ["plan", "--config=configs/llama2_70b.py:v5e-1"],
   }
@@ -142,7 +142,7 @@ _EXPECT = {
     "select_bad_mode": "'x'",
     "sweep_empty_scores": "noscores",
     "train_missing_data": "missing.json",
-    "plan_bad_batch": "engine.batch_size=3",
+    "plan_bad_mesh": "needs 24 devices, 8 are present",
     "plan_bad_preset": "'v5e-1'",
 }
 
