@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from conftest import right_padded
 import torch
 import transformers
 
@@ -82,17 +84,6 @@ def _random_params(cfg, seed=0):
   return jax.tree_util.tree_map_with_path(draw, unboxed)
 
 
-def _right_padded(seqs):
-  t = max(map(len, seqs))
-  tokens = np.zeros((len(seqs), t), np.int32)
-  segments = np.zeros((len(seqs), t), np.int32)
-  for i, s in enumerate(seqs):
-    tokens[i, : len(s)] = s
-    segments[i, : len(s)] = 1
-  positions = np.broadcast_to(np.arange(t, dtype=np.int32), tokens.shape)
-  return tokens, positions, segments
-
-
 def _ours(cfg, params, tokens, positions, segments):
   model = registry.build(cfg)
   hidden = model.apply({"params": params}, tokens, positions, segments)
@@ -124,7 +115,7 @@ def test_logits_match_transformers(case):
 
   rng = np.random.default_rng(0)
   seqs = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (40, 5, 23)]
-  tokens, positions, segments = _right_padded(seqs)
+  tokens, positions, segments = right_padded(seqs)
   ours = _ours(cfg, model.params, tokens, positions, segments)
   with torch.no_grad():
     theirs = ref(
