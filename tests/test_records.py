@@ -474,6 +474,14 @@ def test_real_sharegpt_turn_policy_counts():
   objs = [obj for _, obj in itertools.islice(C.open_container(path), 64)]
   counts = R.turn_policy_counts(objs)
   for policy, n in counts.items():
-    recs, _, _ = R.read_records({"path": path, "limit": 64, "turns": policy})
+    recs, _, info = R.read_records({"path": path, "limit": 64, "turns": policy})
     assert len(recs) == n, policy
+    assert info.turn_counts == counts  # counted in read_records' own pass, whatever the policy
   assert counts["first"] < counts["first_user"] <= counts["released"] <= 64
+
+
+def test_turn_counts_only_for_chat_formats(tmp_path):
+  path = tmp_path / "a.jsonl"
+  path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n')
+  _, _, info = R.read_records({"path": str(path)})
+  assert info.format == "alpaca" and info.turn_counts == {}

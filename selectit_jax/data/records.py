@@ -41,6 +41,7 @@ USER_ROLES = frozenset({"human", "user"})
 ASSISTANT_ROLES = frozenset({"gpt", "chatgpt", "assistant", "bing", "bard"})
 SYSTEM_ROLES = frozenset({"system"})
 SHAPES = ("sharegpt", "alpaca", "messages")
+_CHAT_SHAPES = ("sharegpt", "messages")  # the formats turn policies apply to
 TURN_POLICIES = ("first", "first_user", "released")
 
 
@@ -71,6 +72,8 @@ class ReadInfo:
   truncated_at: int | None  # byte offset where an incomplete JSON tail starts
   bytes_read: int
   container: str = ""  # json | jsonl | parquet | tfds: the layout write_records needs
+  # {turn policy: records read that it accepts}, counted in the same pass (chat formats).
+  turn_counts: dict = dataclasses.field(default_factory=dict)
 
 
 def _get(cfg, name, default):
@@ -253,13 +256,17 @@ def _resolve(cfg_data) -> _Settings:
 
 
 def _parse_all(items, s: _Settings, path: str):
-  """(records, rejects, num_read, shape) from the (index, obj | Bad) items."""
+  """(records, rejects, num_read, shape, turn_counts) from the (index, obj | Bad) items."""
   shape = s.format if s.format in SHAPES else None
   records, rejects, first_index_of = [], [], {}
+  turn_counts = dict.fromkeys(TURN_POLICIES, 0)
   num_read = 0
   for index, obj in items:
     num_read += 1
     rid = None
+    if not isinstance(obj, Bad) and (shape or "sharegpt") in _CHAT_SHAPES:
+      for policy, n in turn_policy_counts([obj], shape, s.sep).items():
+        turn_counts[policy] += n
     try:
       if isinstance(obj, Bad):
         raise obj
@@ -281,14 +288,14 @@ def _parse_all(items, s: _Settings, path: str):
       rejects.append(Reject(index, rid, str(e)))
     if s.limit and num_read >= s.limit:
       break
-  return records, rejects, num_read, shape
+  return records, rejects, num_read, shape, turn_counts
 
 
 def read_records(cfg_data) -> tuple[list[Record], list[Reject], ReadInfo]:
   """Reads config.data: path, format, limit, turns, alpaca_input_sep (tfds: split)."""
   s = _resolve(cfg_data)
   box = containers.open_container(s.path, s.format, s.split)
-  records, rejects, num_read, shape = _parse_all(box, s, box.path)
+  records, rejects, num_read, shape, turn_counts = _parse_all(box, s, box.path)
   info = ReadInfo(
       path=box.path,
       format=shape or "",
@@ -298,6 +305,7 @@ def read_records(cfg_data) -> tuple[list[Record], list[Reject], ReadInfo]:
       truncated_at=box.truncated_at,
       bytes_read=box.bytes_read,
       container=box.kind,
+      turn_counts=turn_counts if shape in _CHAT_SHAPES else {},
   )
   logging.info(
       "read %s: %d records (%d ok, %d rejected) format=%s/%s",
@@ -309,14 +317,6 @@ def read_records(cfg_data) -> tuple[list[Record], list[Reject], ReadInfo]:
       box.kind,
   )
   return records, rejects, info
-
-
-def turn_policy_counts_of(cfg_data, num_read: int, shape: str | None = None) -> dict[str, int]:
-  """turn_policy_counts over the first num_read records of config.data's input."""
-  s = _resolve(cfg_data)
-  box = containers.open_container(s.path, s.format, s.split)
-  objs = (obj for (_, obj), _ in zip(box, range(num_read)))
-  return turn_policy_counts(objs, shape if shape in SHAPES else None, s.sep)
 
 
 def turn_policy_counts(

@@ -84,18 +84,16 @@ def model_settings(config) -> dict:
 
 
 def turn_counts(data_cfg, info: records_lib.ReadInfo) -> dict:
-  """How many of the records read each turn policy accepts (chat formats), logged so a user
-  sees what data.turns chose among."""
-  if info.format not in ("sharegpt", "messages") or not info.num_read:
-    return {}
-  counts = records_lib.turn_policy_counts_of(data_cfg, info.num_read, info.format)
-  logging.info(
-      "turn policies over the %d records read: %s (data.turns=%s)",
-      info.num_read,
-      ", ".join(f"{k} {v}" for k, v in counts.items()),
-      data_cfg.turns,
-  )
-  return counts
+  """How many of the records read each turn policy accepts (chat formats; counted while
+  reading), logged so a user sees what data.turns chose among."""
+  if info.turn_counts:
+    logging.info(
+        "turn policies over the %d records read: %s (data.turns=%s)",
+        info.num_read,
+        ", ".join(f"{k} {v}" for k, v in info.turn_counts.items()),
+        data_cfg.turns,
+    )
+  return info.turn_counts
 
 
 def run_manifest(
