@@ -1,0 +1,90 @@
+"""The study's arms (which records each trains on) and its paired bootstrap."""
+
+import numpy as np
+import pytest
+
+from selectit_jax.selection import inputs
+from selectit_jax.selection import runner as selection_runner
+from selectit_jax.studies import arms as arms_lib
+from selectit_jax.studies import stats
+from tests.conftest import select_cfg
+from tests.conftest import write_score_dir
+
+
+def _pool(tmp_path, data_path, models=("m",)):
+  dirs = [
+      write_score_dir(tmp_path, m, data_path, 100 * (i + 1), model_shift=0.01 * i)
+      for i, m in enumerate(models)
+  ]
+  notes = []
+  recs, _ = inputs.load_input_records(dirs, notes)
+  loaded = inputs.load_scores(dirs, samples=list(recs.values()))
+  return recs, loaded
+
+
+def test_arms_share_the_pool_and_size(tmp_path, data_path):
+  recs, loaded = _pool(tmp_path, data_path)
+  cfg = select_cfg(proportion=0.5)
+  kinds = arms_lib.parse_kinds("base,selectit,random,longest,full")
+  arms = arms_lib.build_arms(kinds, cfg, loaded, {i: r.response for i, r in recs.items()}, (0, 1))
+  arms_lib.check_sizes(arms)
+  by = {a.name: a for a in arms}
+  assert list(by) == ["base", "selectit", "random_s0", "random_s1", "longest", "full"]
+  # SelectIT's arm is exactly what `select` keeps, in rank order.
+  cfg.level = "sentence"
+  ranked = selection_runner.rank_samples(loaded, cfg, [1.0])
+  assert by["selectit"].indices == tuple(
+      int(i) for i in loaded.sample_index[ranked.order[: ranked.num_kept]]
+  )
+  pool = set(int(i) for i in loaded.sample_index[ranked.valid])
+  assert set(by["full"].indices) == pool and len(pool) == ranked.valid.sum()
+  for name in ("random_s0", "random_s1", "longest"):
+    assert set(by[name].indices) <= pool and len(by[name].indices) == ranked.num_kept
+  assert by["random_s0"].indices != by["random_s1"].indices
+  # longest: no record outside the arm has a longer response than one inside it
+  length = {i: len(recs[i].response) for i in pool}
+  inside = [length[i] for i in by["longest"].indices]
+  outside = [length[i] for i in pool - set(by["longest"].indices)]
+  assert min(inside) >= max(outside)
+  assert by["base"].indices == () and not by["base"].trains
+
+
+def test_model_level_arm_needs_two_raters(tmp_path, data_path):
+  recs, loaded = _pool(tmp_path, data_path)
+  with pytest.raises(ValueError, match="two or more models"):
+    arms_lib.build_arms(["selectit_model"], select_cfg(), loaded, {}, (0,))
+  recs, loaded = _pool(tmp_path / "two", data_path, models=("a", "b"))
+  (arm,) = arms_lib.build_arms(["selectit_model"], select_cfg(), loaded, {}, (0,))
+  assert (
+      len(arm.indices)
+      == selection_runner.rank_samples(loaded, select_cfg(level="model"), [100.0, 200.0]).num_kept
+  )
+
+
+def test_unknown_arm_is_refused():
+  with pytest.raises(ValueError, match="unknown arm"):
+    arms_lib.parse_kinds("selectit,best")
+
+
+def test_paired_bootstrap():
+  rng = np.random.default_rng(1)
+  ref = rng.integers(0, 2, 400).astype(float)
+  out = stats.paired_bootstrap(
+      {
+          "random": ref,
+          "same": ref.copy(),
+          "plus": ref + 1.0,
+          "half": np.r_[ref[:200], 1 - ref[200:]],
+      },
+      "random",
+  )
+  assert out["same"]["delta"] == 0 and out["same"]["delta_lo"] == out["same"]["delta_hi"] == 0
+  # a constant shift survives pairing exactly; unpaired intervals would be ~0.1 wide
+  assert out["plus"]["delta_lo"] == out["plus"]["delta_hi"] == pytest.approx(1.0)
+  m = out["random"]
+  assert m["lo"] < m["mean"] < m["hi"] and m["mean"] == pytest.approx(ref.mean())
+  # binomial: half-width ≈ 1.96·sqrt(p(1-p)/n)
+  half = 1.96 * np.sqrt(m["mean"] * (1 - m["mean"]) / 400)
+  assert (m["hi"] - m["lo"]) / 2 == pytest.approx(half, rel=0.15)
+  with pytest.raises(ValueError, match="same items"):
+    stats.paired_bootstrap({"a": np.ones(3), "b": np.ones(4)}, "a")
