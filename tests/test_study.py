@@ -88,3 +88,23 @@ def test_paired_bootstrap():
   assert (m["hi"] - m["lo"]) / 2 == pytest.approx(half, rel=0.15)
   with pytest.raises(ValueError, match="same items"):
     stats.paired_bootstrap({"a": np.ones(3), "b": np.ones(4)}, "a")
+
+
+def test_report_pools_random_seeds_and_pairs_items(tmp_path):
+  from selectit_jax.studies import report
+
+  items = {f"q{i}": float(i % 2) for i in range(40)}
+  flipped = {k: 1.0 - v for k, v in items.items()}
+  results = [
+      report.ArmResult("random_s0", "random", 8, 1000, 60.0, {"arc": items}),
+      report.ArmResult("random_s1", "random", 8, 1200, 60.0, {"arc": flipped}),
+      report.ArmResult("selectit", "selectit", 8, 900, 30.0, {"arc": dict(items, extra=1.0)}),
+  ]
+  items_, scores = report.group_scores(results, "arc")
+  assert len(items_) == 40 and np.all(scores["random"] == 0.5)  # seeds averaged per item
+  summary = report.summarize(results, ["arc"], num=200)
+  assert summary["arc"]["selectit"]["delta"] == pytest.approx(0.0)
+  path = report.write(str(tmp_path), results, summary, ["# study"])
+  text = open(path).read()
+  assert "| random (2 seeds) | 8 | 1,100 |" in text and "50.0 ±" in text
+  assert (tmp_path / "study.png").stat().st_size > 1000
