@@ -17,7 +17,7 @@ from selectit_jax.parallel import sharding
 from test_gemma3 import TINY as GEMMA_TINY, _write_tiny as write_tiny_gemma
 
 ONE_DEVICE = dict(data=1, fsdp=1, tensor=1)
-MAX_NEW = 24
+MAX_NEW = 16
 
 
 def _generator(model, mesh_cfg, devices, **kw):

@@ -237,8 +237,9 @@ class Generator:
       decode: Callable[[Sequence[int]], str] | None = None,
   ) -> list[list[int]]:
     """Greedy continuations of `prompts`, in their order. A row ends at an EOS id (left
-    out of its ids), after the token that completes a `stop` string in `decode(ids)` (kept:
-    the caller cuts the text at the string), or after max_new_tokens."""
+    out of its ids), after the token that completes a `stop` string in the text of its
+    generated ids, `decode(ids)` (that token is kept: the caller cuts the text at the
+    string), or after max_new_tokens."""
     if stop and decode is None:
       raise ValueError("stop strings need a decode function (token ids -> text)")
     for i, p in enumerate(prompts):
