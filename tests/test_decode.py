@@ -75,7 +75,8 @@ def test_gemma3_matches_transformers_past_the_sliding_window(tmp_path):
   load = lambda **kw: transformers.Gemma3ForCausalLM.from_pretrained(
       str(tmp_path), dtype=torch.float32, attn_implementation="eager", **kw
   )
-  ref = [_hf_greedy(load(), p, MAX_NEW, 1) for p in prompts]
+  ref_model = load()
+  ref = [_hf_greedy(ref_model, p, MAX_NEW, 1) for p in prompts]
   assert ours == ref
   # The window decides these tokens: without it HF continues the longest prompt otherwise.
   assert _hf_greedy(load(sliding_window=1000), prompts[1], MAX_NEW, 1) != ref[1]
