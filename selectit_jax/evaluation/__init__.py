@@ -1,0 +1,1 @@
+"""Evaluation of a tuned model on the paper's benchmarks."""
