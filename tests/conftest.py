@@ -12,10 +12,13 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from selectit_jax.checkpoints import hf  # noqa: E402
+from selectit_jax.models.gemma3 import Gemma3, Gemma3Config  # noqa: E402
 from selectit_jax.models.llama import LlamaConfig  # noqa: E402
 from selectit_jax.data import prompts as prompts_lib  # noqa: E402
 from selectit_jax.data import records as records_lib  # noqa: E402
@@ -355,3 +358,51 @@ def right_padded(seqs):
     segments[i, : len(s)] = 1
   positions = np.broadcast_to(np.arange(t, dtype=np.int32), tokens.shape)
   return tokens, positions, segments
+
+
+# Three local layers then a global one, window 8: the 30-token texts cross it.
+TINY_GEMMA3 = Gemma3Config(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_theta=10000.0,
+    rope_local_base_freq=100.0,
+    sliding_window=8,
+    sliding_window_pattern=4,
+    query_pre_attn_scalar=24,
+    max_position_embeddings=256,
+)
+
+
+def write_tiny_gemma3(directory, cfg=TINY_GEMMA3, seed=0):
+  """Random HF safetensors of `cfg`, norms spread around HF's zero init."""
+  rng = np.random.default_rng(seed)
+  abstract = jax.eval_shape(
+      lambda: Gemma3(cfg).init(
+          jax.random.PRNGKey(0), *(jnp.zeros((1, 1), jnp.int32),) * 2, jnp.ones((1, 1), jnp.int32)
+      )
+  )
+  shapes = jax.tree.map(
+      lambda x: x.shape,
+      jax.tree.map(lambda x: x.value, abstract["params"], is_leaf=lambda x: hasattr(x, "value")),
+  )
+  params = {}
+  for spec in hf.param_table(cfg):
+    node = shapes
+    for k in spec.path:
+      node = node[k]
+    shape = tuple(node)
+    if spec.path[-1] == "scale":
+      value = 1.0 + 0.3 * rng.normal(size=shape)
+    else:
+      value = rng.normal(size=shape) * 0.7 / np.sqrt(shape[-2] if len(shape) > 1 else 1)
+    tree = params
+    for k in spec.path[:-1]:
+      tree = tree.setdefault(k, {})
+    tree[spec.path[-1]] = value.astype(np.float32)
+  hf.save_hf(directory, cfg, params)
+  return cfg

@@ -14,7 +14,7 @@ from selectit_jax import checkpoints
 from selectit_jax.checkpoints.tokenizer import load_tokenizer
 from selectit_jax.models.decode import Generator
 from selectit_jax.parallel import sharding
-from test_gemma3 import TINY as GEMMA_TINY, _write_tiny as write_tiny_gemma
+from conftest import TINY_GEMMA3 as GEMMA_TINY, write_tiny_gemma3 as write_tiny_gemma
 
 ONE_DEVICE = dict(data=1, fsdp=1, tensor=1)
 MAX_NEW = 16

@@ -14,9 +14,9 @@ import transformers
 
 from conftest import right_padded
 from conftest import REFERENCE_PROMPTS, sharegpt_records
+from conftest import TINY_GEMMA3 as TINY, write_tiny_gemma3 as _write_tiny
 from selectit_jax import assets
 from selectit_jax import checkpoints
-from selectit_jax.checkpoints import hf
 from selectit_jax.checkpoints.tokenizer import load_tokenizer, rating_token_ids
 from selectit_jax.data import prompts
 from selectit_jax.models import costs
@@ -25,53 +25,6 @@ from selectit_jax.models.layers import Prefix
 from selectit_jax.parallel import sharding
 from selectit_jax.scoring import batching
 from selectit_jax.scoring import engine
-
-# Three local layers then a global one, window 8: the 30-token texts cross it.
-TINY = Gemma3Config(
-    vocab_size=300,
-    hidden_size=64,
-    intermediate_size=96,
-    num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    rope_theta=10000.0,
-    rope_local_base_freq=100.0,
-    sliding_window=8,
-    sliding_window_pattern=4,
-    query_pre_attn_scalar=24,
-    max_position_embeddings=256,
-)
-
-
-def _write_tiny(directory, cfg=TINY, seed=0):
-  """Random HF safetensors of `cfg`, norms spread around HF's zero init."""
-  rng = np.random.default_rng(seed)
-  abstract = jax.eval_shape(
-      lambda: Gemma3(cfg).init(
-          jax.random.PRNGKey(0), *(jnp.zeros((1, 1), jnp.int32),) * 2, jnp.ones((1, 1), jnp.int32)
-      )
-  )
-  shapes = jax.tree.map(
-      lambda x: x.shape,
-      jax.tree.map(lambda x: x.value, abstract["params"], is_leaf=lambda x: hasattr(x, "value")),
-  )
-  params = {}
-  for spec in hf.param_table(cfg):
-    node = shapes
-    for k in spec.path:
-      node = node[k]
-    shape = tuple(node)
-    if spec.path[-1] == "scale":
-      value = 1.0 + 0.3 * rng.normal(size=shape)
-    else:
-      value = rng.normal(size=shape) * 0.7 / np.sqrt(shape[-2] if len(shape) > 1 else 1)
-    tree = params
-    for k in spec.path[:-1]:
-      tree = tree.setdefault(k, {})
-    tree[spec.path[-1]] = value.astype(np.float32)
-  hf.save_hf(directory, cfg, params)
-  return cfg
 
 
 @pytest.fixture(scope="module")

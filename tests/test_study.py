@@ -7,8 +7,8 @@ from selectit_jax.selection import inputs
 from selectit_jax.selection import runner as selection_runner
 from selectit_jax.studies import arms as arms_lib
 from selectit_jax.studies import stats
-from tests.conftest import select_cfg
-from tests.conftest import write_score_dir
+from conftest import select_cfg
+from conftest import write_score_dir
 
 
 def _pool(tmp_path, data_path, models=("m",)):
