@@ -178,13 +178,15 @@ def _script(path, body):
   path.chmod(0o755)
 
 
-def _python_stand_in(crash_score_as=None):
-  """A venv's python: this one, or one whose `score` crashes when the given shell test
-  holds (e.g. one worker or task), as a host whose score dies."""
+def _python_stand_in(crash_when=None, step="score", wait=""):
+  """A venv's python: this one, or one whose `step` main crashes when the shell test
+  crash_when holds (e.g. on one worker or task), as a host that dies; after the shell
+  command `wait`, if given."""
   crash = ""
-  if crash_score_as:
+  if crash_when:
     crash = (
-        f'if [[ {crash_score_as} && " $* " == *" -m selectit_jax.score "* ]]; then\n'
+        f'if [[ {crash_when} && " $* " == *" -m selectit_jax.{step} "* ]]; then\n'
+        f"  {wait or ':'}\n"
         '  echo "simulated crash $(date +%s.%N)" >&2; exit 3\nfi\n'
     )
   return f'{crash}exec {sys.executable} "$@"'
@@ -392,10 +394,10 @@ def test_tpu_pod_preempted_slice_is_recreated_and_resumed(tiny_checkpoint, tmp_p
 
 def _slurm(tmp_path, ckpt, out, crash_task=None):
   venv = tmp_path / "venv"
-  _script(
-      venv / "bin" / "python",
-      _python_stand_in(f"$SLURM_PROCID == {crash_task}" if crash_task is not None else None),
-  )
+  crash = f"$SLURM_PROCID == {crash_task}" if crash_task is not None else None
+  # Task 1 dies once task 0 serves the coordinator, i.e. waits in jax.distributed.initialize.
+  serving = "for _ in $(seq 300); do (: > /dev/tcp/${JAX_COORDINATOR_ADDRESS/://}) 2>/dev/null && break; sleep 0.1; done"
+  _script(venv / "bin" / "python", _python_stand_in(crash, step="verify", wait=serving))
   port = socket.socket()
   port.bind(("127.0.0.1", 0))
   env = _env()
@@ -416,9 +418,11 @@ def _slurm(tmp_path, ckpt, out, crash_task=None):
       EXTRA=" ".join(FLAGS),
   )
   port.close()
+  # sbatch runs a copy of the script from its spool directory, in the submit directory.
+  script = shutil.copy(os.path.join(ROOT, "launch", "slurm_gpu.sbatch"), tmp_path / "slurm_script")
   proc = subprocess.run(
-      ["bash", "launch/slurm_gpu.sbatch"],
-      cwd=tmp_path,
+      ["bash", str(script)],
+      cwd=ROOT,
       env=env,
       capture_output=True,
       text=True,
@@ -440,20 +444,21 @@ def test_slurm_sbatch_two_tasks_with_a_stand_in_srun(tiny_checkpoint, tmp_path, 
   assert (out / "selection" / "scores.jsonl").exists()
 
 
-@pytest.mark.slow  # a 2-task verify, then task 1's score dies (~15 s)
+@pytest.mark.slow  # task 1 dies at once, task 0 is stopped (~10 s)
 def test_slurm_dead_task_stops_the_other_at_once(tiny_checkpoint, tmp_path):
-  """Task 1's score dies while task 0 waits for it in jax.distributed.initialize (300 s
-  timeout): srun --kill-on-bad-exit ends task 0 within seconds, the failure names task 1,
-  and select does not run."""
+  """Task 1 dies in its first step (verify) while task 0 waits for it in
+  jax.distributed.initialize (300 s timeout): srun --kill-on-bad-exit ends task 0 within
+  seconds, the failure names task 1 and its node, and neither score nor select runs."""
   out = tmp_path / "scores"
   proc, end = _slurm(tmp_path, tiny_checkpoint, out, crash_task=1)
   log = proc.stdout + proc.stderr
   assert proc.returncode == 3, log[-4000:]
   assert "srun: error: node-1: task 1: Exited with exit code 3" in log, log[-4000:]
   assert "1: error: task 1 on node-1 failed (exit 3)" in log, log[-4000:]
+  assert "srun: error: node-0: task 0: SIGTERM" in log, log[-4000:]
   crashed = float(re.search(r"simulated crash (\d+\.\d+)", log).group(1))
   assert end - crashed < 20, log[-4000:]
-  assert not (out / "selection").exists()
+  assert not out.exists()
 
 
 def _lock():
