@@ -98,13 +98,13 @@ EOF
   }
   # Each poll is a short ssh that exits 0 when it could look; a nonzero exit is ssh itself:
   # try again, the step keeps running.
-  local out tries=0 reported=0 failed=''
+  local out tries=0 reported=0 failed='' status
   out=$(mktemp)
+  status="set -euo pipefail; if [[ -f $dir/$name.rc ]]; then
+    echo STEP_RC=\$(cat $dir/$name.rc) \$(hostname); else echo STEP_RUNNING \$(hostname); fi"
   while true; do
     sleep "$POLL"
-    if ! on "$worker" "set -euo pipefail; if [[ -f $dir/$name.rc ]]; then
-        echo STEP_RC=\$(cat $dir/$name.rc) \$(hostname); else echo STEP_RUNNING \$(hostname); fi" \
-        > "$out"; then
+    if ! on "$worker" "$status" > "$out"; then
       exit_if_preempted "$name"
       tries=$((tries + 1))
       if ((tries > SSH_RETRIES)); then echo "[$name] ssh failed $tries times" >&2; break; fi
@@ -115,13 +115,18 @@ EOF
     failed=$(grep '^STEP_RC=' "$out" | grep -v '^STEP_RC=0 ' || true)
     if [[ -n $failed || $reported -ge $expect ]]; then break; fi
   done
-  rm -f "$out"
   if [[ -n $failed ]]; then exit_if_preempted "$name"; fi  # its processes died with the slice
-  if [[ -n $failed ]]; then  # stop the step where it still runs, then let its log land
+  if [[ -n $failed ]]; then  # stop the step where it still runs, then let its logs land
     on "$worker" "set -euo pipefail; if [[ ! -f $dir/$name.rc && -f $dir/$name.pid ]]; then
         kill -TERM -- -\$(cat $dir/$name.pid) || true; fi" || true
-    sleep "$POLL"
+    for _ in $(seq 10); do
+      sleep "$POLL"
+      if on "$worker" "$status" > "$out" && (($(grep -c '^STEP_RC=' "$out") >= expect)); then
+        break
+      fi
+    done
   fi
+  rm -f "$out"
   on "$worker" "set -euo pipefail; tail -n 20 $dir/$name.log | sed \"s/^/[\$(hostname)] /\"" || true
   if [[ -n $failed ]]; then  # STEP_RC=<rc> <host> lines: the first workers to fail
     failed=$(sed -E 's/^STEP_RC=([0-9]+) (.*)$/\2 exited with \1/' <<< "$failed" | paste -sd, -)

@@ -235,7 +235,7 @@ def _tpu_pod(root, *steps, **env_extra):
       RUN="runs/r",
       CONFIG="configs/score_tiny.py",
       GCS_MOUNT=str(root / "gcs" / "bkt"),
-      POLL="1",
+      POLL="0.3",
       EXTRA=" ".join(FLAGS),
       **env_extra,
   )
@@ -396,7 +396,10 @@ def _slurm(tmp_path, ckpt, out, crash_task=None):
   venv = tmp_path / "venv"
   crash = f"$SLURM_PROCID == {crash_task}" if crash_task is not None else None
   # Task 1 dies once task 0 serves the coordinator, i.e. waits in jax.distributed.initialize.
-  serving = "for _ in $(seq 300); do (: > /dev/tcp/${JAX_COORDINATOR_ADDRESS/://}) 2>/dev/null && break; sleep 0.1; done"
+  serving = (
+      "for _ in $(seq 300); do (: > /dev/tcp/${JAX_COORDINATOR_ADDRESS/://}) 2>/dev/null"
+      " && break; sleep 0.1; done"
+  )
   _script(venv / "bin" / "python", _python_stand_in(crash, step="verify", wait=serving))
   port = socket.socket()
   port.bind(("127.0.0.1", 0))
