@@ -349,11 +349,11 @@ def test_tpu_pod_all_end_to_end_with_a_stand_in_gcloud(pod_run, single_store):
 @pytest.mark.slow  # a failing 2-worker score (~30 s)
 def test_tpu_pod_failed_score_stops_before_select_and_delete(tiny_checkpoint, tmp_path):
   """Worker 1's score crashes at once, while worker 0 waits for it in
-  jax.distributed.initialize: `all` stops worker 0's step too and exits nonzero, naming
+  jax.distributed.initialize: the script stops worker 0's step too and exits nonzero, naming
   worker 1 and its exit code, with no select and no delete, and both workers' logs are in
-  the bucket."""
+  the bucket. (The steps of `all` without verify and plan, which the test above runs.)"""
   bucket = _fake_slice(tmp_path, tiny_checkpoint, crash_score_on=1)
-  proc = _tpu_pod(tmp_path)
+  proc = _tpu_pod(tmp_path, "create", "setup", "score", "select", "delete")
   log = proc.stdout + proc.stderr
   assert proc.returncode != 0, log[-4000:]
   assert "[score] FAILED: worker-1 exited with 3 (" in log, log[-4000:]
@@ -371,10 +371,10 @@ def test_tpu_pod_failed_score_stops_before_select_and_delete(tiny_checkpoint, tm
 def test_tpu_pod_preempted_slice_is_recreated_and_resumed(tiny_checkpoint, tmp_path, single_store):
   """The slice is preempted as soon as the first shard is stored (its processes killed, its
   disks gone): the score step sees PREEMPTED, deletes and recreates the slice, sets it up
-  and verifies it again, and resumes; the store equals a 1-process run, no row twice."""
+  and verifies it, and resumes; the store equals a 1-process run, no row twice."""
   bucket = _fake_slice(tmp_path, tiny_checkpoint)
   shards = bucket / "runs" / "r" / "shards"
-  proc = _tpu_pod(tmp_path, "create", "setup", "verify", "score", FAKE_PREEMPT_AFTER=str(shards))
+  proc = _tpu_pod(tmp_path, "create", "setup", "score", FAKE_PREEMPT_AFTER=str(shards))
   log = proc.stdout + proc.stderr
   assert proc.returncode == 0, log[-4000:]
   assert (tmp_path / "preempted").exists(), log[-4000:]
@@ -385,6 +385,7 @@ def test_tpu_pod_preempted_slice_is_recreated_and_resumed(tiny_checkpoint, tmp_p
   for i in range(2):  # each worker's venv was built again on the new slice
     uv = (tmp_path / f"uv-{i}.log").read_text().splitlines()
     assert sum(line.startswith("venv ") for line in uv) == 2, uv
+  assert "ok" in (bucket / "runs" / "r" / "logs" / "verify-worker-1.log").read_text()
   # The second score found the first one's rows and scored only the rest.
   summary = (bucket / "runs" / "r" / "logs" / "score-worker-0.log").read_text()
   stored = int(re.search(r"scored \d+ texts \((\d+) already stored\)", summary).group(1))
