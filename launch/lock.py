@@ -31,22 +31,25 @@ _CHECK = flags.DEFINE_bool("check", False, "Only compare the file with this venv
 
 
 def closure(root: str = "selectit_jax") -> dict[str, str]:
-  """{canonical name: installed version} of root's requirements, transitively."""
-  env = {"extra": ""}
-  todo, seen = list(md.requires(root) or []), {}
+  """{canonical name: installed version} of root's requirements, transitively, with the
+  requirements of every extra asked for (orbax asks for etils[epath], which needs zipp)."""
+  todo, seen, done = [(r, "") for r in md.requires(root) or []], {}, set()
   while todo:
-    req = Requirement(todo.pop())
-    if req.marker is not None and not req.marker.evaluate(env):
+    line, extra = todo.pop()
+    req = Requirement(line)
+    if req.marker is not None and not req.marker.evaluate({"extra": extra}):
       continue
     name = canonicalize_name(req.name)
-    if name in seen:
-      continue
-    try:
-      dist = md.distribution(req.name)
-    except md.PackageNotFoundError as e:
-      raise SystemExit(f"error: {req} (required by the stack) is not installed here") from e
-    seen[name] = dist.version
-    todo.extend(dist.requires or [])
+    for wanted in ("", *sorted(req.extras)):
+      if (name, wanted) in done:
+        continue
+      done.add((name, wanted))
+      try:
+        dist = md.distribution(req.name)
+      except md.PackageNotFoundError as e:
+        raise SystemExit(f"error: {req} (required by the stack) is not installed here") from e
+      seen[name] = dist.version
+      todo.extend((r, wanted) for r in dist.requires or [])
   return dict(sorted(seen.items()))
 
 
