@@ -37,7 +37,8 @@ RUNTIME=${RUNTIME:-tpu-ubuntu2204-base}
 DATA=${DATA:-}                      # '' = the ShareGPT file the package ships
 SPOT=${SPOT:-0}                     # 1 = spot/preemptible capacity
 KEEP=${KEEP:-0}                     # 1 = `all` does not delete the slice at the end
-EXTRA=${EXTRA:-}                    # more flags for score, e.g. --config.prompts.k=5
+EXTRA=${EXTRA:-}                    # more flags for verify, plan and score, e.g.
+                                    # --config.prompts.k=5
 POLL=${POLL:-30}                    # seconds between a waiting worker's status checks
 SSH_RETRIES=${SSH_RETRIES:-20}      # reconnections while waiting on a step
 MAX_PREEMPTIONS=${MAX_PREEMPTIONS:-5}  # recreations per step before giving up
@@ -254,13 +255,17 @@ if [[ ${1:-} == once ]]; then  # one attempt of a remote step (see resilient)
   exit
 fi
 if [[ ${1:-} == ssh ]]; then shift; on all "set -euo pipefail; $*"; exit; fi
-for step in "${@:-all}"; do
+steps=("${@:-all}")
+for step in "${steps[@]}"; do  # all names checked before any step runs
+  if [[ ! $step =~ ^(all|create|setup|verify|plan|score|select|delete|recreate)$ ]]; then
+    echo "usage: $0 [all | STEP... | ssh CMD]; steps: create setup verify plan score" \
+      "select delete recreate" >&2
+    exit 2
+  fi
+done
+for step in "${steps[@]}"; do
   case $step in
     create) create ;; delete) delete ;; all) all ;;
-    setup | verify | plan | score | select | recreate) resilient "$step" ;;
-    *)
-      echo "usage: $0 [all | STEP... | ssh CMD]; steps: create setup verify plan score" \
-        "select delete recreate" >&2
-      exit 2 ;;
+    *) resilient "$step" ;;
   esac
 done
