@@ -254,15 +254,6 @@ def _calls(root):
     return [json.loads(line) for line in f]
 
 
-def _transcript(root):
-  """The stand-in gcloud's calls, one line each, remote commands cut to their first line."""
-  lines = []
-  for c in _calls(root):
-    words = [w.split("\n")[0][:90] for w in c if not w.startswith("--zone=")]
-    lines.append("gcloud " + " ".join(words))
-  return "\n".join(lines)
-
-
 def _rows(directory):
   from selectit_jax.scoring import store as store_lib  # noqa: PLC0415
 
@@ -297,23 +288,19 @@ def single_store(tiny_checkpoint, tmp_path_factory):
   return out
 
 
-@pytest.fixture(scope="module")
-def pod_run(tiny_checkpoint, tmp_path_factory):
-  """`tpu_pod.sh all` on a stand-in slice of 2 workers: (root, bucket, finished process)."""
-  root = tmp_path_factory.mktemp("pod")
-  bucket = _fake_slice(root, tiny_checkpoint)
-  return root, bucket, _tpu_pod(root)
-
-
-@pytest.mark.slow  # a 2-worker verify, score, plan, select and a 1-process score (~1 min)
-def test_tpu_pod_all_end_to_end_with_a_stand_in_gcloud(pod_run, single_store):
-  """tpu_pod.sh all on a stand-in slice of 2 workers: the pinned stack was installed and
-  verified on both, the store equals a 1-process run's, select ran, the slice was deleted,
-  and each worker's step logs are in the bucket."""
-  root, bucket, proc = pod_run
+@pytest.mark.slow  # on 2 workers: verify twice, score one and a half times, plan, select (~1 min)
+def test_tpu_pod_all_end_to_end_through_a_preemption(tiny_checkpoint, tmp_path, single_store):
+  """tpu_pod.sh all on a stand-in slice of 2 workers, preempted as soon as the first shard
+  is stored (every process killed, the disks gone). The pinned stack was installed and
+  verified on both workers; score saw PREEMPTED, the slice was deleted, created, set up and
+  verified again, and score resumed: the store equals a 1-process run's with no row twice.
+  Then select ran, the slice was deleted, and each worker's step logs are in the bucket."""
+  bucket = _fake_slice(tmp_path, tiny_checkpoint)
+  run = bucket / "runs" / "r"
+  proc = _tpu_pod(tmp_path, FAKE_PREEMPT_AFTER=str(run / "shards"))
   log = proc.stdout + proc.stderr
   assert proc.returncode == 0, log[-4000:]
-  calls = _calls(root)
+  calls = _calls(tmp_path)
   ssh = [c for c in calls if c[3] == "ssh"]
   # Every remote command is strict: no step's failure is piped away.
   assert all(
@@ -322,8 +309,14 @@ def test_tpu_pod_all_end_to_end_with_a_stand_in_gcloud(pod_run, single_store):
       for flag in c
       if flag.startswith("--command=")
   )
-  assert calls[-1][3] == "delete"
-  logs = sorted(os.listdir(bucket / "runs" / "r" / "logs"))
+  # The preemption: the slice was deleted and created anew, then the score step reran.
+  assert (tmp_path / "preempted").exists(), log[-4000:]
+  assert "[score] preempted (1 of at most" in log, log[-4000:]
+  verbs = [c[3] for c in calls if c[:3] == ["compute", "tpus", "tpu-vm"]]
+  assert verbs.count("create") == 2 and verbs.count("delete") == 2, verbs
+  first_delete = verbs.index("delete")
+  assert verbs.index("create", first_delete) > first_delete and verbs[-1] == "delete", verbs
+  logs = sorted(os.listdir(run / "logs"))
   assert {
       "setup-worker-0.log",
       "verify-worker-0.log",
@@ -333,17 +326,23 @@ def test_tpu_pod_all_end_to_end_with_a_stand_in_gcloud(pod_run, single_store):
       "plan-worker-0.log",
       "select-worker-0.log",
   } <= set(logs), logs
-  assert (bucket / "runs" / "r" / "selection" / "scores.jsonl").exists()
-  # setup built each worker's venv with uv, pinned by launch/constraints.txt ...
+  assert (run / "selection" / "scores.jsonl").exists()
+  # setup built each worker's venv with uv, pinned by launch/constraints.txt, on the first
+  # slice and again on the new one ...
   for i in range(2):
-    uv = (root / f"uv-{i}.log").read_text().splitlines()
+    uv = (tmp_path / f"uv-{i}.log").read_text().splitlines()
+    assert len(uv) == 4 and uv[0] == uv[2] and uv[1] == uv[3], uv
     assert uv[0].startswith("venv --clear --python 3.11 "), uv
     assert "--constraint" in uv[1] and "launch/constraints.txt jax[tpu] -e" in uv[1], uv
   # ... and verify saw both processes agree with it before anything was scored.
   for i in range(2):
-    text = (bucket / "runs" / "r" / "logs" / f"verify-worker-{i}.log").read_text()
+    text = (run / "logs" / f"verify-worker-{i}.log").read_text()
     assert f"verify: process {i} of 2" in text and "ok" in text, text[-2000:]
-  _assert_same_store(bucket / "runs" / "r", single_store)
+  # The second score found the first one's rows and scored only the rest.
+  summary = (run / "logs" / "score-worker-0.log").read_text()
+  stored = int(re.search(r"scored \d+ texts \((\d+) already stored\)", summary).group(1))
+  assert 0 < stored < _rows(single_store).num_rows, summary[-2000:]
+  _assert_same_store(run, single_store)
 
 
 @pytest.mark.slow  # a failing 2-worker score (~30 s)
@@ -365,32 +364,6 @@ def test_tpu_pod_failed_score_stops_before_select_and_delete(tiny_checkpoint, tm
   assert "simulated crash" in (logs / "score-worker-1.log").read_text()
   assert (logs / "score-worker-0.log").exists()  # stopped, and its log still copied
   assert (tmp_path / "worker-0" / "selectit_steps" / "score.rc").read_text().strip() != "0"
-
-
-@pytest.mark.slow  # setup, verify and score twice on 2 workers (~40 s)
-def test_tpu_pod_preempted_slice_is_recreated_and_resumed(tiny_checkpoint, tmp_path, single_store):
-  """The slice is preempted as soon as the first shard is stored (its processes killed, its
-  disks gone): the score step sees PREEMPTED, deletes and recreates the slice, sets it up
-  and verifies it, and resumes; the store equals a 1-process run, no row twice."""
-  bucket = _fake_slice(tmp_path, tiny_checkpoint)
-  shards = bucket / "runs" / "r" / "shards"
-  proc = _tpu_pod(tmp_path, "create", "setup", "score", FAKE_PREEMPT_AFTER=str(shards))
-  log = proc.stdout + proc.stderr
-  assert proc.returncode == 0, log[-4000:]
-  assert (tmp_path / "preempted").exists(), log[-4000:]
-  assert "[score] preempted (1 of at most" in log, log[-4000:]
-  verbs = [c[3] for c in _calls(tmp_path) if c[:3] == ["compute", "tpus", "tpu-vm"]]
-  assert verbs.count("create") == 2 and verbs.count("delete") == 1, verbs
-  assert verbs.index("delete") < len(verbs) - 1 - verbs[::-1].index("create")
-  for i in range(2):  # each worker's venv was built again on the new slice
-    uv = (tmp_path / f"uv-{i}.log").read_text().splitlines()
-    assert sum(line.startswith("venv ") for line in uv) == 2, uv
-  assert "ok" in (bucket / "runs" / "r" / "logs" / "verify-worker-1.log").read_text()
-  # The second score found the first one's rows and scored only the rest.
-  summary = (bucket / "runs" / "r" / "logs" / "score-worker-0.log").read_text()
-  stored = int(re.search(r"scored \d+ texts \((\d+) already stored\)", summary).group(1))
-  assert 0 < stored < _rows(single_store).num_rows, summary[-2000:]
-  _assert_same_store(bucket / "runs" / "r", single_store)
 
 
 def _slurm(tmp_path, ckpt, out, crash_task=None):
