@@ -288,7 +288,7 @@ def single_store(tiny_checkpoint, tmp_path_factory):
   return out
 
 
-@pytest.mark.slow  # on 2 workers: verify twice, score one and a half times, plan, select (~1 min)
+@pytest.mark.slow  # 2 workers: verify x2, score x1.5, plan, select; 1-process score (~1.5 min)
 def test_tpu_pod_all_end_to_end_through_a_preemption(tiny_checkpoint, tmp_path, single_store):
   """tpu_pod.sh all on a stand-in slice of 2 workers, preempted as soon as the first shard
   is stored (every process killed, the disks gone). The pinned stack was installed and
