@@ -505,3 +505,33 @@ def test_initialize_passes_timeouts_and_keeps_every_gpu(monkeypatch):
       initialization_timeout=120,
       heartbeat_timeout_seconds=60,
   )
+
+
+@pytest.mark.slow  # one python process (~5 s)
+def test_verify_main_refuses_a_stack_off_its_pins(tmp_path):
+  """`python -m selectit_jax.verify` against pins this venv does not have: one `error:` line
+  naming the process and the package, exit 2."""
+  with open(os.path.join(ROOT, "launch", "constraints.txt")) as f:
+    pins = f.read()
+  jax_pin = re.search(r"^jax==(.*)$", pins, re.M).group(0)
+  stale = tmp_path / "constraints.txt"
+  stale.write_text(pins.replace(jax_pin, "jax==0.4.30"))
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "selectit_jax.verify",
+          "--config=configs/score_tiny.py",
+          f"--constraints={stale}",
+          "--processes=1",
+      ],
+      cwd=ROOT,
+      env=_env(1),
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  last = proc.stderr.strip().splitlines()[-1]
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert last.startswith("error: process 0 of 1 on "), last
+  assert f"jax {jax_pin[len('jax=='):]} installed, pinned 0.4.30" in last, last
