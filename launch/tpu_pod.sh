@@ -43,8 +43,8 @@ POLL=${POLL:-30}                    # seconds between a waiting worker's status 
 SSH_RETRIES=${SSH_RETRIES:-20}      # reconnections while waiting on a step
 MAX_PREEMPTIONS=${MAX_PREEMPTIONS:-5}  # recreations per step before giving up
 GCS=${GCS_MOUNT:-/mnt/gcs}          # where workers mount the bucket (tests use a local dir)
-# jax.distributed: a worker that died or hangs stops the others within a minute
-# (selectit_jax/parallel/distributed.py reads these; JAX's defaults are 300 and 100 s).
+# jax.distributed: a worker that hangs stops the others after HEARTBEAT_TIMEOUT s (JAX's
+# default: 100); selectit_jax/parallel/distributed.py reads these variables.
 TIMEOUTS="JAX_INITIALIZATION_TIMEOUT=${INIT_TIMEOUT:-300} JAX_HEARTBEAT_TIMEOUT_SECONDS=${HEARTBEAT_TIMEOUT:-60}"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 SELF=$REPO/launch/$(basename "$0")

@@ -8,8 +8,8 @@ and is a no-op on a single host; 'always' calls jax.distributed.initialize() reg
 JAX auto-detects the TPU pod (what launch/tpu_pod.sh passes); 'never' skips.
 
 Timeouts (config.distributed.*, else JAX_INITIALIZATION_TIMEOUT, JAX_HEARTBEAT_TIMEOUT_SECONDS,
-JAX_SHUTDOWN_TIMEOUT_SECONDS; unset = JAX's 300/100/300 s): the launch scripts shorten them so
-a dead or hung host stops the others within a minute instead of minutes.
+JAX_SHUTDOWN_TIMEOUT_SECONDS; unset = JAX's 300/100/300 s): the launch scripts set a 60 s
+heartbeat, so the others stop within a minute of a host that hangs, naming it.
 """
 
 from __future__ import annotations
