@@ -450,7 +450,7 @@ def test_constraints_are_this_venvs_stack():
   (run `python launch/lock.py` after changing the stack), and its accelerator wheels are
   versions jax's own extras accept."""
   with open(os.path.join(ROOT, "launch", "constraints.txt")) as f:
-    assert f.read() == _lock().render()
+    assert f.read() == _lock().render(), "stale: run `python launch/lock.py` in the CI venv"
 
 
 def test_verify_names_each_package_off_its_pin():
