@@ -62,8 +62,17 @@ def score_config() -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 = the rest
   # Multi-host (selectit_jax/parallel/distributed.py): '' / -1 = from JAX_COORDINATOR_ADDRESS,
   # JAX_NUM_PROCESSES, JAX_PROCESS_ID; initialize: auto | always (TPU pods) | never.
+  # *_timeout*: seconds, -1 = from JAX_INITIALIZATION_TIMEOUT etc., else JAX's defaults.
   config.distributed = ml_collections.ConfigDict(
-      dict(initialize="auto", coordinator_address="", num_processes=-1, process_id=-1)
+      dict(
+          initialize="auto",
+          coordinator_address="",
+          num_processes=-1,
+          process_id=-1,
+          initialization_timeout=-1,
+          heartbeat_timeout_seconds=-1,
+          shutdown_timeout_seconds=-1,
+      )
   )
   # Memory check before loading (selectit_jax/parallel/memory.py): device '' = detect from the
   # backend; names: v4, v5e, v5p, v6e, h100, a100, cpu. check=False only warns.

@@ -6,6 +6,10 @@ launch/local.sh and launch/slurm_gpu.sh). With none of them, mode 'auto' initial
 where the environment shows several processes (SLURM with >1 task, TPU_WORKER_HOSTNAMES)
 and is a no-op on a single host; 'always' calls jax.distributed.initialize() regardless, so
 JAX auto-detects the TPU pod (what launch/tpu_pod.sh passes); 'never' skips.
+
+Timeouts (config.distributed.*, else JAX_INITIALIZATION_TIMEOUT, JAX_HEARTBEAT_TIMEOUT_SECONDS,
+JAX_SHUTDOWN_TIMEOUT_SECONDS; unset = JAX's 300/100/300 s): the launch scripts set a 60 s
+heartbeat, so the others stop within a minute of a host that hangs, naming it.
 """
 
 from __future__ import annotations
@@ -19,14 +23,21 @@ _ENV = {
     "num_processes": "JAX_NUM_PROCESSES",
     "process_id": "JAX_PROCESS_ID",
 }
+# jax.distributed.initialize's timeout arguments (seconds), same names in the config.
+_TIMEOUTS = {
+    "initialization_timeout": "JAX_INITIALIZATION_TIMEOUT",
+    "heartbeat_timeout_seconds": "JAX_HEARTBEAT_TIMEOUT_SECONDS",
+    "shutdown_timeout_seconds": "JAX_SHUTDOWN_TIMEOUT_SECONDS",
+}
 _done = False
 
 
-def settings(dist_cfg=None, environ=None) -> dict:
-  """Explicit initialize() arguments from the config, else the environment (None = unset)."""
+def settings(dist_cfg=None, environ=None, names=None) -> dict:
+  """Explicit initialize() arguments from the config, else the environment (None = unset):
+  the coordinator's (names=None) or those named (e.g. _TIMEOUTS)."""
   environ = os.environ if environ is None else environ
   out = {}
-  for key, env in _ENV.items():
+  for key, env in (names or _ENV).items():
     value = dist_cfg.get(key) if dist_cfg is not None else None
     if value in (None, "", -1):
       value = environ.get(env) or None
@@ -61,6 +72,11 @@ def initialize(config=None, environ=None) -> bool:
     return False  # single host
   if kwargs.get("num_processes") == 1:
     return False
+  if {"coordinator_address", "num_processes", "process_id"} <= kwargs.keys():
+    # All given: no cluster detection. Under SLURM it would also set local_device_ids to
+    # [SLURM_LOCALID], leaving one process per node (launch/slurm_gpu.sbatch) one GPU.
+    kwargs["cluster_detection_method"] = "deactivate"
+  kwargs.update({k: v for k, v in settings(dist_cfg, environ, _TIMEOUTS).items() if v is not None})
   import jax  # noqa: PLC0415  (after the decision: nothing touches a backend before this)
 
   logging.info("jax.distributed.initialize(%s)", kwargs or "auto-detect")
