@@ -81,6 +81,12 @@ _PART = flags.DEFINE_enum(
     "Internal: the child process's part.",
 )
 _WORKDIR = flags.DEFINE_string("workdir", "", "Internal: the parent's scratch directory.")
+_RATERS = flags.DEFINE_list(
+    "raters",
+    [],
+    "Configs to bench side by side instead (ours only, the same records for each: the first "
+    "num_records usable by every model), e.g. configs/smollm2_135m.py,configs/gemma3_270m.py.",
+)
 
 
 # ---------------------------------------------------------------------------------- parent
@@ -101,23 +107,20 @@ def _load_config():
   return config
 
 
-def _prepare(workdir: str) -> dict:
-  """Tokenizes the bench texts once; writes the ids and an HF copy of the same weights."""
+def _usable(config) -> tuple[list, dict]:
+  """The texts of the first records whose K texts all fit engine.max_tokens, tokenized with
+  the config's model; and what building them needs."""
   from selectit_jax import assets
-  from selectit_jax import checkpoints
   from selectit_jax.scoring import batching
   from selectit_jax.data import prompts as prompts_lib
   from selectit_jax.data import records as records_lib
-  from selectit_jax.checkpoints import hf
-  from selectit_jax.checkpoints.tokenizer import load_tokenizer, rating_token_ids
+  from selectit_jax.checkpoints.tokenizer import load_tokenizer
 
-  config = _load_config()
   model_path = assets.model_path(config.model)
   data_cfg = config.data.copy_and_resolve_references()
   data_cfg.path = assets.data_path(config.data)
   data_cfg.limit = 4 * _NUM_RECORDS.value + 32  # ~25 % of ShareGPT records are unusable
   records, _, _ = records_lib.read_records(data_cfg)
-  template = prompts_lib.DEFAULT_TEMPLATE
   prompts = (
       prompts_lib.load_prompts(_PROMPTS_FILE.value)
       if _PROMPTS_FILE.value
@@ -126,27 +129,54 @@ def _prepare(workdir: str) -> dict:
   tokenizer = load_tokenizer(model_path)
   start = time.perf_counter()
   items, _ = batching.prepare(
-      records, prompts, template, tokenizer, config.engine.max_tokens, too_long="reject"
+      records,
+      prompts,
+      prompts_lib.DEFAULT_TEMPLATE,
+      tokenizer,
+      config.engine.max_tokens,
+      too_long="reject",
   )
-  tokenize_s = time.perf_counter() - start
+  seconds = time.perf_counter() - start
+  return items, dict(
+      model_path=model_path, prompts=prompts, tokenizer=tokenizer, tokenize_s=seconds
+  )
+
+
+def _prepare(workdir: str, samples: set[int] | None = None, hf_copy: bool = True) -> dict:
+  """Tokenizes the bench texts once (the first `num_records` usable records, or those of
+  `samples`); writes the ids and, with `hf_copy`, an HF copy of the same weights."""
+  from selectit_jax import checkpoints
+  from selectit_jax.data import prompts as prompts_lib
+  from selectit_jax.checkpoints import hf
+  from selectit_jax.checkpoints.tokenizer import rating_token_ids
+
+  config = _load_config()
+  items, info = _usable(config)
   all_items = len(items)
-  keep = sorted({it.sample_index for it in items})[: _NUM_RECORDS.value]
+  usable = sorted(
+      {it.sample_index for it in items} & (samples or {it.sample_index for it in items})
+  )
+  keep = set(usable[: _NUM_RECORDS.value])
   if len(keep) < _NUM_RECORDS.value:
-    raise ValueError(f"only {len(keep)} usable records among the first {data_cfg.limit}")
-  items = [it for it in items if it.sample_index in set(keep)]
+    raise ValueError(f"only {len(keep)} usable records among the first {4 * len(keep) + 32}")
+  items = [it for it in items if it.sample_index in keep]
   items.sort(key=lambda it: (it.sample_index, it.prompt_index))
+  prompts, tokenizer = info["prompts"], info["tokenizer"]
+  template = prompts_lib.DEFAULT_TEMPLATE
   rating_ids = rating_token_ids(tokenizer, prompts_lib.build_text(prompts[0], "", "", template))
 
-  model = checkpoints.load_model(model_path)
-  hf.save_hf(os.path.join(workdir, "hf"), model.config, model.params)
+  model = checkpoints.load_model(info["model_path"])
+  if hf_copy:
+    hf.save_hf(os.path.join(workdir, "hf"), model.config, model.params)
   data = dict(
       items=items,
       rating_ids=rating_ids,
-      model_path=model_path,
+      model_path=info["model_path"],
+      model_name=config.model.name,
       pad_id=tokenizer.pad_id,
       num_params=model.num_params,
       cfg=model.config,
-      tokenize_s=tokenize_s * len(items) / max(all_items, 1),  # share of the kept texts
+      tokenize_s=info["tokenize_s"] * len(items) / max(all_items, 1),  # share of the kept texts
       num_records=len(keep),
       prompts_file=_PROMPTS_FILE.value or "(our default prompts)",
   )
@@ -289,15 +319,18 @@ def _report(data, rows, roof, dp, machine, extra) -> str:
   return "\n".join(out) + "\n"
 
 
-_BEGIN, _END = "<!-- bench_score: begin -->", "<!-- bench_score: end -->"
-
-
-def _write_markdown(path: str, text: str) -> None:
-  """Replaces the generated section of `path` (between the markers), keeping the rest."""
-  block = f"{_BEGIN}\n## Scoring throughput (`python bench/bench_score.py`)\n\n{text}{_END}"
+def _write_markdown(
+    path: str,
+    text: str,
+    section: str = "bench_score",
+    title: str = "Scoring throughput (`python bench/bench_score.py`)",
+) -> None:
+  """Replaces the generated section of `path` (between its markers), keeping the rest."""
+  begin, end = f"<!-- {section}: begin -->", f"<!-- {section}: end -->"
+  block = f"{begin}\n## {title}\n\n{text}{end}"
   old = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
-  if _BEGIN in old and _END in old:
-    new = old[: old.index(_BEGIN)] + block + old[old.index(_END) + len(_END) :]
+  if begin in old and end in old:
+    new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
   else:
     new = old.rstrip("\n") + "\n\n" + block + "\n"
   with open(path + ".tmp", "w") as f:
@@ -305,9 +338,75 @@ def _write_markdown(path: str, text: str) -> None:
   os.replace(path + ".tmp", path)
 
 
+def main_raters():
+  """The configs' models side by side on the same records: ours only, plus the roofline."""
+  usable = []
+  for path in _RATERS.value:
+    flags.FLAGS.config = path
+    items, _ = _usable(_load_config())
+    usable.append({it.sample_index for it in items})
+  samples = set.intersection(*usable)
+  results = []
+  with tempfile.TemporaryDirectory(prefix="bench_raters_") as root:
+    for i, path in enumerate(_RATERS.value):
+      flags.FLAGS.config = path
+      workdir = os.path.join(root, str(i))
+      os.makedirs(workdir)
+      print(f"[bench] {path}: preparing texts ...", flush=True)
+      data = _prepare(workdir, samples, hf_copy=False)
+      results.append((path, data, _child("ours", workdir)))
+    roof = _child("roofline", workdir)
+  from jax import numpy as _  # noqa: F401  (machine_description reads jax's backend)
+
+  lines = [
+      f"Machine: {common.machine_description()}",
+      "",
+      f"Work: the first {results[0][1]['num_records']} ShareGPT records usable by every model "
+      f"(all K texts within engine.max_tokens) × {_K.value} prompts "
+      f"({results[0][1]['prompts_file']}); each model with its own config's engine settings "
+      "and its own tokenizer (so the token counts differ).",
+      "",
+      "| model (config) | θ | vocab | texts | tokens | tokens/s | samples/s | model GFLOP/s "
+      "| % of roofline | steady s | compile s | shapes | padding | head + logsumexp ms/step "
+      "| head share | peak RSS MiB | load |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for path, data, r in results:
+    row = _row(data["model_name"], dict(r, runs=[r["steady_s"]]), data, roof["gflops"])
+    head = r["head_s"] * r["steps"]
+    lines.append(
+        f"| {data['model_name']} ({path}) | {data['num_params']:,} | {data['cfg'].vocab_size:,} "
+        f"| {row['texts']} | {row['tokens']} | {row['tok_s']:.0f} | {row['samples_s']:.2f} "
+        f"| {row['gflops']:.1f} | {row['roof']:.0%} | {row['steady_s']:.1f} "
+        f"| {row['compile_s']:.1f} | {row['shapes']} | {row['padding']:.1%} "
+        f"| {r['head_s'] * 1e3:.0f} | {head / r['steady_s']:.1%} | {row['rss']:.0f} "
+        f"| {r['loadavg']:.1f} |"
+    )
+  lines += [
+      "",
+      f"Roofline: jit fp32 n×n matmul, {roof['gflops']:.1f} GFLOP/s. Model FLOPs as in the "
+      "table above (models/costs.py, each model's own layers and attention pattern). Head + "
+      "logsumexp: the vocabulary projection and the full-vocabulary logsumexp at one step's "
+      "read-out slots (engine.batch_size × engine.max_segments rows), jit'd alone, best of 5; "
+      "head share = that × steps / steady seconds. Load: the 1-minute load average at the end "
+      f"of the run on {os.cpu_count()} cores (above the core count, other work shared the CPU).",
+  ]
+  text = "\n".join(lines) + "\n"
+  print("\n" + text)
+  if _OUTPUT.value:
+    _write_markdown(
+        _OUTPUT.value,
+        text,
+        section="bench_raters",
+        title="Two raters side by side (`python bench/bench_score.py --raters=...`)",
+    )
+
+
 def main_parent():
   import numpy as np
 
+  if _RATERS.value:
+    return main_raters()
   with tempfile.TemporaryDirectory(prefix="bench_score_") as workdir:
     print("[bench] preparing texts and an HF copy of the weights ...", flush=True)
     data = _prepare(workdir)
@@ -505,6 +604,7 @@ def part_ours(workdir):
     row_tokens += batch.row_tokens
     rows += len(batch.rows)
   steady = time.perf_counter() - start
+  head_s = _head_seconds(model, e.batch_size, e.max_segments)
   prefix_lengths = [len(x) for x in plan.prefixes]
   _write(
       workdir,
@@ -518,6 +618,8 @@ def part_ours(workdir):
           rows=rows,
           padding=1 - row_tokens / sum(padded),
           prefix_share=1 - row_tokens / sum(len(it.ids) for it in items),
+          head_s=head_s,
+          steps=len(plan.batches),
           probs=probs.tolist(),
           host_s=host_s,
           executed_flops=costs.executed_flops(
@@ -525,6 +627,29 @@ def part_ours(workdir):
           ),
       ),
   )
+
+
+def _head_seconds(model, batch_size: int, max_segments: int) -> float:
+  """Best-of-5 seconds of the head + full-vocabulary logsumexp at one step's read-out slots."""
+  import jax
+  import jax.numpy as jnp
+  from selectit_jax.models import registry
+
+  module = registry.build(model.config)
+  hidden = jnp.ones((batch_size, max_segments, model.config.hidden_size), model.config.dtype)
+
+  @jax.jit
+  def head(params, h):
+    logits = module.apply({"params": params}, h, method="logits")
+    return jax.nn.logsumexp(logits, axis=-1)
+
+  jax.block_until_ready(head(model.params, hidden))
+  times = []
+  for _ in range(5):
+    start = time.perf_counter()
+    jax.block_until_ready(head(model.params, hidden))
+    times.append(time.perf_counter() - start)
+  return min(times)
 
 
 def _time_steps(step, first_s, name, workdir, part, loss):
