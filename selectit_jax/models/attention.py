@@ -19,8 +19,10 @@ import functools
 import math
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from selectit_jax.errors import UserError
 
@@ -457,8 +459,26 @@ def fused(backend, q, own_kv, prefix_kv, m: Segments, scale):
   interpret = jax.default_backend() == "cpu"
   k, v = own_kv
   if prefix_kv is None or prefix_kv[0].shape[2] == 0:
-    return _HALVES[backend][0](q, k, v, m.segment_ids, scale, interpret, False)
+    own = lambda q, k, v, s: _HALVES[backend][0](q, k, v, s, scale, interpret, False)
+    return _per_shard(own, q, k, v, m.segment_ids)
   prefix_k, prefix_v = (x.astype(k.dtype) for x in prefix_kv)
-  return split_attention(
-      backend, q, k, v, prefix_k, prefix_v, m.segment_ids, m.prefix_valid, scale, interpret
-  )
+  both = lambda *a: split_attention(backend, *a, scale, interpret)
+  return _per_shard(both, q, k, v, prefix_k, prefix_v, m.segment_ids, m.prefix_valid)
+
+
+def _per_shard(fn, *args):
+  """`fn` on each device's rows and kv heads of the mesh in context (`with mesh` and the
+  logical axis rules: activation_batch, activation_heads), as the Pallas kernels need: XLA
+  cannot partition a Mosaic or Triton call. Arguments are [b, kv, ...] or [b, ...]."""
+  from jax._src import mesh as mesh_lib  # the `with mesh:` context; no public getter
+
+  mesh = mesh_lib.thread_resources.env.physical_mesh
+  if mesh.empty:  # or `jax.set_mesh`
+    mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn(*args)
+  batch, heads = nn.logical_to_mesh_axes(("activation_batch", "activation_heads"))
+  spec = lambda x: P(batch, heads) if x.ndim >= 4 else P(batch)
+  return jax.shard_map(
+      fn, mesh=mesh, in_specs=tuple(map(spec, args)), out_specs=P(batch, heads), check_vma=False
+  )(*args)
