@@ -64,6 +64,8 @@ def test_prefix_and_own_keys_merged_by_lse_match_the_dense_path(backend):
   want = _dense(*rows)
   got = _fused(backend, *rows)
   np.testing.assert_allclose(_real(got, rows[5]), _real(want, rows[5]), atol=2e-6, rtol=1e-5)
+  if backend in ("pallas_gpu", "splash"):  # own keys alone: in the engine's prefill
+    return
   # The merge is needed: own keys alone miss the prefix of row 0.
   alone = _fused(backend, *rows[:3], rows[3][:, :, :0], rows[4][:, :, :0], rows[5], rows[6][:, :0])
   assert np.abs(_real(alone, rows[5]) - _real(want, rows[5])).max() > 1e-2
