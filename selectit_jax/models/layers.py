@@ -20,7 +20,7 @@ from selectit_jax.models import attention
 from selectit_jax.models.attention import attention_mask
 
 # Any family's config dataclass: these layers read hidden_size, head counts, head_dim, eps,
-# rope settings, dtypes and attention_block from it.
+# rope settings, dtypes, attention_block and attention (the kernel) from it.
 DecoderConfig = Any
 
 
@@ -284,7 +284,7 @@ def prefixed_mask(mask, prefix: Prefix | None):
 def layer_mask(cfg: DecoderConfig, segment_ids_bt, positions_bt, prefix: Prefix | None):
   """(mask, prefix (k, v) or None) for the layers: `prefixed_mask`'s dense mask on the jnp
   path, the `attention.Segments` it stands for when the config's attention is a kernel."""
-  if attention.resolve(cfg.attention) == "xla":
+  if attention.resolve(getattr(cfg, "attention", "xla")) == "xla":
     return prefixed_mask(attention_mask(segment_ids_bt), prefix)
   if prefix is None:
     return attention.Segments(segment_ids_bt, positions_bt), None
