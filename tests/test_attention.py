@@ -23,6 +23,8 @@ from tests import test_engine
 
 B, KV, G, T, P, HD = 2, 2, 2, 24, 8, 16
 SCALE = HD**-0.5
+# The Pallas kernels here: interpreted on CPU, natively on their own platform.
+KERNELS = [k for k in ("pallas_gpu", "splash") if jax.default_backend() in attention._PLATFORMS[k]]
 
 
 def _rows():
@@ -56,7 +58,7 @@ def _real(x, segments):
   return np.asarray(x)[np.broadcast_to(np.asarray(segments)[:, None, None] != 0, x.shape[:4])]
 
 
-@pytest.mark.parametrize("backend", ["xla", "dot_product_xla", "pallas_gpu", "splash"])
+@pytest.mark.parametrize("backend", ["xla", "dot_product_xla"] + KERNELS)
 def test_prefix_and_own_keys_merged_by_lse_match_the_dense_path(backend):
   """`xla` is the merge with jnp halves; `dot_product_xla` is cuDNN's call (masks, key
   lengths, layouts) with implementation="xla"; the Pallas kernels run interpreted."""
@@ -90,7 +92,7 @@ def test_gradients_match_the_dense_path():
   }
   # (splash's own backward is left to its library's tests: interpreted it costs ~4 s more.)
   cases = (("xla", True), ("pallas_gpu", True), ("pallas_gpu", False))
-  for name, prefixed in cases:
+  for name, prefixed in (c for c in cases if c[0] in ["xla"] + KERNELS):
     if prefixed:
       got = grad(lambda q, k, v: _fused(name, q, k, v, pk, pv, segments, valid))
     else:
@@ -114,10 +116,10 @@ def test_engine_probabilities_match_the_jnp_path(tiny):
   cfg = model.config
   assert cfg.num_kv_heads < cfg.num_heads
   results = {}
-  for name in ("xla", "pallas_gpu", "splash"):
+  for name in ["xla"] + KERNELS:
     kernel_model = dataclasses.replace(model, config=dataclasses.replace(cfg, attention=name))
     results[name], _ = test_engine._score(kernel_model, tok, items, 4, [256], prefixes, 4)
-  for name in ("pallas_gpu", "splash"):
+  for name in KERNELS:
     assert results[name].keys() == results["xla"].keys()
     for key, (p, lse) in results["xla"].items():
       np.testing.assert_allclose(results[name][key][0], p, atol=1e-5, rtol=0, err_msg=name)
@@ -163,6 +165,7 @@ def _gemma_states(window, name):
   return np.asarray(out)[rows[2] != 0]
 
 
+@pytest.mark.skipif("pallas_gpu" not in KERNELS, reason="Triton: GPU or CPU interpret")
 def test_gemma_window_is_applied_or_refused(monkeypatch):
   """Rows of 24 keys (prefix 8 + 16): a window of 32 hides none, the kernel runs and agrees
   (Gemma's query scaling too); a window of 8 does: a named kernel is refused with one clear
@@ -172,7 +175,8 @@ def test_gemma_window_is_applied_or_refused(monkeypatch):
   )
   with pytest.raises(errors.UserError, match="sliding window"):
     _gemma_states(8, "pallas_gpu")
-  monkeypatch.setattr(attention, "_AUTO", {"cpu": "pallas_gpu"})  # auto picks the kernel here
+  # auto picks the kernel on this platform (on CPU: interpreted)
+  monkeypatch.setattr(attention, "_AUTO", {jax.default_backend(): "pallas_gpu"})
   _, positions, segments, prefix = _gemma_rows()[1]
   m = attention.Segments(segments, positions, prefix.valid, jnp.asarray(True))
   assert attention.kernel_for("auto", m, 32, 24) == "pallas_gpu"
@@ -182,6 +186,7 @@ def test_gemma_window_is_applied_or_refused(monkeypatch):
   assert np.abs(_gemma_states(8, "xla") - _gemma_states(32, "xla")).max() > 1e-3
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="what CPU gets")
 def test_backends_are_checked_by_name_and_platform():
   assert attention.resolve("auto") == "xla"  # CPU keeps the jnp path
   with pytest.raises(errors.UserError, match="engine.attention=cudnn runs on gpu"):
@@ -190,6 +195,7 @@ def test_backends_are_checked_by_name_and_platform():
     llama.LlamaConfig(1, 8, 8, 1, 1, 1, 8, attention="flash")
 
 
+@pytest.mark.skipif(len(jax.devices()) < 4 or "pallas_gpu" not in KERNELS, reason="4 devices")
 def test_kernels_run_per_shard_of_the_mesh():
   """Pallas calls cannot be partitioned by XLA: on a mesh they run per (rows, kv heads)
   shard; data=2 × tensor=2 here, the same result as the dense path."""
@@ -200,3 +206,13 @@ def test_kernels_run_per_shard_of_the_mesh():
     assert "shard_map" in str(jax.make_jaxpr(call)(*rows))
     got = jax.jit(call)(*rows)
   np.testing.assert_allclose(_real(got, rows[5]), _real(_dense(*rows), rows[5]), atol=2e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN runs on a GPU only")
+def test_cudnn_matches_the_dense_path_on_a_gpu():
+  """bf16 (cuDNN has no fp32 kernel) against the dense path on the same bf16 inputs."""
+  rows = _rows()
+  rows = tuple(x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in rows)
+  want = _dense(*(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x for x in rows))
+  got = _fused("cudnn", *rows)
+  np.testing.assert_allclose(_real(got, rows[5]), _real(want, rows[5]), atol=3e-2, rtol=3e-2)
