@@ -57,6 +57,9 @@ def score_config() -> ml_collections.ConfigDict:
           max_segments=8,  # texts packed into one row (of one prompt) where they fit; 1 = none
           fit_buckets=True,  # with packing: shapes minimising the model's FLOPs, else padding
           shard_rows=256,  # rows per Parquet shard (the unit of resume)
+          # Attention kernel (selectit_jax/models/attention.py): auto (TPU: splash, GPU:
+          # pallas_gpu, CPU: xla) | xla (jnp) | splash | pallas_gpu | cudnn (bf16 only).
+          attention="auto",
       )
   )
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 = the rest

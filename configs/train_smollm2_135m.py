@@ -22,6 +22,9 @@ def get_config():
           dtype="float32",  # compute dtype; 'bfloat16' on accelerators (master weights below)
           param_dtype="float32",  # master weights and optimizer state
           remat=False,  # rematerialise each block in the backward pass (saves memory)
+          # attention kernel (selectit_jax/models/attention.py): auto (TPU: splash, GPU:
+          # pallas_gpu, CPU: xla) | xla | splash | pallas_gpu | cudnn (bf16 only)
+          attention="auto",
       )
   )
   c.data = ml_collections.ConfigDict(

@@ -17,18 +17,17 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from selectit_jax.models import attention
 from selectit_jax.models.layers import (
     Attention,
     Mlp,
     Prefix,
     RMSNorm,
-    attention_mask,
     block_step,
     decoder_params,
     final_states,
-    prefixed_mask,
+    layer_mask,
     rope_inv_freq,
-    sliding_window,
     vocab_logits,
 )
 
@@ -62,6 +61,9 @@ class Gemma3Config:
   param_dtype: str = "float32"
   remat: bool = False
   attention_block: int = 128
+  # Attention kernel (models/attention.py): auto | xla | splash | pallas_gpu | cudnn; the
+  # kernels do not apply the sliding window (auto: jnp where it can hide keys).
+  attention: str = "auto"
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -70,6 +72,7 @@ class Gemma3Config:
       )
     if self.layer_types is not None and len(self.layer_types) != self.num_layers:
       raise ValueError(f"{len(self.layer_types)} layer_types for {self.num_layers} layers")
+    attention.check_backend(self.attention)
 
   @property
   def local_layers(self) -> tuple[bool, ...]:
@@ -197,7 +200,11 @@ class Block(nn.Module):
   ):
     # Index 1: local (sliding-window) tables, 0: global.
     which = is_local.astype(jnp.int32)
-    sin, cos, mask = sin_2bth[which], cos_2bth[which], mask_2[which]
+    sin, cos = sin_2bth[which], cos_2bth[which]
+    if isinstance(mask_2, attention.Segments):  # kernels: one mask, the window a flag
+      mask = mask_2._replace(local=is_local)
+    else:
+      mask = mask_2[which]
     return block_step(self, x, sin, cos, mask, prefix_kv, readout, is_last)
 
   def _layer(self, x, sin, cos, mask, prefix_kv, readout=None):
@@ -233,18 +240,13 @@ class Gemma3(nn.Module):
     freqs = jnp.stack(
         [positions_bt[..., None].astype(jnp.float32) * rope_inv_freq(cfg) for cfg in (c, local_cfg)]
     )
-    mask, prefix_kv = prefixed_mask(attention_mask(segment_ids_bt), prefix)
-    k_positions = positions_bt
-    if prefix is not None:
-      p = prefix.valid.shape[-1]
-      k_positions = jnp.concatenate(
-          [
-              jnp.broadcast_to(jnp.arange(p, dtype=positions_bt.dtype), prefix.valid.shape),
-              positions_bt,
-          ],
-          axis=-1,
-      )
-    masks = jnp.stack([mask, sliding_window(mask, positions_bt, k_positions, c.sliding_window)])
+    masks, prefix_kv = layer_mask(c, segment_ids_bt, positions_bt, prefix)
+    if not isinstance(masks, attention.Segments):  # dense: [global, local]
+      k_positions = positions_bt
+      if prefix is not None:
+        k_positions = attention.prefix_positions(positions_bt, prefix.valid)
+      window = attention.sliding_window(masks, positions_bt, k_positions, c.sliding_window)
+      masks = jnp.stack([masks, window])
     is_last = jnp.arange(c.num_layers) == c.num_layers - 1
     is_local = jnp.asarray(np.asarray(c.local_layers))
     x, kv = self.layers(

@@ -16,11 +16,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Finite, so fully masked rows (padding) give a uniform softmax instead of NaN.
-_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+from selectit_jax.models import attention
+from selectit_jax.models.attention import attention_mask
 
 # Any family's config dataclass: these layers read hidden_size, head counts, head_dim, eps,
-# rope settings, dtypes and attention_block from it.
+# rope settings, dtypes, attention_block and attention (the kernel) from it.
 DecoderConfig = Any
 
 
@@ -57,27 +57,6 @@ def apply_rope(x_bnth: jax.Array, sin_bth: jax.Array, cos_bth: jax.Array) -> jax
   sin, cos = sin_bth[:, None], cos_bth[:, None]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_bnth.dtype)
-
-
-def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
-  """Causal mask within equal, non-zero segment ids: [b, 1, 1, t, s] bool.
-
-  Right-padded scoring batches use segment 1 for tokens and 0 for padding;
-  packed training batches use one id per packed sample.
-  """
-  t = segment_ids_bt.shape[1]
-  causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-  same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-  real = (segment_ids_bt != 0)[:, None, :]
-  return (causal[None] & same & real)[:, None, None]
-
-
-def sliding_window(mask, q_positions_bt, k_positions_bs, window: int):
-  """`mask` [b, 1, 1, t, s] further limited to keys less than `window` positions back
-  (HF: kv_idx > q_idx - window). Positions, not indices: cached prefix keys and packed
-  segments count by where they sit in their own text."""
-  near = q_positions_bt[:, :, None] - k_positions_bs[:, None, :] < window
-  return mask & near[:, None, None]
 
 
 class RMSNorm(nn.Module):
@@ -127,7 +106,9 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_btd, sin, cos, mask, prefix_kv=None, queries=None):
     """`prefix_kv`: keys and values [b, kv, p, hd] of earlier positions (already rotated)
-    that every row attends to first; `mask` is then [b, 1, 1, t, p + t]. `queries` [b, s]:
+    that every row attends to first; `mask` is then [b, 1, 1, t, p + t]: the jnp path. Or
+    `mask` is an `attention.Segments`: the config's attention kernel where it applies
+    (`attention.kernel_for`), else the dense mask it stands for. `queries` [b, s]:
     only these positions query (output [b, s, d]); all t still give keys and values.
     Returns the output and this call's own (k, v)."""
     c = self.cfg
@@ -147,7 +128,14 @@ class Attention(nn.Module):
     k = apply_rope(k_norm(project["k"](x_btd)), sin, cos)
     v = project["v"](x_btd)
     own_kv = (k, v)
-    if prefix_kv is not None:
+    kernel = None
+    if isinstance(mask, attention.Segments):  # the models' choice when a kernel may run
+      window = getattr(c, "sliding_window", None)
+      num_keys = x_btd.shape[1] + (0 if prefix_kv is None else prefix_kv[0].shape[2])
+      kernel = attention.kernel_for(c.attention, mask, window, num_keys)
+      if kernel is None or queries is not None:  # read-out rows: a few queries, jnp
+        kernel, mask = None, attention.dense_mask(mask, window)
+    if prefix_kv is not None and kernel is None:
       k, v = (
           jnp.concatenate([cached.astype(new.dtype), new], axis=2)
           for cached, new in zip(prefix_kv, own_kv)
@@ -164,8 +152,10 @@ class Attention(nn.Module):
     b, t = x_btd.shape[:2]
     # Query head n uses kv head n // (h // kv), as HF's repeat_kv.
     q = q.reshape(b, kv, h // kv, t, hd)
-    if queries is not None:  # anywhere in the row: one block against all keys
-      out = _attend(q, k, v, mask, scale)
+    if kernel is not None:
+      out = attention.fused(kernel, q, own_kv, prefix_kv, mask, scale)
+    elif queries is not None:  # anywhere in the row: one block against all keys
+      out = attention.attend(q, k, v, mask, scale)
     else:
       # Causal: rows [start, end) attend to keys [0, p + end) only; the mask handles the
       # rest (segments, padding, the diagonal block's upper half). Static slices, unrolled
@@ -173,7 +163,7 @@ class Attention(nn.Module):
       block, p = c.attention_block or t, k.shape[2] - t
       out = jnp.concatenate(
           [
-              _attend(
+              attention.attend(
                   q[:, :, :, start : start + block],
                   k[:, :, : p + start + block],
                   v[:, :, : p + start + block],
@@ -203,20 +193,6 @@ def _projection(module: Attention, name: str, w_dnh):
     return out if bias is None else out + bias[:, None, :]
 
   return project
-
-
-def _attend(q_bkgth, k_bksh, v_bksh, mask, scale):
-  """Softmax attention in fp32 with normalisation after PV: the [t, s] scores are read
-  three times (max, exp+sum, PV), not five, and the division touches [t, head_dim] only."""
-  logits = (
-      jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh, preferred_element_type=jnp.float32) * scale
-  )
-  logits = jnp.where(mask, logits, _MASK_VALUE)
-  unnorm = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-  out = jnp.einsum(
-      "bkgts,bksh->bkgth", unnorm.astype(v_bksh.dtype), v_bksh, preferred_element_type=jnp.float32
-  )
-  return out / jnp.sum(unnorm, axis=-1, keepdims=True)
 
 
 # Gate activations of the gated MLP by HF `hidden_act` name.
@@ -303,6 +279,16 @@ def prefixed_mask(mask, prefix: Prefix | None):
       prefix.valid[:, None, None, None, :], mask.shape[:-1] + prefix.valid.shape[-1:]
   )
   return jnp.concatenate([seen, mask], axis=-1), (prefix.k, prefix.v)
+
+
+def layer_mask(cfg: DecoderConfig, segment_ids_bt, positions_bt, prefix: Prefix | None):
+  """(mask, prefix (k, v) or None) for the layers: `prefixed_mask`'s dense mask on the jnp
+  path, the `attention.Segments` it stands for when the config's attention is a kernel."""
+  if attention.resolve(getattr(cfg, "attention", "xla")) == "xla":
+    return prefixed_mask(attention_mask(segment_ids_bt), prefix)
+  if prefix is None:
+    return attention.Segments(segment_ids_bt, positions_bt), None
+  return attention.Segments(segment_ids_bt, positions_bt, prefix.valid), (prefix.k, prefix.v)
 
 
 def block_step(block: nn.Module, x, sin, cos, mask, prefix_kv, readout, is_last):

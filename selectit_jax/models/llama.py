@@ -11,16 +11,16 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from selectit_jax.models import attention
 from selectit_jax.models.layers import (
     Attention,
     Mlp,
     Prefix,
     RMSNorm,
-    attention_mask,
     block_step,
     decoder_params,
     final_states,
-    prefixed_mask,
+    layer_mask,
     rope_inv_freq,
     vocab_logits,
 )
@@ -66,6 +66,8 @@ class LlamaConfig:
   qkv_bias: bool = False  # Qwen2
   qk_norm: bool = False  # Qwen3
   model_type: str = "llama"  # what `to_hf` writes: llama, qwen2 or qwen3
+  # Attention kernel (models/attention.py): auto | xla | splash | pallas_gpu | cudnn.
+  attention: str = "auto"
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -74,6 +76,7 @@ class LlamaConfig:
       )
     if self.model_type not in _ARCHITECTURES:
       raise ValueError(f"model_type {self.model_type!r} is not one of {sorted(_ARCHITECTURES)}")
+    attention.check_backend(self.attention)
 
   @property
   def layer_norm_params(self) -> int:
@@ -231,7 +234,7 @@ class Llama(nn.Module):
     x = jnp.take(self.embedding, tokens_bt, axis=0).astype(c.dtype)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     freqs = positions_bt[..., None].astype(jnp.float32) * rope_inv_freq(c)
-    mask, prefix_kv = prefixed_mask(attention_mask(segment_ids_bt), prefix)
+    mask, prefix_kv = layer_mask(c, segment_ids_bt, positions_bt, prefix)
     is_last = None if readout is None else jnp.arange(c.num_layers) == c.num_layers - 1
     x, kv = self.layers(x, jnp.sin(freqs), jnp.cos(freqs), mask, prefix_kv, readout, is_last)
     return final_states(self, x, kv, readout)

@@ -99,7 +99,11 @@ def estimate(
 def arch(config, model_path: str = "") -> DecoderConfig:
   """The architecture: the checkpoint's own when it is here, else config.model.arch (HF
   config.json fields), so runs can be planned before the weights are downloaded."""
-  overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  overrides = dict(
+      dtype=config.model.dtype,
+      param_dtype=config.model.param_dtype,
+      attention=config.engine.get("attention", "auto"),
+  )
   path = model_path or config.model.path
   if not path and not config.model.get("arch"):
     path = assets.model_path(config.model)

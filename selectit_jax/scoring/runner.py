@@ -18,6 +18,7 @@ from selectit_jax import checkpoints
 from selectit_jax.checkpoints.tokenizer import load_tokenizer, rating_token_ids
 from selectit_jax.data import prompts as prompts_lib
 from selectit_jax.data import records as records_lib
+from selectit_jax.models import attention
 from selectit_jax.parallel import memory
 from selectit_jax.parallel import sharding
 from selectit_jax.scoring import batching
@@ -278,6 +279,7 @@ def run(config) -> Summary:
   start = time.perf_counter()
   model_path = assets.model_path(config.model)
   batching.check_too_long(config.engine.too_long)  # before minutes of weight loading
+  attention.resolve(config.engine.get("attention", "auto"))  # a kernel this platform lacks
   data_cfg, records, rejects, info = read_input(config)
   template = prompts_lib.template_from_config(config.prompts)
   prompts = prompts_lib.prompts_from_config(config.prompts)
@@ -289,7 +291,11 @@ def run(config) -> Summary:
   # Refuse a run that cannot fit before reading any weights.
   memory.check_config(config, model_path, mesh)
   model = checkpoints.load_model(
-      model_path, mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype
+      model_path,
+      mesh,
+      dtype=config.model.dtype,
+      param_dtype=config.model.param_dtype,
+      attention=config.engine.get("attention", "auto"),
   )
   tokenizer = load_tokenizer(model_path)
   model_key = f"{config.model.name}@{model.fingerprint}"

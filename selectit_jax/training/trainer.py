@@ -305,7 +305,13 @@ def _model_config(config, model_path: str):
   """The checkpoint's architecture with the config's numerics."""
   _, cfg = checkpoints.tensor_source(model_path)
   m = config.model
-  return dataclasses.replace(cfg, dtype=m.dtype, param_dtype=m.param_dtype, remat=bool(m.remat))
+  return dataclasses.replace(
+      cfg,
+      dtype=m.dtype,
+      param_dtype=m.param_dtype,
+      remat=bool(m.remat),
+      attention=m.get("attention", "auto"),
+  )
 
 
 def run(config) -> dict:
