@@ -7,6 +7,11 @@ Three FLOP counts, for three questions:
 - `forward_flops`: model FLOPs of forward passes over texts (2·θ per token plus causal
   attention, no padding): the useful work, the same for every method compared.
 - `train_flops_per_token`: PaLM's 6·N + 12·L·H·Q·T (forward + backward).
+
+And the bytes the memory planner (parallel/memory.py) charges for activations, per device
+(`rows` rows of `length` tokens; heads, MLP and vocabulary split over `tensor`), from the
+same query blocks the attention runs: `scoring_activation_bytes` (forward, read-out at the
+last layer) and `train_activation_bytes` (forward + backward, with and without remat).
 """
 
 from __future__ import annotations
@@ -49,15 +54,22 @@ def _causal_pairs(lengths: np.ndarray, window: int | None) -> np.ndarray:
   return w * (w + 1) / 2 + (lengths - w) * window
 
 
+def query_blocks(cfg, length: int, prefix: int = 0) -> list[tuple[int, int]]:
+  """(query rows, keys) of each block the attention runs over a row of `length` tokens:
+  blocks of `attention_block` rows, each against the `prefix` cached keys and its own keys
+  up to the block's end (layers.Attention)."""
+  block = cfg.attention_block or length
+  return [
+      (min(block, length - start), prefix + min(start + block, length))
+      for start in range(0, length, block)
+  ]
+
+
 def row_flops(cfg, length: int, prefix: int = 0) -> int:
   """Matmul FLOPs of one row of `length` tokens through the blocks as the attention runs
   them: every weight once per token, and each query block against all keys up to its end,
   the `prefix` cached ones included (masked pairs cost the same as real ones)."""
-  block = cfg.attention_block or length
-  pairs = sum(
-      min(block, length - start) * (prefix + min(start + block, length))
-      for start in range(0, length, block)
-  )
+  pairs = sum(n * keys for n, keys in query_blocks(cfg, length, prefix))
   attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * pairs
   return 2 * matmul_params(cfg) * length + attention
 
@@ -86,3 +98,128 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
   head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
   n = num_params(cfg) - head
   return 6.0 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+
+
+# ------------------------------------------------------------------ activation bytes
+
+
+def _itemsize(dtype) -> int:
+  return np.dtype(dtype).itemsize if str(dtype) != "bfloat16" else 2
+
+
+def _sliding(cfg) -> bool:
+  return any(getattr(cfg, "local_layers", ()))
+
+
+def _per_device(cfg, tensor: int):
+  """Heads, kv heads, MLP width and vocabulary of one `tensor` shard."""
+  return (
+      cfg.num_heads // tensor,
+      max(cfg.num_kv_heads // tensor, 1),
+      cfg.intermediate_size // tensor,
+      cfg.vocab_size // tensor,
+  )
+
+
+def _shared_inputs(cfg, rows: int, length: int, prefix: int) -> int:
+  """What every layer reads: the rotary sin/cos tables (fp32) and the boolean mask over
+  [length, prefix + length]; Gemma 3 stacks a global and a sliding-window copy of each and
+  selects one per layer (three live)."""
+  copies = 3 if _sliding(cfg) else 1
+  rope = 2 * rows * length * (cfg.head_dim // 2) * 4
+  return copies * (rope + rows * length * (prefix + length))
+
+
+def _attention_scores(cfg, rows: int, length: int, prefix: int, tensor: int) -> list[int]:
+  """fp32 scores of each query block of one layer: [rows, heads, block rows, keys]."""
+  h = cfg.num_heads // tensor
+  return [rows * h * n * keys * 4 for n, keys in query_blocks(cfg, length, prefix)]
+
+
+def scoring_activation_bytes(
+    cfg, rows: int, length: int, prefix: int = 0, segments: int = 1, tensor: int = 1
+) -> dict[str, int]:
+  """Peak activation bytes of one rating step on one device, by part.
+
+  `layer`: the scanned layer's peak, the larger of its attention and its MLP. XLA issues
+  every query block's QKᵀ before the softmaxes finish (the compiled schedule keeps all
+  blocks' fp32 scores live), so the attention holds the scores of all blocks plus a second
+  copy of the largest (its exp) — about half the [T, T] square, not the whole of it — with
+  k, v and each block's key slice; the MLP its three
+  [rows, T, mlp] intermediates. `carry`: the layer's input and output [rows, T, d] and what
+  every layer reads (rotary tables, mask). `head`: fp32 logits (and their exp) at the
+  read-out tokens only, `segments` per row; the last layer runs only those rows, so it
+  never needs more than the others.
+  """
+  ab = _itemsize(cfg.dtype)
+  d, hd = cfg.hidden_size, cfg.head_dim
+  h, kv, f, v = _per_device(cfg, tensor)
+  t, keys = length, prefix + length
+  scores = _attention_scores(cfg, rows, t, prefix, tensor)
+  key_slices = sum(rows * kv * k * hd * ab for _, k in query_blocks(cfg, t, prefix))
+  # q is read block by block inside the score products, and the block outputs come after
+  # the scores are spent: neither is live at the peak; k, v and their slices are.
+  attention = sum(scores) + max(scores, default=0) + rows * 2 * kv * keys * hd * ab + key_slices
+  mlp = rows * t * (d + 3 * f) * ab
+  return dict(
+      layer=max(attention, mlp),
+      carry=2 * rows * t * d * ab + _shared_inputs(cfg, rows, t, prefix),
+      head=2 * rows * segments * v * 4,
+  )
+
+
+def _layer_shape(cfg) -> tuple[int, bool, bool]:
+  """(norms over d per block, q/k norms, GeGLU): what sets how many [rows, T, ·] buffers a
+  block's backward keeps. Families without a `qk_norm` flag (Gemma 3) always norm q and k."""
+  norms = cfg.layer_norm_params // cfg.hidden_size
+  return norms, bool(getattr(cfg, "qk_norm", True)), getattr(cfg, "hidden_act", "silu") != "silu"
+
+
+def train_activation_bytes(
+    cfg, rows: int, length: int, tensor: int = 1, remat: bool | None = None
+) -> dict[str, int]:
+  """Peak activation bytes of one micro-batch's forward and backward on one device, by part
+  (`training/step.loss_sums` under `jax.value_and_grad`, layers under `nn.scan`).
+
+  `saved`: what the forward keeps for the backward. Without remat, every layer's residuals:
+  per query block the masked fp32 scores, their exp and its cast to the compute dtype for
+  PV (and the layer's mask, where sliding windows make it per layer); per norm over d three
+  [rows, T, d] buffers (fp32 inside) plus the two residual adds; the MLP's gate, up,
+  activation and product (GeGLU's tanh keeps two more); q (three more with q/k norms), each
+  block's q and fp32 output, k, v and each block's key/value slices. With remat
+  (`nn.remat` per layer) only each layer's input [rows, T, d] (`carry`). `backward`: one
+  layer's backward in flight: without remat the fp32 score gradients and broadcast masks of
+  all blocks plus fp32 MLP and stream gradients; with remat also the recomputed scores.
+  `head`: the fp32 logits' exp kept for the softmax gradient and the logits' gradient
+  [rows, T, vocab]; live before the layers' backward starts, so the peak takes the larger of
+  it and `backward`. `shared`: rotary tables and mask.
+  """
+  remat = cfg.remat if remat is None else remat
+  ab = _itemsize(cfg.dtype)
+  d, hd, t = cfg.hidden_size, cfg.head_dim, length
+  h, kv, f, v = _per_device(cfg, tensor)
+  norms, qk_norm, geglu = _layer_shape(cfg)
+  blocks = query_blocks(cfg, t)
+  pairs = rows * h * sum(n * keys for n, keys in blocks)
+  key_slices = rows * kv * sum(keys for _, keys in blocks) * hd
+  cast = ab if ab < 4 else 0  # the exp's copy in the compute dtype (none in fp32)
+  fp32_stream = 3 * norms * 4 if ab == 4 else (3 * norms - 2) * 4  # two norm outputs in ab
+  layer = (
+      pairs * (8 + cast + _sliding(cfg))
+      + rows * t * d * (fp32_stream + 2 * ab)
+      + rows * t * f * (8 if geglu else 6) * ab
+      + rows * h * t * hd * ((1 + 3 * qk_norm) * ab + 2 * 4 + 2 * ab)
+      + (rows * kv * t * hd * 3 * qk_norm + 2 * key_slices) * ab
+  )
+  if remat:
+    saved = cfg.num_layers * rows * t * d * ab
+    backward = pairs * (2 * 4 + 1) + rows * t * (4 * d + 2 * f) * 4
+  else:
+    saved = cfg.num_layers * layer
+    backward = pairs * (4 + 1) + rows * t * (f + 2 * d) * 4
+  return dict(
+      saved=saved,
+      backward=backward,
+      head=2 * rows * t * v * 4,
+      shared=_shared_inputs(cfg, rows, t, 0),
+  )

@@ -33,67 +33,137 @@ from selectit_jax.parallel import sharding
 from selectit_jax.models import registry
 from selectit_jax.models.layers import DecoderConfig
 
+# XLA packs a step's temporaries into one arena by lifetime; buffers of unequal sizes and
+# lifetimes leave holes, so the arena exceeds the live peak: 0-40 % on XLA:CPU for the
+# rating and training steps of tests/test_memory.py. Charged on everything but the
+# arguments (weights, optimizer state, inputs), which XLA allocates apart.
+FRAGMENTATION = 0.10
+_ARGUMENTS = ("params", "optimizer", "inputs")
+
+
+def _with_fragmentation(parts: dict[str, int]) -> dict[str, int]:
+  temps = sum(v for k, v in parts.items() if k not in _ARGUMENTS)
+  return dict(parts, fragmentation=int(FRAGMENTATION * temps))
+
 
 @dataclasses.dataclass
 class Estimate:
-  params: int
-  gathered: int
-  activations: int
-  attention: int
+  """Bytes per device by part (`parts`, in table order) for `rows_per_device` rows of
+  `length` tokens."""
+
+  parts: dict[str, int]
   rows_per_device: int
   length: int
 
   @property
+  def params(self) -> int:
+    return self.parts["params"]
+
+  @property
   def total(self) -> int:
-    return self.params + self.gathered + self.activations + self.attention
+    return sum(self.parts.values())
 
 
 def _bytes(dtype) -> int:
   return jnp.dtype(dtype).itemsize
 
 
-def estimate(
-    cfg: DecoderConfig, mesh_sizes: dict[str, int], batch_size: int, length: int, segments: int = 1
-) -> Estimate:
-  """Per-device bytes for one rating step of [batch_size, length] on a mesh of these sizes.
-  Raises the sharding module's error when a weight does not divide the mesh."""
+def param_bytes(cfg: DecoderConfig, mesh_sizes: dict[str, int], dtype=None) -> int:
+  """Bytes of one device's block of every weight (in `dtype`, default the config's
+  param_dtype). Raises the sharding module's error when a weight does not divide the mesh."""
   abstract = checkpoints.param_shapes(cfg)["params"]
   specs = sharding.mesh_specs(abstract)
   shapes = nn.unbox(abstract)
-  pb, ab = _bytes(cfg.param_dtype), _bytes(cfg.dtype)
-  params = 0
+  pb = _bytes(dtype or cfg.param_dtype)
+  total = 0
   flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
   for (path, sds), spec in zip(
       flat_shapes,
       jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
   ):
     block = sharding.shard_shape(jax.tree_util.keystr(path), sds.shape, spec, mesh_sizes)
-    params += math.prod(block) * pb
-  tp, fsdp = mesh_sizes["tensor"], mesh_sizes["fsdp"]
-  row_shards = mesh_sizes["data"] * fsdp
-  if batch_size % row_shards:
-    raise ValueError(
-        f"engine.batch_size={batch_size} is not a multiple of the mesh's " f"data×fsdp={row_shards}"
-    )
-  b, t = batch_size // row_shards, length
-  d, h, kv, hd, f = (
-      cfg.hidden_size,
-      cfg.num_heads,
-      cfg.num_kv_heads,
-      cfg.head_dim,
-      cfg.intermediate_size,
+    total += math.prod(block) * pb
+  return total
+
+
+def rows_per_device(batch_size: int, mesh_sizes: dict[str, int], what="engine.batch_size") -> int:
+  shards = sharding.row_shards(mesh_sizes)
+  if batch_size % shards:
+    raise ValueError(f"{what}={batch_size} is not a multiple of the mesh's data×fsdp={shards}")
+  return batch_size // shards
+
+
+def gathered_bytes(cfg: DecoderConfig, mesh_sizes: dict[str, int]) -> int:
+  """One layer's weights in the compute dtype, all-gathered over fsdp (still split over
+  tensor); two live at once (XLA prefetches the next). Without fsdp the cast copy is the
+  only extra, when the dtypes differ."""
+  if mesh_sizes["fsdp"] == 1 and _bytes(cfg.param_dtype) == _bytes(cfg.dtype):
+    return 0
+  return 2 * costs.layer_matmul_params(cfg) // mesh_sizes["tensor"] * _bytes(cfg.dtype)
+
+
+def estimate(
+    cfg: DecoderConfig,
+    mesh_sizes: dict[str, int],
+    batch_size: int,
+    length: int,
+    segments: int = 1,
+    prefix: int = 0,
+    prompts: int = 1,
+) -> Estimate:
+  """Per-device bytes of one rating step of [batch_size, length] on a mesh of these sizes,
+  rows continuing a cached prefix of `prefix` tokens (one per prompt, replicated).
+  Raises the sharding module's error when a weight does not divide the mesh."""
+  b = rows_per_device(batch_size, mesh_sizes)
+  tp = mesh_sizes["tensor"]
+  acts = costs.scoring_activation_bytes(cfg, b, length, prefix, segments, tp)
+  # The step's arguments besides the weights: tokens, segments, positions [b, t] int32,
+  # the read-out index [b, segments] and the prefix table (k, v per layer and prompt).
+  kv = max(cfg.num_kv_heads // tp, 1)
+  table = 2 * cfg.num_layers * prompts * kv * prefix * cfg.head_dim * _bytes(cfg.dtype)
+  inputs = 4 * b * (3 * length + segments + 1) + table + prompts * prefix
+  parts = dict(
+      params=param_bytes(cfg, mesh_sizes),
+      gathered=gathered_bytes(cfg, mesh_sizes),
+      inputs=inputs,
+      activations=acts["carry"] + acts["head"],
+      layer=acts["layer"],
   )
-  # One layer's weights in compute dtype, gathered over fsdp (still split over tensor);
-  # two live at once. Without fsdp the cast copy is the only extra (when dtypes differ).
-  layer = costs.layer_matmul_params(cfg) // tp
-  gathered = 2 * layer * ab if (fsdp > 1 or pb != ab) else 0
-  # Residual + normed + attention out + mlp out (d), q/k/v, gate/up/product (f), fp32 RoPE.
-  per_token = (4 * d + (h + 2 * kv) * hd // tp + 3 * f // tp) * ab + 2 * (h + kv) * hd // tp * 4
-  # + fp32 logits at each packed text's last token (`segments` per row).
-  activations = b * t * per_token + b * segments * cfg.vocab_size // tp * 4 * 2
-  # fp32 scores and masked scores, probabilities in the compute dtype, bool mask.
-  attention = b * (h // tp) * t * t * (4 + 4 + ab) + b * t * t
-  return Estimate(params, gathered, activations, attention, b, t)
+  return Estimate(_with_fragmentation(parts), b, length)
+
+
+def train_estimate(
+    cfg: DecoderConfig,
+    mesh_sizes: dict[str, int],
+    micro_batch_size: int,
+    length: int,
+    accumulation: int = 1,
+    remat: bool | None = None,
+) -> Estimate:
+  """Per-device bytes of one training step (`training/step.make_train_step`): fp32 master
+  weights, AdamW's two moments and the gradients sharded like the params (FSDP over
+  `embed`, tensor over heads/mlp/vocab); the gradient accumulator and one micro-batch's
+  gradients; one layer's weights cast (and gathered over fsdp) to the compute dtype, and the
+  head's; the global batch's token arrays; one micro-batch's activations."""
+  rows = rows_per_device(micro_batch_size, mesh_sizes, "train.micro_batch_size")
+  tp = mesh_sizes["tensor"]
+  params = param_bytes(cfg, mesh_sizes)
+  moments = 2 * param_bytes(cfg, mesh_sizes, jnp.float32)
+  grads = param_bytes(cfg, mesh_sizes, jnp.float32)
+  acts = costs.train_activation_bytes(cfg, rows, length, tp, remat)
+  head_cast = cfg.hidden_size * cfg.vocab_size // tp * _bytes(cfg.dtype)
+  if not gathered_bytes(cfg, mesh_sizes):
+    head_cast = 0  # neither gathered nor cast: the head multiplies the stored weights
+  parts = dict(
+      params=params,
+      optimizer=moments,
+      gradients=grads * (2 if accumulation > 1 else 1),
+      gathered=gathered_bytes(cfg, mesh_sizes) + head_cast,
+      inputs=5 * 4 * accumulation * rows * length,
+      saved=acts["saved"] + acts["shared"],
+      backward=max(acts["backward"], acts["head"]),
+  )
+  return Estimate(_with_fragmentation(parts), rows, length)
 
 
 def arch(config, model_path: str = "") -> DecoderConfig:
@@ -121,6 +191,50 @@ def max_length(config) -> int:
   return -(-config.engine.max_tokens // m) * m
 
 
+# Table labels of the estimate's parts.
+_LABELS = {
+    "params": "parameters",
+    "optimizer": "AdamW moments (fp32, 2 per weight)",
+    "gradients": "gradients (fp32; accumulator + micro-batch)",
+    "gathered": "gathered weights (one layer x2: fsdp all-gather / dtype cast)",
+    "inputs": "inputs (token arrays, prefix cache)",
+    "activations": "activations (layer carry, rotary tables, mask, read-out logits)",
+    "layer": "layer working set (all query blocks' fp32 scores, or the MLP)",
+    "saved": "saved for the backward (per layer; with remat only its input)",
+    "backward": "backward working set (one layer, or the head's [rows, T, vocab])",
+    "fragmentation": f"allocator fragmentation ({FRAGMENTATION:.0%} of temporaries)",
+}
+
+
+def report(
+    est: Estimate,
+    cfg: DecoderConfig,
+    mesh_sizes: dict[str, int],
+    what: str,
+    device: str,
+    local_devices: int = 1,
+    headroom: float = 0.9,
+) -> tuple[bool, list[str]]:
+  """(fits, lines): the estimate's table against the device's usable memory; `what`
+  describes the step (batch, length, tokens)."""
+  cap, desc = devices.capacity(device, local_devices)
+  budget = int(cap * headroom)
+  fits = est.total <= budget
+  g = lambda x: f"{x / devices.GiB:8.2f} GiB"
+  lines = [
+      f"model: {costs.num_params(cfg) / 1e9:.2f}B params, {cfg.param_dtype} weights, "
+      f"{cfg.dtype} activations" + (", remat" if getattr(cfg, "remat", False) else ""),
+      f"mesh: data={mesh_sizes['data']} fsdp={mesh_sizes['fsdp']} tensor={mesh_sizes['tensor']} "
+      f"({math.prod(mesh_sizes.values())} devices); {what}",
+  ]
+  lines += [f"  {g(v)}  {_LABELS[k]}" for k, v in est.parts.items() if v]
+  lines.append(
+      f"  {g(est.total)}  total per device, of {g(cap)} usable on {desc} "
+      f"(budget {headroom:.0%}: {g(budget)}) -> {'fits' if fits else 'DOES NOT FIT'}"
+  )
+  return fits, lines
+
+
 def fit_lines(
     cfg: DecoderConfig,
     mesh_sizes: dict[str, int],
@@ -131,45 +245,44 @@ def fit_lines(
     headroom: float = 0.9,
     segments: int = 1,
 ) -> tuple[bool, list[str]]:
-  """(fits, lines) for the worst-case step; lines say what to change when it does not fit."""
+  """(fits, lines) for the worst-case rating step; lines say what to change when it does
+  not fit. Rows are planned at the longest bucket with no cached prefix: a row and its
+  prompt's shared prefix together never exceed max_tokens, so this bounds both."""
   est = estimate(cfg, mesh_sizes, batch_size, length, segments)
-  cap, desc = devices.capacity(device, local_devices)
-  budget = int(cap * headroom)
-  fits = est.total <= budget
-  g = lambda x: f"{x / devices.GiB:8.2f} GiB"
-  lines = [
-      f"model: {costs.num_params(cfg) / 1e9:.2f}B params, {cfg.param_dtype} weights, "
-      f"{cfg.dtype} activations",
-      f"mesh: data={mesh_sizes['data']} fsdp={mesh_sizes['fsdp']} tensor={mesh_sizes['tensor']} "
-      f"({math.prod(mesh_sizes.values())} devices); batch {batch_size} "
-      f"({est.rows_per_device} rows/device) x length {length}",
-      f"  parameters       {g(est.params)}",
-      f"  gathered weights {g(est.gathered)}  (one layer x2, fsdp all-gather / dtype cast)",
-      f"  activations      {g(est.activations)}",
-      f"  attention        {g(est.attention)}  ([rows, heads/tensor, T, T] scores)",
-      f"  total            {g(est.total)}  of {g(cap)} on {desc} "
-      f"(budget {headroom:.0%}: {g(budget)}) -> {'fits' if fits else 'DOES NOT FIT'}",
-  ]
+  what = (
+      f"batch {batch_size} ({est.rows_per_device} rows/device) x length {length}: "
+      f"{batch_size * length:,} tokens per step"
+  )
+  fits, lines = report(est, cfg, mesh_sizes, what, device, local_devices, headroom)
   if not fits:
+    budget = int(devices.capacity(device, local_devices)[0] * headroom)
     lines += ["  to fit: " + s for s in advice(est, budget, mesh_sizes, batch_size)]
   return fits, lines
 
 
-def advice(est: Estimate, budget: int, mesh_sizes: dict[str, int], batch_size: int) -> list[str]:
+def advice(
+    est: Estimate,
+    budget: int,
+    mesh_sizes: dict[str, int],
+    batch_size: int,
+    knobs: tuple[str, str] = ("engine.batch_size", "engine.max_tokens"),
+) -> list[str]:
+  """What to change: the sharding when the weights (and optimizer state) crowd the device,
+  the batch or length (`knobs`: their config names) when the activations do."""
   out = []
-  if est.params + est.gathered > budget * 0.7:
-    need = math.ceil(est.params / max(budget * 0.6 - est.gathered, 1))
+  fixed = est.params + est.parts.get("gathered", 0) + est.parts.get("optimizer", 0)
+  if fixed > budget * 0.7:
+    need = math.ceil(fixed / max(budget * 0.6, 1))
     out.append(
         f"shard the weights further: raise mesh.fsdp (and/or mesh.tensor) so "
         f"fsdp*tensor >= {need * mesh_sizes['fsdp'] * mesh_sizes['tensor']}, taking the "
         f"devices from mesh.data, or use more/larger devices; bf16 weights "
         f"(model.param_dtype) halve fp32 ones"
     )
-  if 0 < budget - est.params - est.gathered < est.activations + est.attention:
+  if 0 < budget - fixed < est.total - fixed:
     out.append(
-        f"lower engine.batch_size (now {batch_size}, {est.rows_per_device} rows per "
-        f"device) or engine.max_tokens (now {est.length}; attention grows with its "
-        f"square)"
+        f"lower {knobs[0]} (now {batch_size}, {est.rows_per_device} rows per device) or "
+        f"{knobs[1]} (now {est.length}; the attention scores grow with its square)"
     )
   return out or ["use a device with more memory"]
 
@@ -202,14 +315,26 @@ def check_config(config, model_path: str, mesh) -> None:
     logging.warning("%s", msg)
 
 
-def plan_config(config) -> tuple[bool, list[str]]:
-  """The planner command: the config's mesh, batch and longest bucket on its device."""
-  cfg = arch(config)
-  num_devices = config.memory.get("num_devices") or jax.device_count()
+def _mesh_and_device(config) -> tuple[dict[str, int], str, int]:
+  """(mesh sizes, device name, devices sharing one host's RAM) from the config alone: a
+  -1 axis takes memory.num_devices, else the devices here (CPU: `plan` never opens an
+  accelerator)."""
+  mem = config.get("memory") or {}
+  num_devices = mem.get("num_devices") or jax.device_count()
   sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
-  batch_size = sharding.effective_batch_size(config.engine.batch_size, sizes)
-  device = config.memory.device or devices.detect(jax.devices()[0])
+  device = mem.get("device") or devices.detect(jax.devices()[0])
   local = 1 if device != "cpu" else jax.local_device_count()
+  return sizes, device, local
+
+
+def plan_config(config) -> tuple[bool, list[str]]:
+  """The planner command: a scoring config's mesh, batch and longest bucket on its device,
+  or (a config with a `train` section) one training step's."""
+  if "train" in config:
+    return plan_train_config(config)
+  cfg = arch(config)
+  sizes, device, local = _mesh_and_device(config)
+  batch_size = sharding.effective_batch_size(config.engine.batch_size, sizes)
   fits, lines = fit_lines(
       cfg,
       sizes,
@@ -222,6 +347,39 @@ def plan_config(config) -> tuple[bool, list[str]]:
   )
   if batch_size != config.engine.batch_size:
     lines.insert(0, batch_note(config.engine.batch_size, batch_size, sizes))
+  return fits, lines
+
+
+def plan_train_config(config) -> tuple[bool, list[str]]:
+  """One training step (train.batch_size rows = accumulation x micro_batch_size, of
+  data.max_length tokens) on the config's mesh and device."""
+  cfg = arch(config)
+  if config.model.get("remat") is not None:
+    cfg = dataclasses.replace(cfg, remat=bool(config.model.remat))
+  sizes, device, local = _mesh_and_device(config)
+  t = config.train
+  batch, micro, length = int(t.batch_size), int(t.micro_batch_size), int(config.data.max_length)
+  if batch % micro:
+    raise ValueError(
+        f"train.batch_size={batch} is not a multiple of train.micro_batch_size={micro}"
+    )
+  est = train_estimate(cfg, sizes, micro, length, batch // micro)
+  what = (
+      f"batch {batch} = {batch // micro} x micro {micro} ({est.rows_per_device} rows/device) "
+      f"x length {length}: {batch * length:,} tokens per step"
+  )
+  mem = config.get("memory") or {}
+  headroom = mem.get("headroom", 0.9)
+  fits, lines = report(est, cfg, sizes, what, device, local, headroom)
+  if not fits:
+    budget = int(devices.capacity(device, local)[0] * headroom)
+    knobs = ("train.micro_batch_size", "data.max_length")
+    tips = advice(est, budget, sizes, micro, knobs)
+    if not cfg.remat:
+      tips.append(
+          "model.remat=True keeps one [rows, T, d] input per layer instead of its residuals"
+      )
+    lines += ["  to fit: " + tip for tip in tips]
   return fits, lines
 
 
