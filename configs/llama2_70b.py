@@ -14,10 +14,18 @@ MESHES = {
     "v5e-8": (1, 8, 1, 8),
     "v5e-32": (1, 32, 1, 32),
     "v4-32": (1, 16, 1, 16),
-    "v5p-8": (1, 4, 1, 8),
-    "v5p-64": (4, 8, 1, 64),
-    "h100x8": (1, 8, 1, 16),
-    "h100x16": (2, 8, 1, 32),
+    # MaxText's inference layout: heads and MLP over `tensor` within a host (4 v5p chips,
+    # 8 GPUs; 70B has 8 kv heads), data parallel across hosts, no per-layer weight gathers.
+    # Batch sized by `plan`: half the largest that fits, 64 rows per data shard.
+    "v5p-8": (1, 1, 4, 64),
+    "v5p-64": (8, 1, 4, 512),
+    "v5p-256": (32, 1, 4, 2048),
+    "h100x8": (1, 1, 8, 64),
+    "h100x16": (2, 1, 8, 128),
+    "h100x64": (8, 1, 8, 512),
+    # FSDP over all 32 chips (2 rows each): what the v5p-64 preset was before the
+    # tensor-parallel one; per layer it gathers ~1.5 GB of weights for its rows.
+    "v5p-64-fsdp": (4, 8, 1, 64),
 }
 
 

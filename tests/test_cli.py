@@ -124,7 +124,7 @@ def _cases():
       "plan_bad_mesh": [
           "plan",
           "--config=configs/llama2_70b.py:v5e-8",
-          "--config.mesh.tensor=3",
+          "--config.mesh.data=3",
       ],
       "plan_bad_preset": ["plan", "--config=configs/llama2_70b.py:v5e-1"],
   }

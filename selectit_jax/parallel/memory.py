@@ -17,6 +17,7 @@ buffers, but its own workspace is not counted, so a run must fit within `headroo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -71,18 +72,23 @@ def _bytes(dtype) -> int:
 def param_bytes(cfg: DecoderConfig, mesh_sizes: dict[str, int], dtype=None) -> int:
   """Bytes of one device's block of every weight (in `dtype`, default the config's
   param_dtype). Raises the sharding module's error when a weight does not divide the mesh."""
+  sizes = tuple(int(mesh_sizes[a]) for a in sharding.MESH_AXES)
+  return _param_bytes(cfg, sizes, str(jnp.dtype(dtype or cfg.param_dtype)))
+
+
+@functools.lru_cache(maxsize=64)
+def _param_bytes(cfg: DecoderConfig, sizes: tuple[int, ...], dtype: str) -> int:
   abstract = checkpoints.param_shapes(cfg)["params"]
   specs = sharding.mesh_specs(abstract)
-  shapes = nn.unbox(abstract)
-  pb = _bytes(dtype or cfg.param_dtype)
+  mesh_sizes = dict(zip(sharding.MESH_AXES, sizes))
   total = 0
-  flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  flat_shapes = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract))[0]
   for (path, sds), spec in zip(
       flat_shapes,
       jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
   ):
     block = sharding.shard_shape(jax.tree_util.keystr(path), sds.shape, spec, mesh_sizes)
-    total += math.prod(block) * pb
+    total += math.prod(block) * _bytes(dtype)
   return total
 
 
@@ -191,6 +197,15 @@ def max_length(config) -> int:
   return -(-config.engine.max_tokens // m) * m
 
 
+def largest_rows(fits_with, limit: int = 4096) -> int:
+  """The most rows per device (a power of two up to `limit`) for which `fits_with(rows)`
+  holds; 0 if not even one row fits."""
+  rows = 0
+  while rows < limit and fits_with(max(2 * rows, 1)):
+    rows = max(2 * rows, 1)
+  return rows
+
+
 # Table labels of the estimate's parts.
 _LABELS = {
     "params": "parameters",
@@ -254,8 +269,16 @@ def fit_lines(
       f"{batch_size * length:,} tokens per step"
   )
   fits, lines = report(est, cfg, mesh_sizes, what, device, local_devices, headroom)
+  budget = int(devices.capacity(device, local_devices)[0] * headroom)
+  shards = sharding.row_shards(mesh_sizes)
+  rows = largest_rows(
+      lambda r: estimate(cfg, mesh_sizes, r * shards, length, segments).total <= budget
+  )
+  if rows:
+    lines.append(
+        f"  largest batch that fits: {rows} rows/device = engine.batch_size {rows * shards}"
+    )
   if not fits:
-    budget = int(devices.capacity(device, local_devices)[0] * headroom)
     lines += ["  to fit: " + s for s in advice(est, budget, mesh_sizes, batch_size)]
   return fits, lines
 
@@ -371,8 +394,17 @@ def plan_train_config(config) -> tuple[bool, list[str]]:
   mem = config.get("memory") or {}
   headroom = mem.get("headroom", 0.9)
   fits, lines = report(est, cfg, sizes, what, device, local, headroom)
+  budget = int(devices.capacity(device, local)[0] * headroom)
+  shards = sharding.row_shards(sizes)
+  rows = largest_rows(
+      lambda r: train_estimate(cfg, sizes, r * shards, length, batch // micro).total <= budget
+  )
+  if rows:
+    lines.append(
+        f"  largest micro-batch that fits: {rows} rows/device = train.micro_batch_size "
+        f"{rows * shards}"
+    )
   if not fits:
-    budget = int(devices.capacity(device, local)[0] * headroom)
     knobs = ("train.micro_batch_size", "data.max_length")
     tips = advice(est, budget, sizes, micro, knobs)
     if not cfg.remat:
