@@ -83,7 +83,6 @@ def _rating_step_bytes(cfg, mesh_shape, batch, length, prefix, segments, prompts
 @pytest.mark.parametrize(
     "family,mesh_shape,batch,length,prefix,segments",
     [
-        ("llama", (1, 1, 1), 4, 512, 0, 1),
         ("llama", (1, 1, 1), 2, 1024, 32, 8),
         ("llama", (2, 2, 2), 8, 512, 16, 2),  # fsdp and tensor sharded
         ("gemma", (1, 2, 2), 4, 512, 16, 2),
@@ -155,7 +154,7 @@ _WIDE = dataclasses.replace(
 @pytest.mark.parametrize(
     "family,accum,micro,length,options",
     [
-        ("llama", 2, 2, 512, dict(remat=True, dtype="bfloat16")),
+        ("llama", 2, 2, 384, dict(remat=True, dtype="bfloat16")),
         ("wide", 1, 4, 128, dict(remat=True)),  # weights, moments and gradients dominate
         ("gemma", 2, 4, 256, {}),  # activations (every layer's residuals) dominate
     ],

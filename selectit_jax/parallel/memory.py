@@ -1,17 +1,20 @@
-"""Per-device memory estimate of a scoring run, and whether it fits a device.
+"""Per-device memory of a scoring or training step, and whether it fits a device.
 
-Forward only (no gradients), layers under `nn.scan`, so live memory per device is:
+Everything is abstract (shapes, never arrays): `plan` runs on one host of a pod and must not
+open an accelerator. Parts, per device:
   params      each device's block of every weight (fsdp × tensor sharded, data replicated);
-  gathered    one layer's weights all-gathered over fsdp (2 layers: XLA prefetches the next);
-  activations the residual stream, q/k/v and the SwiGLU intermediates of one layer for the
-              device's rows (batch / (data×fsdp)), heads and mlp split over tensor;
-  attention   the [rows, heads/tensor, T, T] fp32 scores and probabilities plus the mask
-              (plain attention materialises them: the term that grows with T²).
-Rows are counted at the full `max_tokens`, which bounds a row plus its shared prompt prefix;
-the prefixes' own keys/values (prompts × layers × ~50 tokens, replicated) are a few MB
-(~40 MB for 70B with 5 prompts) and not counted. Estimates are upper-bound style; XLA reuses
-buffers, but its own workspace is not counted, so a run must fit within `headroom` (default
-90%) of the device.
+  gathered    one layer's weights in the compute dtype, gathered over fsdp (two: XLA
+              prefetches the next);
+  scoring     the layer carry, rotary tables and mask, the read-out logits, and the larger
+              of the attention as it runs (every query block's fp32 scores, costs.py) and
+              the MLP (`costs.scoring_activation_bytes`);
+  training    fp32 master weights, AdamW's two moments, gradients (accumulator + micro-batch),
+              saved residuals (all layers, or each layer's input under remat) and one
+              layer's backward (`costs.train_activation_bytes`);
+  fragmentation  10 % of the temporaries (XLA's arena holes).
+tests/test_memory.py holds the estimates to within 25 % of `compiled.memory_analysis()`.
+A run must fit within `headroom` (default 90 %) of what the device lets a program use
+(`devices.capacity`).
 """
 
 from __future__ import annotations
