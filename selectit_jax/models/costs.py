@@ -16,6 +16,7 @@ last layer) and `train_activation_bytes` (forward + backward, with and without r
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -104,7 +105,7 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
 
 
 def _itemsize(dtype) -> int:
-  return np.dtype(dtype).itemsize if str(dtype) != "bfloat16" else 2
+  return jnp.dtype(dtype).itemsize
 
 
 def _sliding(cfg) -> bool:
