@@ -146,8 +146,7 @@ def scoring_activation_bytes(
   every query block's QKᵀ before the softmaxes finish (the compiled schedule keeps all
   blocks' fp32 scores live), so the attention holds the scores of all blocks plus a second
   copy of the largest (its exp) — about half the [T, T] square, not the whole of it — with
-  k, v and each block's key slice; the MLP its three
-  [rows, T, mlp] intermediates. `carry`: the layer's input and output [rows, T, d] and what
+  k, v and each block's key slice; the MLP its three [rows, T, mlp] intermediates. `carry`: the layer's input and output [rows, T, d] and what
   every layer reads (rotary tables, mask). `head`: fp32 logits (and their exp) at the
   read-out tokens only, `segments` per row; the last layer runs only those rows, so it
   never needs more than the others.
@@ -188,7 +187,7 @@ def train_activation_bytes(
   [rows, T, d] buffers (fp32 inside) plus the two residual adds; the MLP's gate, up,
   activation and product (GeGLU's tanh keeps two more); q (three more with q/k norms), each
   block's q and fp32 output, k, v and each block's key/value slices. With remat
-  (`nn.remat` per layer) only each layer's input [rows, T, d] (`carry`). `backward`: one
+  (`nn.remat` per layer) only each layer's input [rows, T, d]. `backward`: one
   layer's backward in flight: without remat the fp32 score gradients and broadcast masks of
   all blocks plus fp32 MLP and stream gradients; with remat also the recomputed scores.
   `head`: the fp32 logits' exp kept for the softmax gradient and the logits' gradient
