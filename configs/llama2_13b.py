@@ -17,11 +17,11 @@ MESHES = {
     "v5p-8": (4, 1, 1, 64),
     "v5p-64": (32, 1, 1, 256),
     # Sized by `plan`: half the largest batch that fits (32 rows/device on an H100, 64 on a
-    # v5p).
-    "v5p-256": (128, 1, 1, 4096),
+    # v5p, with the flash kernels `auto` picks).
+    "v5p-256": (128, 1, 1, 8192),
     "h100x8": (8, 1, 1, 64),
     "h100x16": (16, 1, 1, 128),
-    "h100x64": (64, 1, 1, 1024),
+    "h100x64": (64, 1, 1, 2048),
 }
 
 

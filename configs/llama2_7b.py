@@ -17,11 +17,11 @@ MESHES = {
     "v5p-8": (4, 1, 1, 64),
     "v5p-64": (32, 1, 1, 512),
     # Sized by `plan`: half the largest batch that fits (64 rows/device on an H100, 128 on a
-    # v5p), leaving room for the estimate's error.
-    "v5p-256": (128, 1, 1, 8192),
+    # v5p, with the flash kernels `auto` picks), leaving room for the estimate's error.
+    "v5p-256": (128, 1, 1, 16384),
     "h100x8": (8, 1, 1, 128),
     "h100x16": (16, 1, 1, 256),
-    "h100x64": (64, 1, 1, 2048),
+    "h100x64": (64, 1, 1, 4096),
 }
 
 

@@ -246,3 +246,20 @@ def test_a_preset_runs_on_more_nodes_than_it_names():
   config.memory.num_devices = 64
   fits, lines = memory.plan_config(config)
   assert fits and "data=8 fsdp=1 tensor=8 (64 devices)" in "\n".join(lines), lines
+
+
+def test_flash_kernels_keep_no_scores():
+  """`attention=auto` on a TPU or GPU runs a flash kernel (models/attention.py): no
+  [T, keys] scores, so the attention grows with T, not T²; on a CPU it is the jnp path, and
+  Gemma's sliding window, where it can hide keys, keeps the jnp path too."""
+  cfg = dataclasses.replace(LLAMA, attention="auto")
+  assert memory.fused_attention(cfg, "v5p", 4096) and memory.fused_attention(cfg, "h100", 4096)
+  assert not memory.fused_attention(cfg, "cpu", 4096)
+  assert not memory.fused_attention(dataclasses.replace(cfg, attention="xla"), "v5p", 4096)
+  assert not memory.fused_attention(GEMMA, "v5p", 512) and memory.fused_attention(GEMMA, "v5p", 8)
+  sizes = dict(data=1, fsdp=1, tensor=1)
+  layer = lambda t, fused: memory.estimate(cfg, sizes, 1, t, fused=fused).parts["layer"]
+  assert layer(8192, False) / layer(4096, False) > 3.5
+  assert layer(8192, True) / layer(4096, True) < 2.1
+  train = lambda fused: memory.train_estimate(cfg, sizes, 4, 2048, fused=fused).parts["saved"]
+  assert train(True) < train(False) / 3  # the tiny model: scores are most of a layer

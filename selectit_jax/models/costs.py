@@ -138,7 +138,13 @@ def _attention_scores(cfg, rows: int, length: int, prefix: int, tensor: int) -> 
 
 
 def scoring_activation_bytes(
-    cfg, rows: int, length: int, prefix: int = 0, segments: int = 1, tensor: int = 1
+    cfg,
+    rows: int,
+    length: int,
+    prefix: int = 0,
+    segments: int = 1,
+    tensor: int = 1,
+    fused: bool = False,
 ) -> dict[str, int]:
   """Peak activation bytes of one rating step on one device, by part.
 
@@ -149,7 +155,9 @@ def scoring_activation_bytes(
   k, v and each block's key slice; the MLP its three [rows, T, mlp] intermediates. `carry`: the layer's input and output [rows, T, d] and what
   every layer reads (rotary tables, mask). `head`: fp32 logits (and their exp) at the
   read-out tokens only, `segments` per row; the last layer runs only those rows, so it
-  never needs more than the others.
+  never needs more than the others. `fused`: a flash kernel (splash, Pallas GPU, cuDNN;
+  models/attention.py) never materialises scores: q, k, v, the fp32 output and the
+  log-sum-exp per query (two of each, own keys and prefix, merged).
   """
   ab = _itemsize(cfg.dtype)
   d, hd = cfg.hidden_size, cfg.head_dim
@@ -160,6 +168,8 @@ def scoring_activation_bytes(
   # q is read block by block inside the score products, and the block outputs come after
   # the scores are spent: neither is live at the peak; k, v and their slices are.
   attention = sum(scores) + max(scores, default=0) + rows * 2 * kv * keys * hd * ab + key_slices
+  if fused:
+    attention = rows * ((h * t + 2 * kv * keys) * hd * ab + 2 * h * t * (hd + 1) * 4)
   mlp = rows * t * (d + 3 * f) * ab
   return dict(
       layer=max(attention, mlp),
@@ -176,7 +186,7 @@ def _layer_shape(cfg) -> tuple[int, bool, bool]:
 
 
 def train_activation_bytes(
-    cfg, rows: int, length: int, tensor: int = 1, remat: bool | None = None
+    cfg, rows: int, length: int, tensor: int = 1, remat: bool | None = None, fused: bool = False
 ) -> dict[str, int]:
   """Peak activation bytes of one micro-batch's forward and backward on one device, by part
   (`training/step.loss_sums` under `jax.value_and_grad`, layers under `nn.scan`).
@@ -192,7 +202,10 @@ def train_activation_bytes(
   all blocks plus fp32 MLP and stream gradients; with remat also the recomputed scores.
   `head`: the fp32 logits' exp kept for the softmax gradient and the logits' gradient
   [rows, T, vocab]; live before the layers' backward starts, so the peak takes the larger of
-  it and `backward`. `shared`: rotary tables and mask.
+  it and `backward`. `shared`: rotary tables and mask. `fused`: a flash kernel keeps no
+  scores; its residuals are q, k, v, the output and the log-sum-exp, its backward the fp32
+  gradients of q, k and v (not checked against a compiled step here: the kernels compile
+  on TPU and GPU only).
   """
   remat = cfg.remat if remat is None else remat
   ab = _itemsize(cfg.dtype)
@@ -211,12 +224,19 @@ def train_activation_bytes(
       + rows * h * t * hd * ((1 + 3 * qk_norm) * ab + 2 * 4 + 2 * ab)
       + (rows * kv * t * hd * 3 * qk_norm + 2 * key_slices) * ab
   )
+  if fused:  # the scores' terms become the kernel's residuals and gradients
+    kernel = rows * h * t * (hd * ab + 4) + 2 * rows * kv * t * hd * ab
+    layer += kernel - pairs * (8 + cast + _sliding(cfg)) - 2 * key_slices * ab
+    pairs = 0
+    kernel_grads = rows * (h + 2 * kv) * t * hd * 4
+  else:
+    kernel_grads = 0
   if remat:
     saved = cfg.num_layers * rows * t * d * ab
-    backward = pairs * (2 * 4 + 1) + rows * t * (4 * d + 2 * f) * 4
+    backward = pairs * (2 * 4 + 1) + rows * t * (4 * d + 2 * f) * 4 + kernel_grads
   else:
     saved = cfg.num_layers * layer
-    backward = pairs * (4 + 1) + rows * t * (f + 2 * d) * 4
+    backward = pairs * (4 + 1) + rows * t * (f + 2 * d) * 4 + kernel_grads
   return dict(
       saved=saved,
       backward=backward,

@@ -95,6 +95,18 @@ def _param_bytes(cfg: DecoderConfig, sizes: tuple[int, ...], dtype: str) -> int:
   return total
 
 
+def fused_attention(cfg: DecoderConfig, device: str, num_keys: int) -> bool:
+  """Whether the step runs a flash kernel on `device` (no scores materialised): the config's
+  `attention` as models/attention.py resolves it there (auto: splash on a TPU, Pallas on a
+  GPU, jnp on a CPU), except where Gemma's sliding window can hide keys (the jnp path)."""
+  name = getattr(cfg, "attention", "xla")
+  if device == "cpu" or name == "xla":
+    return False
+  window = getattr(cfg, "sliding_window", None)
+  local = any(getattr(cfg, "local_layers", ()))
+  return not (local and window is not None and num_keys > window)
+
+
 def rows_per_device(batch_size: int, mesh_sizes: dict[str, int], what="engine.batch_size") -> int:
   shards = sharding.row_shards(mesh_sizes)
   if batch_size % shards:
@@ -119,13 +131,14 @@ def estimate(
     segments: int = 1,
     prefix: int = 0,
     prompts: int = 1,
+    fused: bool = False,
 ) -> Estimate:
   """Per-device bytes of one rating step of [batch_size, length] on a mesh of these sizes,
   rows continuing a cached prefix of `prefix` tokens (one per prompt, replicated).
   Raises the sharding module's error when a weight does not divide the mesh."""
   b = rows_per_device(batch_size, mesh_sizes)
   tp = mesh_sizes["tensor"]
-  acts = costs.scoring_activation_bytes(cfg, b, length, prefix, segments, tp)
+  acts = costs.scoring_activation_bytes(cfg, b, length, prefix, segments, tp, fused)
   # The step's arguments besides the weights: tokens, segments, positions [b, t] int32,
   # the read-out index [b, segments] and the prefix table (k, v per layer and prompt).
   kv = max(cfg.num_kv_heads // tp, 1)
@@ -148,6 +161,7 @@ def train_estimate(
     length: int,
     accumulation: int = 1,
     remat: bool | None = None,
+    fused: bool = False,
 ) -> Estimate:
   """Per-device bytes of one training step (`training/step.make_train_step`): fp32 master
   weights, AdamW's two moments and the gradients sharded like the params (FSDP over
@@ -159,7 +173,7 @@ def train_estimate(
   params = param_bytes(cfg, mesh_sizes)
   moments = 2 * param_bytes(cfg, mesh_sizes, jnp.float32)
   grads = param_bytes(cfg, mesh_sizes, jnp.float32)
-  acts = costs.train_activation_bytes(cfg, rows, length, tp, remat)
+  acts = costs.train_activation_bytes(cfg, rows, length, tp, remat, fused)
   head_cast = cfg.hidden_size * cfg.vocab_size // tp * _bytes(cfg.dtype)
   if not gathered_bytes(cfg, mesh_sizes):
     head_cast = 0  # neither gathered nor cast: the head multiplies the stored weights
@@ -181,7 +195,7 @@ def arch(config, model_path: str = "") -> DecoderConfig:
   overrides = dict(
       dtype=config.model.dtype,
       param_dtype=config.model.param_dtype,
-      attention=config.engine.get("attention", "auto"),
+      attention=(config.get("engine") or config.model).get("attention", "auto"),
   )
   path = model_path or config.model.path
   if not path and not config.model.get("arch"):
@@ -217,7 +231,7 @@ _LABELS = {
     "gathered": "gathered weights (one layer x2: fsdp all-gather / dtype cast)",
     "inputs": "inputs (token arrays, prefix cache)",
     "activations": "activations (layer carry, rotary tables, mask, read-out logits)",
-    "layer": "layer working set (all query blocks' fp32 scores, or the MLP)",
+    "layer": "layer working set (the attention or the MLP, the larger)",
     "saved": "saved for the backward (per layer; with remat only its input)",
     "backward": "backward working set (one layer, or the head's [rows, T, vocab])",
     "fragmentation": f"allocator fragmentation ({FRAGMENTATION:.0%} of temporaries)",
@@ -266,16 +280,18 @@ def fit_lines(
   """(fits, lines) for the worst-case rating step; lines say what to change when it does
   not fit. Rows are planned at the longest bucket with no cached prefix: a row and its
   prompt's shared prefix together never exceed max_tokens, so this bounds both."""
-  est = estimate(cfg, mesh_sizes, batch_size, length, segments)
+  fused = fused_attention(cfg, device, length)
+  est = estimate(cfg, mesh_sizes, batch_size, length, segments, fused=fused)
   what = (
       f"batch {batch_size} ({est.rows_per_device} rows/device) x length {length}: "
-      f"{batch_size * length:,} tokens per step"
+      f"{batch_size * length:,} tokens per step; attention: "
+      + ("flash kernel" if fused else "jnp query blocks")
   )
   fits, lines = report(est, cfg, mesh_sizes, what, device, local_devices, headroom)
   budget = int(devices.capacity(device, local_devices)[0] * headroom)
   shards = sharding.row_shards(mesh_sizes)
   rows = largest_rows(
-      lambda r: estimate(cfg, mesh_sizes, r * shards, length, segments).total <= budget
+      lambda r: estimate(cfg, mesh_sizes, r * shards, length, segments, fused=fused).total <= budget
   )
   if rows:
     lines.append(
@@ -389,10 +405,12 @@ def plan_train_config(config) -> tuple[bool, list[str]]:
     raise ValueError(
         f"train.batch_size={batch} is not a multiple of train.micro_batch_size={micro}"
     )
-  est = train_estimate(cfg, sizes, micro, length, batch // micro)
+  fused = fused_attention(cfg, device, length)
+  est = train_estimate(cfg, sizes, micro, length, batch // micro, fused=fused)
   what = (
       f"batch {batch} = {batch // micro} x micro {micro} ({est.rows_per_device} rows/device) "
-      f"x length {length}: {batch * length:,} tokens per step"
+      f"x length {length}: {batch * length:,} tokens per step; attention: "
+      + ("flash kernel" if fused else "jnp query blocks")
   )
   mem = config.get("memory") or {}
   headroom = mem.get("headroom", 0.9)
@@ -400,7 +418,8 @@ def plan_train_config(config) -> tuple[bool, list[str]]:
   budget = int(devices.capacity(device, local)[0] * headroom)
   shards = sharding.row_shards(sizes)
   rows = largest_rows(
-      lambda r: train_estimate(cfg, sizes, r * shards, length, batch // micro).total <= budget
+      lambda r: train_estimate(cfg, sizes, r * shards, length, batch // micro, fused=fused).total
+      <= budget
   )
   if rows:
     lines.append(
