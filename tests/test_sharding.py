@@ -170,6 +170,7 @@ def test_score_refuses_a_run_that_does_not_fit(ckpt):
   config.model.path = ckpt
   config.engine.batch_size = 8
   config.engine.max_tokens = 1 << 16  # all blocks' fp32 scores ~[1, 4, 64k, 32k] on a "v5e"
+  config.engine.attention = "xla"  # the jnp path's scores (a flash kernel keeps none)
   config.memory.device = "v5e"
   with pytest.raises(MemoryError, match="engine.max_tokens"):
     memory.check_config(config, ckpt, _mesh((8, 1, 1)))

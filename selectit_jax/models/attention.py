@@ -55,11 +55,14 @@ def check_backend(name: str) -> str:
 
 def resolve(name: str) -> str:
   """The backend `name` means on this platform (`auto` chosen by it); a kernel that cannot
-  run here is refused."""
+  run here is refused. `xla` needs no platform: asking jax for one starts a backend, which
+  `plan` (abstract shapes, one host of a pod) must not."""
+  if check_backend(name) == "xla":
+    return name
   platform = jax.default_backend()
-  if check_backend(name) == "auto":
+  if name == "auto":
     return _AUTO.get(platform, "xla")
-  if name != "xla" and platform not in _PLATFORMS[name]:
+  if platform not in _PLATFORMS[name]:
     raise UserError(
         f"engine.attention={name} runs on {' or '.join(_PLATFORMS[name])}, not {platform}; "
         "use auto or xla"

@@ -81,6 +81,10 @@ def param_bytes(cfg: DecoderConfig, mesh_sizes: dict[str, int], dtype=None) -> i
 
 @functools.lru_cache(maxsize=64)
 def _param_bytes(cfg: DecoderConfig, sizes: tuple[int, ...], dtype: str) -> int:
+  # The jnp attention path for the shapes (they are the same for every kernel): choosing a
+  # kernel asks jax for the platform, which would start a backend (`plan` must not).
+  if hasattr(cfg, "attention"):
+    cfg = dataclasses.replace(cfg, attention="xla")
   abstract = checkpoints.param_shapes(cfg)["params"]
   specs = sharding.mesh_specs(abstract)
   mesh_sizes = dict(zip(sharding.MESH_AXES, sizes))
