@@ -24,7 +24,7 @@ def _finite(x) -> Optional[float]:
   return x if math.isfinite(x) else None
 
 
-def _selected_path(out_dir: str, container: str) -> tuple:
+def selected_path(out_dir: str, container: str) -> tuple:
   """(path, write_records fmt): selected records keep the input's container."""
   fmt = "jsonl" if container == "tfds" else container
   return os.path.join(out_dir, f"selected.{fmt}"), fmt
@@ -226,7 +226,7 @@ def run(config) -> dict:
   instruction = response = None
   if recs is not None:
     chosen = [recs[int(loaded.sample_index[i])] for i in ranked.order[: ranked.num_kept]]
-    sel_path, wfmt = _selected_path(out_dir, container)
+    sel_path, wfmt = selected_path(out_dir, container)
     containers.write_records(sel_path, chosen, wfmt)
     outputs["selected"] = sel_path
     instruction = [recs[int(x)].instruction if int(x) in recs else "" for x in loaded.sample_index]
