@@ -85,14 +85,15 @@ def _target_text(tok, ex):
   return [tok.hf.decode(r) for r in runs]
 
 
-def test_alpaca_mask_keeps_every_assistant_turn(tok):
+def test_alpaca_mask_rated_turn_by_default_every_turn_when_asked(tok):
   turns = [
       ("user", "explain plants"),
       ("assistant", "plants use light"),
       ("user", "and the sea"),
       ("assistant", "the sea is wide"),
   ]
-  (ex,), stats = data_lib.prepare([_rec(turns)], tok, _data_cfg(template="alpaca"))
+  cfg = _data_cfg(template="alpaca", train_turns="all")
+  (ex,), stats = data_lib.prepare([_rec(turns)], tok, cfg)
   eos = tok.hf.decode([tok.eos_id])
   assert [s.strip() for s in _target_text(tok, ex)] == [
       "plants use light" + eos,
@@ -100,8 +101,9 @@ def test_alpaca_mask_keeps_every_assistant_turn(tok):
   ]
   assert ex.ids[0] == tok.bos_id and not ex.target[0]
   assert stats.target_tokens == int(ex.target[1:].sum())
-  (first,), _ = data_lib.prepare([_rec(turns)], tok, _data_cfg(template="alpaca", multi_turn=False))
-  assert len(_target_text(tok, first)) == 1
+  (rated,), _ = data_lib.prepare([_rec(turns)], tok, _data_cfg(template="alpaca"))
+  assert [s.strip() for s in _target_text(tok, rated)] == ["plants use light" + eos]
+  assert "the sea" not in tok.hf.decode(rated.ids)  # the later turns are left out
 
 
 def test_chat_template_targets_are_assistant_text(tok):
@@ -116,15 +118,15 @@ def test_chat_template_targets_are_assistant_text(tok):
         ("user", "and the sea"),
         ("assistant", "the sea is wide"),
     ]
-    assert data_lib.resolve_template(tok, "auto") == "chat"
-    (ex,), _ = data_lib.prepare([_rec(turns)], tok, _data_cfg(template="auto"))
+    assert data_lib.resolve_template(tok, _data_cfg(template="auto")) == "chat"
+    (ex,), _ = data_lib.prepare([_rec(turns)], tok, _data_cfg(template="auto", train_turns="all"))
     assert [s.strip() for s in _target_text(tok, ex)] == ["plants use light", "the sea is wide"]
     full = tok.hf.apply_chat_template([{"role": r, "content": t} for r, t in turns], tokenize=False)
     assert ex.ids.tolist() == tok.hf(full, add_special_tokens=False)["input_ids"]
   finally:
     tok.hf.chat_template = None
   with pytest.raises(ValueError, match="no chat template"):
-    data_lib.resolve_template(tok, "chat")
+    data_lib.resolve_template(tok, _data_cfg(template="chat"))
 
 
 def test_too_long_truncate_and_drop_are_counted(tok):
