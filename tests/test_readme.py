@@ -99,7 +99,8 @@ def test_readme_commands_are_complete():
 def test_every_readme_command_runs_as_written(tmp_path):
   """Runs every README command in order in a fresh directory (configs/ and launch/ linked in)
   on one CPU device, as a new user would, with only size overrides appended; then checks
-  the fine-tuned export stops generating at SmolLM2's end-of-turn token."""
+  the two-rater selection (Eq. 5 weights from the loaded weights, the raters' report) and
+  that the fine-tuned export stops generating at SmolLM2's end-of-turn token."""
   for name in ("configs", "launch"):
     os.symlink(os.path.join(ROOT, name), tmp_path / name)
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
@@ -121,6 +122,14 @@ def test_every_readme_command_runs_as_written(tmp_path):
     assert proc.returncode == 0, f"{command}\n{(proc.stdout + proc.stderr)[-3000:]}"
   print("\n".join(ran))
   assert os.path.exists(tmp_path / "runs/demo/selection/report.md")
+  # Two raters in one dir, combined by Eq. 5 with θ read from their weights.
+  summary = json.loads((tmp_path / "runs/two/selection/summary.json").read_text())
+  assert [m.split("@")[0] for m in summary["models"]] == ["smollm2_135m", "gemma3_270m"]
+  assert summary["weights"] == [134_515_008, 268_098_176]
+  (agreement,) = summary["agreement"]
+  assert agreement["models"] == summary["models"] and agreement["n_common"] >= 2
+  report = (tmp_path / "runs/two/selection/report.md").read_text(encoding="utf-8")
+  assert "## Raters: digit mass and agreement" in report
   export = tmp_path / "runs/demo/train/hf"
   generation = json.loads((export / "generation_config.json").read_text())
   config = json.loads((export / "config.json").read_text())
