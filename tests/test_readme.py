@@ -111,16 +111,14 @@ def test_every_readme_command_runs_as_written(tmp_path):
       DEVICES_PER_PROCESS="1",
   )
   env.pop("SELECTIT_TRACEBACK", None)
-  ran = []
   for command in readme_commands():
     if command.startswith(_SETUP):
       continue
     argv = _argv(command)
     start = time.perf_counter()
     proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    ran.append(f"{time.perf_counter() - start:5.1f}s {command[:90]}")
+    print(f"{time.perf_counter() - start:5.1f}s {command[:100]}", flush=True)  # pytest -s
     assert proc.returncode == 0, f"{command}\n{(proc.stdout + proc.stderr)[-3000:]}"
-  print("\n".join(ran))
   assert os.path.exists(tmp_path / "runs/demo/selection/report.md")
   # Two raters in one dir, combined by Eq. 5 with θ read from their weights.
   summary = json.loads((tmp_path / "runs/two/selection/summary.json").read_text())

@@ -99,6 +99,10 @@ def load_template_file(path: str) -> TextTemplate:
         + (f"unknown keys {sorted(unknown)}" if unknown else "no 'prompt'")
         + f"; keys: {sorted(_TEMPLATE_KEYS)} (and 'description')"
     )
+  for key, value in obj.items():
+    kind = bool if key == "add_special_tokens" else str
+    if not isinstance(value, kind):
+      raise UserError(f"data.template={path}: {key!r} must be a {kind.__name__}")
   tpl = TextTemplate(**obj)
   for key, slot in (("prompt", "{instruction}"), ("response", "{response}")):
     if getattr(tpl, key).count(slot) != 1:
