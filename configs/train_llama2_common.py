@@ -1,15 +1,17 @@
-"""LLaMA-2 instruction-tuning presets (the paper's recipe: AdamW lr 2e-5, 3 epochs, cosine,
-3 % warmup, global batch 128 rows of 2048 tokens) with FSDP meshes per slice; the
-architecture comes from configs/llama2_common.py, so `plan` needs no weights:
+"""LLaMA-2 instruction-tuning presets with FSDP meshes per slice; the architecture comes from
+configs/llama2_common.py, so `plan` needs no weights:
 
     python -m selectit_jax.plan --config=configs/train_llama2_7b.py:v5p-8
     python -m selectit_jax.train --config=configs/train_llama2_7b.py:v5p-8 \\
         --config.model.path=/ckpt/Llama-2-7b-hf --config.data.path=SELECTED.json \\
-        --config.output_dir=OUT
+        --config.output_dir=/mnt/run1 --config.checkpoint.dir=gs://BUCKET/run1/checkpoints
 
-fp32 master weights and AdamW moments, bf16 compute. Weights, moments and gradients are
-sharded over `fsdp` (all devices: fsdp=-1), the rows of each micro-batch too; the batch is
-global, and micro_batch_size is a multiple of every preset's device count.
+The released scripts: 128 examples a step, lr 2e-5, 3 epochs, cosine, 3 % warmup, weight
+decay 0, clip 1.0, bf16, gradient checkpointing, max length 4096 (the paper's experiments
+used 2048: --config.data.max_length=2048). Here: bf16 compute over fp32 master weights and
+fp32 AdamW moments, sharded over every chip (fsdp=-1), each block rematerialised in the
+backward pass; the micro-batch's rows are sharded too, and micro_batch_size is a multiple
+of every preset's device count (sized with `plan`).
 """
 
 import ml_collections
@@ -42,11 +44,13 @@ def get_config(size: str, micro: dict, arg: str | None) -> ml_collections.Config
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = remat
-  c.data.max_length = 2048  # the paper's LLaMA-2 length
+  c.data.max_length = 4096  # the released scripts' limit; the paper's experiments: 2048
   c.data.template = "alpaca"  # LLaMA-2 base models have no chat template
-  c.train.batch_size = 128
+  c.train.batch_size = 128  # examples a step, packed into rows within the step
   c.train.micro_batch_size = micro_batch
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.export.dtype = "bfloat16"
+  c.checkpoint.every = 100
   # For `plan` (parallel/memory.py): the device and how many there are.
   c.memory = ml_collections.ConfigDict(
       dict(device="" if device == "cpu" else device, num_devices=chips, headroom=0.9)

@@ -11,8 +11,8 @@ def get_config():
   c.data.val_fraction = 0.2
   c.train.learning_rate = 1e-3
   c.train.epochs = 2
-  c.train.batch_size = 4
-  c.train.micro_batch_size = 2
+  c.train.batch_size = 8  # examples a step
+  c.train.micro_batch_size = 2  # rows
   c.train.eval_every = 5
   c.train.peak_flops_per_device = 1e11
   c.checkpoint.every = 5

@@ -220,7 +220,7 @@ def test_training_presets_fit(size, slice_):
   text = "\n".join(lines)
   assert fits, text
   assert f"fsdp={config.memory.num_devices} " in text
-  assert "262,144 tokens per step" in text  # 128 rows of 2048, the paper's batch
+  assert "524,288 tokens per step" in text  # at most 128 rows (examples) of 4096
   largest = int(text.split("train.micro_batch_size ")[-1].split()[0])
   assert config.train.micro_batch_size <= largest, text
 

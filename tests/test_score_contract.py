@@ -97,24 +97,5 @@ def test_a_config_without_an_embedded_model_needs_a_path(tmp_path):
   assert "model.path" in err.strip().splitlines()[-1]
 
 
-def test_two_embedded_raters_in_one_dir_at_model_level(tmp_path):
-  """SmolLM2 and Gemma 3 rate 3 real records into one dir; Eq. 5 weighs them by θ read from
-  their weights, and the report compares the raters."""
-  out = str(tmp_path / "s")
-  for config in ("configs/smollm2_135m.py", "configs/gemma3_270m.py"):
-    _run(
-        "score",
-        f"--config={config}",
-        f"--config.output_dir={out}",
-        "--config.data.limit=3",
-        "--config.prompts.k=2",
-        "--config.engine.max_tokens=256",
-        "--config.mesh.data=1",
-    )
-  summary = _select(out, str(tmp_path / "sel"), "--config.level=model")
-  assert [m.split("@")[0] for m in summary["models"]] == ["smollm2_135m", "gemma3_270m"]
-  assert summary["weights"] == [134_515_008, 268_098_176]
-  (agreement,) = summary["agreement"]
-  assert agreement["models"] == summary["models"] and agreement["n_common"] >= 2
-  with open(os.path.join(tmp_path, "sel", "report.md"), encoding="utf-8") as f:
-    assert "## Raters: digit mass and agreement" in f.read()
+# Two embedded raters in one dir at model level (Eq. 5 weights, the raters report): the README
+# shows those commands; tests/test_readme.py runs them and checks the selection.

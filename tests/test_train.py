@@ -85,14 +85,15 @@ def _target_text(tok, ex):
   return [tok.hf.decode(r) for r in runs]
 
 
-def test_alpaca_mask_keeps_every_assistant_turn(tok):
+def test_alpaca_mask_rated_turn_by_default_every_turn_when_asked(tok):
   turns = [
       ("user", "explain plants"),
       ("assistant", "plants use light"),
       ("user", "and the sea"),
       ("assistant", "the sea is wide"),
   ]
-  (ex,), stats = data_lib.prepare([_rec(turns)], tok, _data_cfg(template="alpaca"))
+  cfg = _data_cfg(template="alpaca", train_turns="all")
+  (ex,), stats = data_lib.prepare([_rec(turns)], tok, cfg)
   eos = tok.hf.decode([tok.eos_id])
   assert [s.strip() for s in _target_text(tok, ex)] == [
       "plants use light" + eos,
@@ -100,8 +101,9 @@ def test_alpaca_mask_keeps_every_assistant_turn(tok):
   ]
   assert ex.ids[0] == tok.bos_id and not ex.target[0]
   assert stats.target_tokens == int(ex.target[1:].sum())
-  (first,), _ = data_lib.prepare([_rec(turns)], tok, _data_cfg(template="alpaca", multi_turn=False))
-  assert len(_target_text(tok, first)) == 1
+  (rated,), _ = data_lib.prepare([_rec(turns)], tok, _data_cfg(template="alpaca"))
+  assert [s.strip() for s in _target_text(tok, rated)] == ["plants use light" + eos]
+  assert "the sea" not in tok.hf.decode(rated.ids)  # the later turns are left out
 
 
 def test_chat_template_targets_are_assistant_text(tok):
@@ -116,15 +118,15 @@ def test_chat_template_targets_are_assistant_text(tok):
         ("user", "and the sea"),
         ("assistant", "the sea is wide"),
     ]
-    assert data_lib.resolve_template(tok, "auto") == "chat"
-    (ex,), _ = data_lib.prepare([_rec(turns)], tok, _data_cfg(template="auto"))
+    assert data_lib.resolve_template(tok, _data_cfg(template="auto")) == "chat"
+    (ex,), _ = data_lib.prepare([_rec(turns)], tok, _data_cfg(template="auto", train_turns="all"))
     assert [s.strip() for s in _target_text(tok, ex)] == ["plants use light", "the sea is wide"]
     full = tok.hf.apply_chat_template([{"role": r, "content": t} for r, t in turns], tokenize=False)
     assert ex.ids.tolist() == tok.hf(full, add_special_tokens=False)["input_ids"]
   finally:
     tok.hf.chat_template = None
   with pytest.raises(ValueError, match="no chat template"):
-    data_lib.resolve_template(tok, "chat")
+    data_lib.resolve_template(tok, _data_cfg(template="chat"))
 
 
 def test_too_long_truncate_and_drop_are_counted(tok):
@@ -295,19 +297,32 @@ def test_kill9_resume_reproduces_losses(tiny_checkpoint, tmp_path):
   assert summary["resumed_from"] is not None and summary["final_step"] == last
 
 
-def test_run_exports_model_transformers_loads(tiny_checkpoint, tmp_path):
+def test_small_selection_trains_and_exports_a_model_transformers_loads(
+    tiny_checkpoint, tmp_path, caplog
+):
+  """9 records (some held out), the paper's 128 examples a step and 4-row micro-batches on 8
+  devices: the step is capped to the training examples (warned), the micro-batch to the rows
+  they pack into (rounded to the mesh); the export loads in transformers with its ids."""
   torch = pytest.importorskip("torch")
   import transformers
 
-  data = write_selection(str(tmp_path / "sel.json"), n=30)
+  data = write_selection(str(tmp_path / "sel.json"), n=9)
   c = train_tiny.get_config()
   c.model.path, c.data.path, c.output_dir = tiny_checkpoint, data, str(tmp_path / "out")
-  c.train.batch_size = c.train.micro_batch_size = jax.device_count()  # rows over data
+  c.train.batch_size, c.train.micro_batch_size = 128, 4
   c.export.enabled = True
-  summary = trainer.run(c)
-  assert summary["final_step"] == summary["total_steps"] > 0
+  with caplog.at_level("WARNING"):
+    summary = trainer.run(c)
+  n = summary["data"]["train"]["examples"]
+  assert 5 <= n <= 8 and f"train.batch_size=128 examples but the selection has {n}" in caplog.text
+  assert summary["batch_size"] == n and summary["total_steps"] == c.train.epochs
+  rows = summary["data"]["steps"]["rows_per_step_max"]
+  assert summary["micro_batch_size"] == -(-rows // 8) * 8 < 16  # not 4 (mesh), not 128
+  assert summary["final_step"] == summary["total_steps"]
   assert np.isfinite(summary["final_eval"]["eval_loss"])
   export_dir = summary["export_dir"]
+  generation = json.load(open(os.path.join(export_dir, "generation_config.json")))
+  assert generation["eos_token_id"] == 2 and generation["bos_token_id"] == 1
   ours = checkpoints.load_model(export_dir)
   model = Llama(ours.config)
   ids = np.array([[1, 40, 77, 123, 9, 300, 5, 61]], np.int32)
@@ -341,3 +356,112 @@ def test_empty_selection_and_no_responses_fail_clearly(tiny_checkpoint, tmp_path
   c.data.path = str(noresp)
   with pytest.raises(ValueError, match=r"no usable records.*3x empty response"):
     trainer.run(c)
+
+
+def test_steps_are_examples_packed_within_each_step():
+  """A step is batch_size examples (every epoch a new order, its last step the rest); each
+  step's rows hold exactly its examples, padded with empty rows to whole micro-batches."""
+  exs = _examples(list(np.random.default_rng(5).integers(4, 30, 23)))
+  plan = data_lib.StepPlan(exs, batch_size=8, epochs=2, seed=3, max_length=40, pack=True)
+  assert len(plan) == 6 and plan.steps_per_epoch == 3
+  sizes = [len(plan.indices(s)) for s in range(6)]
+  assert sizes == [8, 8, 7, 8, 8, 7]
+  for epoch in range(2):
+    seen = np.concatenate([plan.indices(3 * epoch + j) for j in range(3)])
+    assert sorted(seen.tolist()) == list(range(23))
+  assert plan.indices(0).tolist() != plan.indices(3).tolist()  # reshuffled each epoch
+  rows_per_step = plan.rows_per_step()
+  for s in range(6):
+    rows = plan.rows(s, multiple=4)
+    assert len(rows["inputs"]) % 4 == 0 and len(rows["inputs"]) >= rows_per_step[s]
+    assert rows_per_step[s] < len(plan.indices(s))  # packed
+    got = []
+    for r in range(len(rows["inputs"])):
+      for seg in set(rows["segment_ids"][r].tolist()) - {0}:
+        m = rows["segment_ids"][r] == seg
+        piece = rows["inputs"][r][m].tolist()
+        got.append(next(e.record_index for e in exs if e.ids[:-1].tolist() == piece))
+    assert sorted(got) == sorted(plan.indices(s).tolist())
+    assert rows["weights"][rows["segment_ids"] == 0].sum() == 0
+  unpacked = data_lib.StepPlan(exs, 8, 2, 3, 40, pack=False)
+  assert unpacked.rows_per_step().tolist() == sizes
+
+
+def test_template_file_llmzoo_layout(tok):
+  """The released layout from configs/templates/llmzoo.json: the system text and the human
+  turns are context; each answer with its BOS/EOS is a target."""
+  path = os.path.join(REPO, "configs", "templates", "llmzoo.json")
+  turns = [
+      ("user", "explain plants"),
+      ("assistant", "plants use light"),
+      ("user", "and the sea"),
+      ("assistant", "the sea is wide"),
+  ]
+  cfg = _data_cfg(template=path, train_turns="all", max_length=512)
+  (ex,), _ = data_lib.prepare([_rec(turns)], tok, cfg)
+  runs = [r.replace(" ", "") for r in _target_text(tok, ex)]
+  assert runs == ["<s>plantsuselight</s>", "<s>theseaiswide</s>"]
+  text = tok.hf.decode(ex.ids)
+  assert text.replace(" ", "").startswith("<s>Aconversationbetween")
+  assert "Human:<s>explainplants</s>Assistant:<s>" in text.replace(" ", "")
+  assert data_lib.end_token_ids(tok, data_lib.resolve_template(tok, cfg)) == [tok.eos_id]
+
+
+def test_bad_template_files_are_refused(tok, tmp_path):
+  for body, reason in (
+      ({"prompt": "{instruction}", "response": "{eos}"}, "exactly once"),
+      ({"prompt": "{instruction}", "footer": "x"}, "unknown keys"),
+      ([1], "JSON object"),
+      ({"prompt": 3}, "must be a str"),
+  ):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(body))
+    with pytest.raises(ValueError, match=reason):
+      data_lib.resolve_template(tok, _data_cfg(template=str(path)))
+
+
+def test_end_token_ids_include_the_chat_end_token(tiny_checkpoint):
+  """Generation must stop where the template closes an answer (<|im_end|> for SmolLM2),
+  not only at EOS."""
+  tok = load_tokenizer(tiny_checkpoint)
+  tok.hf.add_special_tokens({"additional_special_tokens": ["<|end|>"]})
+  tok.hf.chat_template = (
+      "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<|end|>\n{% endfor %}"
+      "{% if add_generation_prompt %}<assistant>{% endif %}"
+  )
+  end = tok.hf.convert_tokens_to_ids("<|end|>")
+  assert data_lib.end_token_ids(tok, "chat") == [tok.eos_id, end]
+
+
+def test_fsdp_export_bf16_equals_the_params(tiny_checkpoint, tmp_path):
+  """Params sharded over data×fsdp (8 fake devices) export as the same tensors, in bf16 when
+  asked, with BOS / EOS ids in config.json and generation_config.json; local checkpoint
+  dirs are made absolute, bucket URIs are left alone."""
+  import ml_dtypes
+  import safetensors.numpy
+
+  from selectit_jax.checkpoints import hf
+  from selectit_jax.training import checkpointing
+  from selectit_jax.training import export as export_lib
+
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=4, tensor=1)))
+  loaded = checkpoints.load_model(tiny_checkpoint, mesh)
+  assert any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(loaded.params))
+  tok = load_tokenizer(tiny_checkpoint)
+  out = export_lib.export_hf(
+      str(tmp_path / "hf"), loaded.config, loaded.params, tok, eos_ids=[2, 7], dtype="bfloat16"
+  )
+  got = safetensors.numpy.load_file(os.path.join(out, "model.safetensors"))
+  host = checkpoints.load_model(tiny_checkpoint).params
+  want = dict(hf.hf_tensors(loaded.config, host))
+  assert sorted(got) == sorted(want)
+  for name, w in want.items():
+    assert got[name].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(got[name], w.astype(ml_dtypes.bfloat16), err_msg=name)
+  config = json.load(open(os.path.join(out, "config.json")))
+  generation = json.load(open(os.path.join(out, "generation_config.json")))
+  assert config["torch_dtype"] == "bfloat16"
+  for c in (config, generation):
+    assert c["eos_token_id"] == [2, 7] and c["bos_token_id"] == tok.bos_id == 1
+  assert str(checkpointing.resolve("gs://bucket/run/ckpt")) == "gs://bucket/run/ckpt"
+  assert str(checkpointing.resolve("runs/x")) == os.path.abspath("runs/x")

@@ -296,8 +296,9 @@ def read_hf_config(directory: str, **overrides) -> DecoderConfig:
     return registry.config_from_hf(json.load(f), **overrides)
 
 
-def hf_tensors(cfg: DecoderConfig, params) -> Iterator[tuple[str, np.ndarray]]:
-  """Our param tree as (HF name, HF-layout fp32 array), one tensor at a time."""
+def hf_tensors(cfg: DecoderConfig, params, dtype=np.float32) -> Iterator[tuple[str, np.ndarray]]:
+  """Our param tree as (HF name, HF-layout array of `dtype`), one tensor at a time (laid out
+  in fp32, then cast: ml_dtypes.bfloat16 rounds to nearest even)."""
   for spec in param_table(cfg):
     leaf = params
     for key in spec.path:
@@ -305,17 +306,27 @@ def hf_tensors(cfg: DecoderConfig, params) -> Iterator[tuple[str, np.ndarray]]:
     leaf = np.asarray(leaf, np.float32)
     if spec.stacked:
       for i in range(cfg.num_layers):
-        yield spec.hf_name.format(i=i), np.ascontiguousarray(spec.to_hf(leaf[i], cfg))
+        yield spec.hf_name.format(i=i), np.ascontiguousarray(spec.to_hf(leaf[i], cfg), dtype)
     else:
-      yield spec.hf_name, np.ascontiguousarray(spec.to_hf(leaf, cfg))
+      yield spec.hf_name, np.ascontiguousarray(spec.to_hf(leaf, cfg), dtype)
 
 
-def save_hf(directory: str, cfg: DecoderConfig, params, max_shard_bytes: int = 2 << 30) -> None:
-  """Writes config.json and (sharded) safetensors that `transformers` loads."""
+def save_hf(
+    directory: str,
+    cfg: DecoderConfig,
+    params,
+    max_shard_bytes: int = 2 << 30,
+    dtype=np.float32,
+    config_extra: dict | None = None,
+) -> None:
+  """Writes config.json (plus `config_extra`: token ids, torch_dtype) and (sharded)
+  safetensors of `dtype` that `transformers` loads."""
   os.makedirs(directory, exist_ok=True)
-  fileio.write_json(os.path.join(directory, "config.json"), cfg.to_hf(), indent=2)
+  fileio.write_json(
+      os.path.join(directory, "config.json"), {**cfg.to_hf(), **(config_extra or {})}, indent=2
+  )
   shards, current, size = [], {}, 0
-  for name, w in hf_tensors(cfg, params):
+  for name, w in hf_tensors(cfg, params, dtype):
     if current and size + w.nbytes > max_shard_bytes:
       shards.append(current)
       current, size = {}, 0

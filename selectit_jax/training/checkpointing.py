@@ -4,6 +4,10 @@ Items: `state` (the {step, params, opt_state} tree, sharded arrays) and `meta` (
 grain iterator state and what the run was built from, checked on resume). The iterator
 state is captured as a dict when `save` is called, so an async save can never record a
 later position than the state it belongs to.
+
+Directories are `etils.epath` paths: a local path (made absolute) or a bucket URI such as
+gs://bucket/run/checkpoints, which orbax reads and writes directly (every process of a pod
+writes its own shards there).
 """
 
 from __future__ import annotations
@@ -11,18 +15,28 @@ from __future__ import annotations
 import os
 
 import orbax.checkpoint as ocp
+from etils import epath
 
 
-def manager(directory: str, ckpt_cfg) -> ocp.CheckpointManager:
+def is_uri(path: str) -> bool:
+  """gs://, s3://, ... (not a local path)."""
+  return "://" in str(path)
+
+
+def resolve(directory) -> epath.Path:
+  """An epath.Path; local paths absolute (orbax wants them so), URIs untouched."""
+  directory = str(directory)
+  return epath.Path(directory if is_uri(directory) else os.path.abspath(directory))
+
+
+def manager(directory, ckpt_cfg) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=max(int(ckpt_cfg.every), 1),
       max_to_keep=max(int(ckpt_cfg.keep), 1),
       enable_async_checkpointing=bool(ckpt_cfg.async_save),
       create=True,
   )
-  return ocp.CheckpointManager(
-      os.path.abspath(directory), options=options, item_names=("state", "meta")
-  )
+  return ocp.CheckpointManager(resolve(directory), options=options, item_names=("state", "meta"))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, force: bool = False) -> bool:

@@ -103,8 +103,12 @@ def accumulation_sharding(mesh) -> NamedSharding:
 def make_train_step(cfg: DecoderConfig, tx, sched, mesh, shardings):
   """jit'd step(state, batch[accum, micro, length]) -> (state, metrics); state donated.
 
-  The loss is the mean NLL over all response tokens of the global batch (token-weighted
-  across micro-batches), so accumulation equals one big batch exactly in real arithmetic.
+  The batch is one optimizer step: all rows its examples were packed into (accum varies
+  with the step; each count compiles once). The loss is the per-token mean NLL over all
+  response tokens of the whole step (Σ NLL / Σ weights across micro-batches, not a mean of
+  micro-batch means), so accumulation and packing equal one big batch exactly in real
+  arithmetic. (The released scripts average per-GPU token means over 4 GPUs of 32
+  sequences; with equal token counts the two agree.)
   """
   model = registry.build(cfg)
 

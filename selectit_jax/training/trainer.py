@@ -1,13 +1,20 @@
 """`train`: fine-tune a LLaMA-family model on a SelectIT selection.
 
-records -> template + response-only mask -> packed rows -> grain (seeded, resumable) ->
-jit'd sharded AdamW step with gradient accumulation -> orbax checkpoints (state + iterator)
--> validation loss / perplexity -> HF export. A run that finds a checkpoint in
-<output_dir>/checkpoints resumes from it and reproduces the uninterrupted run's losses.
+records -> template + response-only mask -> steps of `train.batch_size` examples (seeded
+order per epoch) -> each step's examples packed into rows -> grain (resumable) -> jit'd
+sharded AdamW step over the step's micro-batches -> orbax checkpoints (state + iterator)
+-> optional validation loss -> HF export. A run that finds a checkpoint in the checkpoint
+dir resumes from it and reproduces the uninterrupted run's losses.
+
+The recipe is the paper's (released scripts: 128 sequences a step, no packing): packing
+only changes how a step's examples are laid into rows, never which examples a step sees or
+how many steps there are. The loss of a step is the mean NLL over all response tokens of
+all its examples (one per-token mean over the whole step, however many micro-batches).
 
 Outputs in output_dir: metrics.jsonl (one JSON per logged step / eval; a resumed run
 appends, so the last line of a step wins), tb/ (tensorboardX), rejects.jsonl,
-train_summary.json, checkpoints/, hf/ (the exported model).
+train_summary.json, checkpoints/ and hf/ (the exported model) unless checkpoint.dir /
+export.dir put them elsewhere (e.g. gs://).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from selectit_jax.data import records as records_lib
 from selectit_jax.models import costs
 from selectit_jax.parallel import sharding
 from selectit_jax.checkpoints.tokenizer import load_tokenizer
+from selectit_jax.errors import UserError
 from selectit_jax.training import checkpointing
 from selectit_jax.training import data as data_lib
 from selectit_jax.training import export as export_lib
@@ -77,11 +85,12 @@ def read_metrics(path: str) -> dict[int, dict]:
   return out
 
 
-def _rows_digest(rows: dict[str, np.ndarray]) -> str:
+def _examples_digest(examples: list[data_lib.Example]) -> str:
   h = hashlib.sha256()
-  for k in sorted(rows):
-    h.update(k.encode())
-    h.update(np.ascontiguousarray(rows[k]).tobytes())
+  for ex in examples:
+    h.update(np.int64(len(ex.ids)).tobytes())
+    h.update(np.ascontiguousarray(ex.ids, np.int32).tobytes())
+    h.update(np.packbits(ex.target).tobytes())
   return h.hexdigest()[:16]
 
 
@@ -91,7 +100,8 @@ def _reject_summary(rejects) -> str:
 
 
 def load_data(config, tokenizer):
-  """Train / validation rows and the report of everything dropped on the way."""
+  """Train examples, validation rows (None without a validation split), rejects and the
+  report of everything dropped on the way."""
   records, rejects, info = records_lib.read_records(config.data)
   if rejects:
     logging.warning(
@@ -111,7 +121,6 @@ def load_data(config, tokenizer):
       logging.info("%s: %s", name, line)
   if not train_ex:
     raise ValueError("no training examples left: " + "; ".join(train_stats.lines()))
-  train_rows = data_lib.pack(train_ex, d.max_length, d.seed, d.pack)
   val_rows = data_lib.pack(val_ex, d.max_length, None, d.pack) if val_ex else None
   report = {
       "read": dataclasses.asdict(info),
@@ -119,10 +128,9 @@ def load_data(config, tokenizer):
       "reject_reasons": dict(collections.Counter(r.reason for r in rejects)),
       "train": _stats_dict(train_stats),
       "validation": _stats_dict(val_stats),
-      "train_rows": int(len(train_rows["inputs"])),
       "validation_rows": int(len(val_rows["inputs"])) if val_rows else 0,
   }
-  return train_rows, val_rows, rejects, report
+  return train_ex, val_rows, rejects, report
 
 
 def _stats_dict(s: data_lib.PrepStats) -> dict:
@@ -154,28 +162,54 @@ _OPTIMIZER_FIELDS = (
     "b2",
     "eps",
     "max_grad_norm",
-    "micro_batch_size",
 )
 
 
-def _batch_sizes(config, mesh) -> tuple[int, int, int]:
-  """(global batch, micro-batch, accumulation steps), checked against the mesh."""
-  t = config.train
-  rows_per_shard = mesh.shape["data"] * mesh.shape["fsdp"]
-  batch, micro = int(t.batch_size), int(t.micro_batch_size)
-  if batch % micro:
-    raise ValueError(
-        f"train.batch_size={batch} is not a multiple of " f"train.micro_batch_size={micro}"
+def _batch_size(config, num_examples: int) -> int:
+  """Examples per optimizer step: train.batch_size, capped by the selection (with a warning),
+  so a small selection trains out of the box (every step then sees all of it)."""
+  batch = int(config.train.batch_size)
+  if batch < 1:
+    raise UserError(f"train.batch_size={batch}; expected examples per step, >= 1")
+  if num_examples < batch:
+    logging.warning(
+        "train.batch_size=%d examples but the selection has %d: each step takes all %d "
+        "(%d optimizer steps over %d epoch(s))",
+        batch,
+        num_examples,
+        num_examples,
+        int(config.train.epochs),
+        int(config.train.epochs),
     )
-  if micro % rows_per_shard:
-    raise ValueError(
-        f"train.micro_batch_size={micro} is not a multiple of the mesh's "
-        f"data×fsdp={rows_per_shard}"
-    )
-  return batch, micro, batch // micro
+    batch = num_examples
+  return batch
 
 
-def _start_state(model_path, cfg, tx, mesh, shardings, mngr, iterator, run_meta, out):
+def _micro_batch_size(config, mesh, max_rows: int) -> int:
+  """Rows per forward/backward: train.micro_batch_size rounded up to a multiple of the mesh's
+  data×fsdp (each shard its share of rows), and capped by the most rows any step packs into
+  (no micro-batch of empty rows)."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  asked = int(config.train.micro_batch_size)
+  if asked < 1:
+    raise UserError(f"train.micro_batch_size={asked}; expected rows per micro-batch, >= 1")
+  micro = -(-asked // shards) * shards
+  if micro != asked:
+    logging.info("train.micro_batch_size=%d rounded up to %d (data×fsdp=%d)", asked, micro, shards)
+  cap = -(-max_rows // shards) * shards
+  if cap < micro:
+    logging.warning(
+        "train.micro_batch_size=%d rows but no step packs into more than %d: micro-batches of "
+        "%d rows",
+        micro,
+        max_rows,
+        cap,
+    )
+    micro = cap
+  return micro
+
+
+def _start_state(model_path, cfg, tx, mesh, shardings, mngr, iterator, run_meta, ckpt_dir):
   """(state, resumed_from): the latest checkpoint of the same run, else the loaded weights.
   Resuming continues the saved optimizer state, so it is refused under other data, weights
   or optimisation settings rather than mixing two runs."""
@@ -190,8 +224,8 @@ def _start_state(model_path, cfg, tx, mesh, shardings, mngr, iterator, run_meta,
   )
   for k, v in run_meta.items():
     if meta.get(k) != v:
-      raise ValueError(
-          f"{out}/checkpoints holds a run with {k}={meta.get(k)!r}, this "
+      raise UserError(
+          f"{ckpt_dir} holds a run with {k}={meta.get(k)!r}, this "
           f"config gives {v!r}; use a new output_dir or the same data/config"
       )
   iterator.set_state(meta["iterator"])
@@ -234,7 +268,6 @@ class _Loop:
   log: MetricsLog
   mngr: Any
   run_meta: dict
-  accum: int
   micro: int
   train_shard: Any
   log_every: int
@@ -242,15 +275,23 @@ class _Loop:
 
 
 def _train_loop(loop: _Loop, state, step: int, last_step: int, iterator):
-  """Steps to last_step: one global batch each (accum micro-batches), metrics, evaluation
-  and checkpoints (the iterator's state saved with each)."""
-  accum, micro, train_shard, log = loop.accum, loop.micro, loop.train_shard, loop.log
+  """Steps to last_step: one step's examples each (its rows as micro-batches), metrics,
+  evaluation and checkpoints (the iterator's state saved with each)."""
+  micro, train_shard, log = loop.micro, loop.train_shard, loop.log
   eval_fn, eval_every, mngr, run_meta = loop.eval_fn, loop.eval_every, loop.mngr, loop.run_meta
   last_metrics, last_eval = {}, {}
+  compiled = set()
   bar = tqdm(total=last_step, initial=step, desc="train", disable=jax.process_index() != 0)
   while step < last_step:
     host_batch = next(iterator)
     tokens = int((host_batch["segment_ids"] > 0).sum())
+    # Steps pack into different row counts: one compiled step per micro-batch count.
+    accum = len(host_batch["inputs"]) // micro
+    if accum not in compiled:
+      compiled.add(accum)
+      logging.info(
+          "step %d: %d micro-batch(es) of %d rows (compiling this shape)", step, accum, micro
+      )
     device_batch = {
         k: sharding.global_array(v.reshape((accum, micro) + v.shape[1:]), train_shard)
         for k, v in host_batch.items()
@@ -288,17 +329,23 @@ def _train_loop(loop: _Loop, state, step: int, last_step: int, iterator):
   return state, step, last_metrics, last_eval
 
 
-def _steps(config, num_rows: int, batch: int) -> tuple[int, int]:
-  """(optimizer steps of the whole run, the step this invocation stops at)."""
-  t = config.train
-  total_steps = data_lib.steps_per_run(num_rows, int(t.epochs), batch)
-  if total_steps == 0:
-    raise ValueError(
-        f"the selection packs into {num_rows} rows of {config.data.max_length} tokens, fewer "
-        f"than one global batch (train.batch_size={batch}) over {t.epochs} epoch(s); lower "
-        "train.batch_size"
-    )
-  return total_steps, (min(total_steps, int(t.max_steps)) if t.max_steps else total_steps)
+def _last_step(config, total_steps: int) -> int:
+  """The step this invocation stops at (train.max_steps > 0 stops early)."""
+  max_steps = int(config.train.max_steps)
+  return min(total_steps, max_steps) if max_steps else total_steps
+
+
+def _steps_report(plan: data_lib.StepPlan, rows: np.ndarray, micro: int) -> dict:
+  """Rows per step and how full they are (empty rows pad a step to whole micro-batches)."""
+  padded = -(-rows // micro) * micro
+  return dict(
+      examples=len(plan.examples),
+      steps_per_epoch=plan.steps_per_epoch,
+      rows_per_step_min=int(rows.min()),
+      rows_per_step_mean=float(rows.mean()),
+      rows_per_step_max=int(rows.max()),
+      token_fill=float(plan.lengths.sum() * plan.epochs / (padded.sum() * plan.max_length)),
+  )
 
 
 def _model_config(config, model_path: str):
@@ -319,19 +366,23 @@ def run(config) -> dict:
   train_summary.json."""
   out = config.output_dir
   if not out:
-    raise ValueError("config.output_dir is required")
+    raise UserError("config.output_dir is required")
   os.makedirs(out, exist_ok=True)
   t, d = config.train, config.data
   mesh = sharding.make_mesh(config.mesh)
-  batch, micro, accum = _batch_sizes(config, mesh)
 
   model_path = assets.model_path(config.model)
   tokenizer = load_tokenizer(model_path)
-  train_rows, val_rows, rejects, data_report = load_data(config, tokenizer)
+  train_ex, val_rows, rejects, data_report = load_data(config, tokenizer)
   if rejects and jax.process_index() == 0:
     records_lib.write_rejects(os.path.join(out, "rejects.jsonl"), rejects)
-  num_rows = data_report["train_rows"]
-  total_steps, last_step = _steps(config, num_rows, batch)
+  batch = _batch_size(config, len(train_ex))
+  plan = data_lib.StepPlan(train_ex, batch, t.epochs, d.seed, d.max_length, d.pack)
+  rows_per_step = plan.rows_per_step()
+  micro = _micro_batch_size(config, mesh, int(rows_per_step.max()))
+  total_steps = len(plan)
+  last_step = _last_step(config, total_steps)
+  data_report["steps"] = _steps_report(plan, rows_per_step, micro)
   cfg = _model_config(config, model_path)
   sched = step_lib.schedule(t, total_steps)
   tx = step_lib.optimizer(t, sched)
@@ -341,20 +392,20 @@ def run(config) -> dict:
   train_shard = step_lib.accumulation_sharding(mesh)
   eval_shard = sharding.batch_sharding(mesh)
 
-  iterator = iter(
-      data_lib.train_dataset(train_rows, int(t.epochs), batch, int(d.seed)).to_iter_dataset()
-  )
+  iterator = iter(data_lib.train_dataset(plan, micro).to_iter_dataset())
   # Resuming is refused unless these match the saved run.
   run_meta = dict(
-      train_rows_digest=_rows_digest(train_rows),
+      train_examples_digest=_examples_digest(train_ex),
       total_steps=total_steps,
       batch_size=batch,
+      micro_batch_size=micro,
       model_fingerprint=checkpoints.fingerprint(model_path),
       optimizer=json.dumps({k: t[k] for k in _OPTIMIZER_FIELDS}, sort_keys=True),
   )
-  mngr = checkpointing.manager(os.path.join(out, "checkpoints"), config.checkpoint)
+  ckpt_dir = checkpointing.resolve(config.checkpoint.dir or os.path.join(out, "checkpoints"))
+  mngr = checkpointing.manager(ckpt_dir, config.checkpoint)
   state, resumed_from = _start_state(
-      model_path, cfg, tx, mesh, shardings, mngr, iterator, run_meta, out
+      model_path, cfg, tx, mesh, shardings, mngr, iterator, run_meta, ckpt_dir
   )
   step = int(jax.device_get(state["step"]))
 
@@ -368,21 +419,27 @@ def run(config) -> dict:
       total_steps=total_steps,
       last_step=last_step,
       resumed_from=resumed_from,
-      accumulation=accum,
+      batch_size=batch,
+      micro_batch_size=micro,
+      checkpoint_dir=str(ckpt_dir),
       model=model_path,
       num_params=costs.num_params(cfg),
       flops_per_token=costs.train_flops_per_token(cfg, seq_len),
       peak_flops_per_device=peak,
       devices=jax.device_count(),
+      processes=jax.process_count(),
       device_kind=jax.devices()[0].device_kind,
   )
   logging.info(
-      "%d train rows, %d steps (%d this run), global batch %d = %d x %d micro",
-      num_rows,
+      "%d examples, %d steps of %d examples (%d this run), packed into %d-%d rows of %d "
+      "tokens a step (micro-batches of %d rows)",
+      len(train_ex),
       total_steps,
-      last_step - step,
       batch,
-      accum,
+      last_step - step,
+      int(rows_per_step.min()),
+      int(rows_per_step.max()),
+      seq_len,
       micro,
   )
 
@@ -398,7 +455,6 @@ def run(config) -> dict:
       log,
       mngr,
       run_meta,
-      accum,
       micro,
       train_shard,
       int(t.log_every),
@@ -411,8 +467,14 @@ def run(config) -> dict:
 
   summary.update(final_step=step, final=last_metrics, final_eval=last_eval, **speed.steady())
   if config.export.enabled:
+    template = data_lib.resolve_template(tokenizer, d)
     summary["export_dir"] = export_lib.export_hf(
-        os.path.join(out, "hf"), cfg, state["params"], tokenizer
+        config.export.dir or os.path.join(out, "hf"),
+        cfg,
+        state["params"],
+        tokenizer,
+        eos_ids=data_lib.end_token_ids(tokenizer, template),
+        dtype=config.export.dtype,
     )
   if jax.process_index() == 0:
     fileio.write_json(os.path.join(out, "train_summary.json"), summary, indent=2, default=str)
