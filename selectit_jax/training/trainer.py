@@ -345,6 +345,7 @@ def _steps_report(plan: data_lib.StepPlan, rows: np.ndarray, micro: int) -> dict
       rows_per_step_mean=float(rows.mean()),
       rows_per_step_max=int(rows.max()),
       token_fill=float(plan.lengths.sum() * plan.epochs / (padded.sum() * plan.max_length)),
+      tokens=int(plan.lengths.sum() * plan.epochs),  # every epoch's example tokens
   )
 
 
@@ -418,6 +419,7 @@ def run(config) -> dict:
       data=data_report,
       total_steps=total_steps,
       last_step=last_step,
+      train_tokens=data_report["steps"]["tokens"],  # the whole schedule's (all epochs)
       resumed_from=resumed_from,
       batch_size=batch,
       micro_batch_size=micro,
