@@ -201,13 +201,14 @@ class Scorer:
     self._table = self._prefill(cfg, prefixes)
     model = registry.build(cfg)
     step = rating_probs_fn(model, rating_ids) if self.rating else target_logprobs_fn(model)
-    self._num_inputs = 5 if self.rating else 6
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     self._step = jax.jit(
         step,
-        in_shardings=(param_sh, out_sharding) + (self._batch_sharding,) * self._num_inputs,
+        in_shardings=(param_sh, out_sharding) + (self._batch_sharding,) * (5 if self.rating else 6),
         out_shardings=(out_sharding, out_sharding),
     )
+    # The log-likelihood step's read-out slots per row; None: each batch's own (read_slots).
+    self.read_width: int | None = None
     self.compiled_shapes: set[tuple[int, int, int]] = set()  # (rows, length, segments)
     self.compile_seconds = 0.0
 
@@ -275,7 +276,8 @@ class Scorer:
     shape = rows.tokens.shape + rows.last.shape[1:] + self._table.k.shape[1:4:2]
     start = time.perf_counter()
     with self.mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-      args = (sharding.global_array(x, self._batch_sharding) for x in rows[: self._num_inputs])
+      inputs = rows[:5] if self.rating else rows[:5] + (rows.targets,)
+      args = (sharding.global_array(x, self._batch_sharding) for x in inputs)
       rating_logits, lse = self._step(self.params, self._table, *args)
       if not self.rating:
         return self._per_read(rows, rating_logits, lse, shape, start)
@@ -303,7 +305,7 @@ class Scorer:
     """The one rating loop: each batch padded on the host, run, read back in item order."""
     for batch in batches:
       start = time.perf_counter()
-      slots = None if self.rating else read_slots(batch)
+      slots = None if self.rating else (self.read_width or read_slots(batch))
       arrays = pad_batch(batch, self.batch_size, self.max_segments, self.pad_id, slots)
       host_seconds = time.perf_counter() - start
       probs, lse = self(arrays)
