@@ -101,7 +101,7 @@ def _engine_cfg(**kw):
   base = dict(
       batch_size=2,
       max_tokens=2048,
-      max_shapes=2,
+      max_shapes=1,  # one row shape and one table shape: one compile
       bucket_multiple=16,
       prefix_cache=True,
       max_segments=4,
@@ -116,7 +116,7 @@ def _shared_prefix_items():
   out = []
   for it in tasks.load("arc_easy", 4):
     (form,) = it.forms
-    for g, shots in enumerate(("Shots one.\n\n", "Other shots, longer than the first.\n\n")):
+    for g, shots in enumerate(("Shots one.\n\n", "Shots two, other.\n\n")):
       out.append(
           dataclasses.replace(
               it,
@@ -147,11 +147,12 @@ def test_engine_log_likelihoods_match_a_plain_forward(tiny_checkpoint):
   assert not skipped and len(work) == sum(len(it.forms[0].choices) + 1 for it in items)
   chunks = loglik.plan_chunks(work, _engine_cfg(), model.config)
   assert len(chunks) == 4 and all(len(c.prefixes) == 1 and len(c.prefixes[0]) > 5 for c in chunks)
+  assert len({c.shape for c in chunks}) == 1  # prefixes padded to one table shape
   assert any(len(row) > 1 for c in chunks for b in c.batches for row in b.rows)  # packed
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   scorer = engine.Scorer(model.config, model.params, None, mesh, 2, (), 4, tok.pad_id)
   got = dict(loglik.run_chunks(scorer, chunks, loglik.Throughput()))
-  assert sorted(got) == list(range(len(work)))
+  assert sorted(got) == list(range(len(work))) and len(scorer.compiled_shapes) == 1
   # The reference: every text alone, right-padded into one batch, one jit'd forward.
   tokens, positions, segments = right_padded([it.ids for it in work])
   llama = Llama(model.config)
@@ -180,7 +181,7 @@ def _tiny_eval_config(checkpoint, out, **kw):
   config.model.name = "tiny"
   config.tasks = "arc_challenge,hellaswag"
   config.limit = 2
-  config.engine.max_shapes = 2
+  config.engine.max_shapes = 1
   config.output_dir = str(out)
   for k, v in kw.items():
     setattr(config, k, v)
@@ -194,7 +195,7 @@ def test_evaluate_command_writes_results_and_resumes(tiny_checkpoint, tmp_path):
       "--config.model.name=tiny",
       "--config.tasks=arc_challenge,hellaswag",
       "--config.limit=2",
-      "--config.engine.max_shapes=2",
+      "--config.engine.max_shapes=1",
       "--config.mesh.data=1",
       f"--config.output_dir={tmp_path}",
   ]
@@ -233,3 +234,66 @@ def test_evaluate_bad_task_is_one_error_line(tmp_path):
   assert (
       last.startswith("error: config.tasks: unknown task 'nope'") and "Traceback" not in proc.stderr
   )
+
+
+# ------------------------------------------------------- parity with HF transformers
+
+
+@pytest.mark.slow  # SmolLM2 both sides, 18 reference forwards of up to ~900 tokens
+def test_smollm2_log_likelihoods_match_transformers():
+  """Per-choice log-likelihoods of real MMLU (letter and cloze, 5-shot) and ARC items through
+  the engine (shared few-shot prefixes, packed rows) against transformers (gguf_file=) +
+  torch fp32 with the same tokens (its tokenizer, the smollm pre-tokenizer restored):
+  within 1e-4 relative."""
+  import gguf  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+
+  from selectit_jax import assets  # pylint: disable=import-outside-toplevel
+  from selectit_jax.checkpoints.gguf_pretokenizers import apply_gguf_pre_tokenizer
+
+  path = assets.default_gguf_path()
+  model = checkpoints.load_model(path)
+  ours = load_tokenizer(path)
+  items = tasks.load("mmlu", 1)[:2] + tasks.load("arc_challenge", 2)
+  work, requests, _ = loglik.work_items(items, ours, 4096)
+  chunks = loglik.plan_chunks(work, _engine_cfg(prefixes_per_table=2, max_shapes=2))
+  assert any(len(p) > 200 for c in chunks for p in c.prefixes)  # the 5-shot prefix is shared
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  scorer = engine.Scorer(model.config, model.params, None, mesh, 2, (), 4, ours.pad_id)
+  got = dict(loglik.run_chunks(scorer, chunks, loglik.Throughput()))
+
+  directory, name = os.path.dirname(path), os.path.basename(path)
+  theirs = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+  fields = gguf.GGUFReader(path).fields
+  apply_gguf_pre_tokenizer(
+      theirs.backend_tokenizer,
+      fields["tokenizer.ggml.model"].contents(),
+      fields["tokenizer.ggml.pre"].contents(),
+      path,
+  )
+  ref_model = transformers.AutoModelForCausalLM.from_pretrained(
+      directory, gguf_file=name, dtype=torch.float32
+  )
+  worst = 0.0
+  for it, req in zip(work, requests):
+    form = items[req.item].forms[req.form]
+    if req.choice < 0:
+      ids = theirs(form.context)["input_ids"]
+      targets = [theirs(c, add_special_tokens=False)["input_ids"][-1] for c in form.choices]
+      reads = [len(ids) - 1] * len(targets)
+    else:
+      ctx = theirs(form.context)["input_ids"]
+      whole = theirs(form.context + form.choices[req.choice])["input_ids"]
+      ids, targets = whole[:-1], whole[len(ctx) :]
+      reads = list(range(len(ctx) - 1, len(ids)))
+    assert (list(it.ids), list(it.targets), list(it.reads)) == (ids, targets, reads)
+    with torch.no_grad():
+      logits = ref_model(torch.tensor([ids])).logits[0].double()
+    ref = torch.log_softmax(logits, -1)[reads, targets].numpy()
+    mine = got[it.sample_index]
+    # Per choice: the letter form's options one by one, a cloze choice's summed tokens.
+    ref, mine = (ref, mine) if req.choice < 0 else (ref.sum(keepdims=True), mine.sum(keepdims=True))
+    np.testing.assert_allclose(mine, ref, rtol=1e-4)
+    worst = max(worst, float(np.max(np.abs(mine - ref) / np.abs(ref))))
+  assert worst < 1e-4

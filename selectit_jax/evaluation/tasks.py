@@ -12,7 +12,7 @@ kind over requests to the model:
 - `bpb`: bits per byte of the gold continuation (one choice): -log2 p / bytes.
 
 Generation (GSM8K exact match, HumanEval pass@1) is another kind, added as a Form whose
-requests go to a decoder instead of the log-likelihood step (see `evaluation/README`).
+requests go to a decoder instead of the log-likelihood step (see `evaluation/runner.py`).
 """
 
 from __future__ import annotations
