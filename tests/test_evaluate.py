@@ -188,6 +188,7 @@ def _tiny_eval_config(checkpoint, out, **kw):
   return config
 
 
+@pytest.mark.slow  # a subprocess (Python + JAX start) and two runs of a tiny model
 def test_evaluate_command_writes_results_and_resumes(tiny_checkpoint, tmp_path):
   args = [
       "--config=configs/eval.py",
@@ -222,6 +223,7 @@ def test_evaluate_command_writes_results_and_resumes(tiny_checkpoint, tmp_path):
   assert again.tasks == summary["tasks"]
 
 
+@pytest.mark.slow  # a subprocess (Python + JAX start, ~5 s)
 def test_evaluate_bad_task_is_one_error_line(tmp_path):
   proc = run_command(
       "evaluate",

@@ -2,7 +2,9 @@
 full-vocabulary logsumexp per text, and `Scorer.rate`, the one loop over a plan's batches.
 
 The step runs the last layer and the head only at each text's last token and never
-materialises [batch, seq, vocab]; each prompt's shared prefix is prefilled once.
+materialises [batch, seq, vocab]; each prompt's shared prefix is prefilled once. The
+log-likelihood step (`target_logprobs_fn`, for `evaluate`) reads chosen positions instead and
+returns the exact log-softmax at given target tokens, through the same rows, prefixes and loop.
 """
 
 from __future__ import annotations
