@@ -107,7 +107,7 @@ def plan_chunks(work: Sequence[batching.WorkItem], engine_cfg, model_cfg=None) -
     )
     return [Chunk((), (1, 0), batches)]
   per = max(int(engine_cfg.prefixes_per_table), 1)
-  order = sorted(range(len(prefixes)), key=lambda g: (len(prefixes[g]), g))
+  order = group_order(work, prefixes)
   by_group: dict[int, list[batching.WorkItem]] = {}
   for it in work:
     by_group.setdefault(it.prompt_index, []).append(it)
@@ -126,6 +126,30 @@ def plan_chunks(work: Sequence[batching.WorkItem], engine_cfg, model_cfg=None) -
     )
     chunks.append(Chunk(table, shape, batches))
   return chunks
+
+
+def group_order(work: Sequence[batching.WorkItem], prefixes) -> list[int]:
+  """Groups by prefix length, those that share items (an MMLU subject's letter and cloze
+  forms) side by side, so an item's texts run in one table and it is stored (resumable)
+  as soon as that table is done."""
+  root = list(range(len(prefixes)))
+
+  def find(g):
+    while root[g] != g:
+      root[g] = root[root[g]]
+      g = root[g]
+    return g
+
+  first: dict[str, int] = {}
+  for it in work:
+    g = first.setdefault(it.sample_id, it.prompt_index)
+    root[find(it.prompt_index)] = find(g)
+  longest: dict[int, int] = {}
+  for g, p in enumerate(prefixes):
+    longest[find(g)] = max(longest.get(find(g), 0), len(p))
+  return sorted(
+      range(len(prefixes)), key=lambda g: (longest[find(g)], find(g), len(prefixes[g]), g)
+  )
 
 
 @dataclasses.dataclass
