@@ -1,1 +1,2 @@
-"""Evaluation of a tuned model on the paper's benchmarks."""
+"""`evaluate`: benchmarks (tasks), their log-likelihood forms through the scoring engine
+(loglik), per-item results and the summary (results), the command (runner)."""

@@ -36,6 +36,16 @@ class WorkItem:
   prompt_hash: str
   ids: tuple[int, ...]
   truncated: bool = False
+  # The log-likelihood step (`engine.target_logprobs_fn`): positions in `ids` whose
+  # next-token log-probabilities are read, and the token id scored at each. Empty: the
+  # rating read-out, at the last token.
+  reads: tuple[int, ...] = ()
+  targets: tuple[int, ...] = ()
+
+  @property
+  def read_at(self) -> tuple[int, ...]:
+    """The positions in `ids` read after the last layer."""
+    return self.reads or (len(self.ids) - 1,)
 
   def key(self, model_key: str) -> tuple[str, str, str]:
     """Its row's key in the store (`store.KEY_COLUMNS`)."""
@@ -203,16 +213,18 @@ def shared_prefixes(items: Sequence[WorkItem]) -> tuple[tuple[int, ...], ...]:
   """Per prompt index, the token ids all of its texts start with (the rating prompt and the
   template's lead-in): computed once, their keys and values serve every row.
 
-  At most each text's length - 1, so every row keeps its last token (where the rating is
-  read). Derived from all planned work, so a resumed run gets the same split.
+  Ends before each text's first read position (its last token for a rating), so every row
+  keeps the tokens read. Derived from all planned work, so a resumed run gets the same split.
   """
   by_prompt: dict[int, list[np.ndarray]] = {}
+  first_read: dict[int, int] = {}
   for it in items:
     by_prompt.setdefault(it.prompt_index, []).append(np.asarray(it.ids))
+    first_read[it.prompt_index] = min(first_read.get(it.prompt_index, len(it.ids)), it.read_at[0])
   out = []
   for k in range(max(by_prompt, default=-1) + 1):
     seqs = by_prompt.get(k, [])
-    n = min((len(s) for s in seqs), default=1) - 1
+    n = first_read.get(k, 0)
     first = seqs[0][:n] if seqs else np.zeros(0, int)
     for seq in seqs[1:]:
       differ = np.flatnonzero(seq[:n] != first[:n])
@@ -380,6 +392,21 @@ def make_plan(items: Sequence[WorkItem], engine_cfg, model_cfg: LlamaConfig | No
   `batch_size` rows. With `model_cfg` (and `fit_buckets`), the shapes minimise the model's
   FLOPs over the packed rows rather than the texts' padding."""
   prefixes = shared_prefixes(items) if engine_cfg.prefix_cache else ()
+  buckets = plan_buckets(items, prefixes, engine_cfg, model_cfg)
+  return Plan(
+      prefixes,
+      buckets,
+      plan_batches(items, engine_cfg.batch_size, buckets, prefixes, engine_cfg.max_segments),
+  )
+
+
+def plan_buckets(
+    items: Sequence[WorkItem],
+    prefixes: Sequence[Sequence[int]],
+    engine_cfg,
+    model_cfg: LlamaConfig | None = None,
+) -> list[int]:
+  """`make_plan`'s row lengths: at most `max_shapes`, fitted by FLOPs with `model_cfg`."""
   buckets = choose_buckets(
       [row_length(it, prefixes) for it in items],
       engine_cfg.max_shapes,
@@ -397,8 +424,4 @@ def make_plan(items: Sequence[WorkItem], engine_cfg, model_cfg: LlamaConfig | No
         engine_cfg.bucket_multiple,
         functools.partial(costs.row_flops, model_cfg),
     )
-  return Plan(
-      prefixes,
-      buckets,
-      plan_batches(items, engine_cfg.batch_size, buckets, prefixes, engine_cfg.max_segments),
-  )
+  return buckets

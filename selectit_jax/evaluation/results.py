@@ -1,0 +1,147 @@
+"""Per-item results (Parquet shards, resumable by key), the summary with 95 % intervals, and
+its markdown table.
+
+Layout under an eval dir:
+  items/{seq:06d}.parquet  one row per (task, item, form, model), written atomically
+  summary.json, summary.md  over every stored row of this run's items and model
+Key of a row = (task, id, form, model): a re-run skips items whose forms are all stored.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from selectit_jax import fileio
+
+KEY_COLUMNS = ("task", "id", "form", "model")
+SCHEMA = pa.schema(
+    [
+        ("task", pa.string()),
+        ("id", pa.string()),
+        ("form", pa.string()),  # letter | cloze | bpb
+        ("model", pa.string()),  # name@weights fingerprint, with the settings that matter
+        ("prediction", pa.int64()),  # index of the chosen choice
+        ("gold", pa.int64()),
+        ("score", pa.float64()),  # letter, cloze: 1 right / 0 wrong; bpb: bits per byte
+        ("logliks", pa.list_(pa.float64())),  # per choice, summed log p in nats
+        ("num_tokens", pa.list_(pa.int32())),  # per choice, tokens scored
+        ("num_bytes", pa.list_(pa.int32())),  # per choice, UTF-8 bytes of its text
+    ]
+)
+_SHARD = re.compile(r"^(\d{6})\.parquet$")
+Z95 = 1.959963984540054
+# Per form, what its mean score is.
+METRICS = {"letter": "accuracy", "cloze": "accuracy (length-normalised)", "bpb": "bits per byte"}
+
+
+class ResultStore:
+
+  def __init__(self, directory: str):
+    self.dir = directory
+    self.items_dir = os.path.join(directory, "items")
+    os.makedirs(self.items_dir, exist_ok=True)
+    seqs = [int(m.group(1)) for m in map(_SHARD.match, os.listdir(self.items_dir)) if m]
+    self._seq = max(seqs) + 1 if seqs else 0
+
+  def shard_paths(self) -> list[str]:
+    names = sorted(n for n in os.listdir(self.items_dir) if _SHARD.match(n))
+    return [os.path.join(self.items_dir, n) for n in names]
+
+  def write(self, rows: Sequence[dict]) -> str | None:
+    """One new shard of rows (dicts with every SCHEMA column)."""
+    if not rows:
+      return None
+    table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
+    path = os.path.join(self.items_dir, f"{self._seq:06d}.parquet")
+    self._seq += 1
+    return fileio.write_parquet(path, table)
+
+  def read_table(self) -> pa.Table:
+    """Every shard, the first row of each key kept."""
+    paths = self.shard_paths()
+    if not paths:
+      return SCHEMA.empty_table()
+    table = pa.concat_tables([pq.read_table(p).select(SCHEMA.names).cast(SCHEMA) for p in paths])
+    seen, keep = set(), []
+    for i, key in enumerate(zip(*(table.column(c).to_pylist() for c in KEY_COLUMNS))):
+      if key not in seen:
+        seen.add(key)
+        keep.append(i)
+    return table.take(pa.array(keep, pa.int64())) if len(keep) < table.num_rows else table
+
+  def stored_keys(self) -> set:
+    keys = set()
+    for p in self.shard_paths():
+      t = pq.read_table(p, columns=list(KEY_COLUMNS))
+      keys.update(zip(*(t.column(c).to_pylist() for c in KEY_COLUMNS)))
+    return keys
+
+
+def wilson(successes: float, n: int) -> tuple[float, float]:
+  """95 % Wilson score interval of a proportion (sane at 0 %, 100 % and small n)."""
+  if n == 0:
+    return (math.nan, math.nan)
+  p = successes / n
+  denom = 1 + Z95**2 / n
+  centre = (p + Z95**2 / (2 * n)) / denom
+  half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denom
+  return (centre - half, centre + half)
+
+
+def mean_interval(values: np.ndarray) -> tuple[float, float]:
+  """Mean ± 1.96 standard errors (sample std)."""
+  n = len(values)
+  if n < 2:
+    return (math.nan, math.nan)
+  half = Z95 * float(np.std(values, ddof=1)) / math.sqrt(n)
+  mean = float(np.mean(values))
+  return (mean - half, mean + half)
+
+
+def summarise(table: pa.Table, keys: Iterable[tuple[str, str]], model: str) -> dict:
+  """{task: {form: {metric, value, n, ci95}}} over the rows of these (task, id) items and
+  model (items micro-averaged: MMLU over all its subjects' questions together)."""
+  wanted = set(keys)
+  scores: dict[str, dict[str, list[float]]] = {}
+  cols = [table.column(c).to_pylist() for c in ("task", "id", "form", "model", "score")]
+  for task, item_id, form, m, score in zip(*cols):
+    if m == model and (task, item_id) in wanted:
+      scores.setdefault(task, {}).setdefault(form, []).append(score)
+  out = {}
+  for task in sorted(scores):
+    out[task] = {}
+    for form, values in sorted(scores[task].items()):
+      v = np.asarray(values, np.float64)
+      ci = mean_interval(v) if form == "bpb" else wilson(float(v.sum()), len(v))
+      out[task][form] = dict(
+          metric=METRICS.get(form, form),
+          value=float(v.mean()),
+          n=len(v),
+          ci95=[None if math.isnan(x) else x for x in ci],
+      )
+  return out
+
+
+def markdown(summary: dict, model: str, notes: Sequence[str] = ()) -> str:
+  lines = [
+      f"# Evaluation of `{model}`",
+      "",
+      "| task | form | metric | value | 95 % CI | n |",
+      "|---|---|---|---|---|---|",
+  ]
+  for task, forms in summary.items():
+    for form, s in forms.items():
+      pct = form != "bpb"
+      fmt = (lambda x: f"{100 * x:.1f} %") if pct else (lambda x: f"{x:.3f}")
+      lo, hi = s["ci95"]
+      ci = "n/a" if lo is None else f"{fmt(lo)} – {fmt(hi)}"
+      lines.append(f"| {task} | {form} | {s['metric']} | {fmt(s['value'])} | {ci} | {s['n']} |")
+  lines += [""] + [f"- {n}" for n in notes]
+  return "\n".join(lines) + "\n"
