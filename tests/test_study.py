@@ -108,3 +108,48 @@ def test_report_pools_random_seeds_and_pairs_items(tmp_path):
   text = open(path).read()
   assert "| random (2 seeds) | 8 | 1,100 |" in text and "50.0 ±" in text
   assert (tmp_path / "study.png").stat().st_size > 1000
+
+
+@pytest.mark.slow  # trains and evaluates a tiny model three times (~1 min)
+def test_study_runs_every_arm_and_resumes(tiny_checkpoint, tmp_path, data_path, monkeypatch):
+  import json
+
+  from configs import study as study_config
+  from configs import train_tiny
+  from selectit_jax.studies import runner
+  from selectit_jax.training import trainer
+
+  config = study_config.get_config()
+  config.scores_dir = write_score_dir(tmp_path, "m", data_path, 100)
+  config.select.proportion = 0.5
+  config.arms = "base,selectit,random"
+  config.seeds = "0,1"
+  config.train = train_tiny.get_config()
+  config.train.model.path = tiny_checkpoint
+  config.train.data.val_fraction = 0.0
+  config.train.train.epochs = 1
+  config.train.export.enabled = True
+  config.eval.tasks = "arc_easy"
+  config.eval.limit = 3
+  config.eval.engine.max_shapes = 1
+  config.output_dir = str(tmp_path / "study")
+  study = runner.run(config)
+
+  arms = {a["name"]: a for a in study["arms"]}
+  assert list(arms) == ["base", "selectit", "random_s0", "random_s1"]
+  assert arms["base"]["train_tokens"] == 0 and arms["selectit"]["train_tokens"] > 0
+  assert {a["num_records"] for n, a in arms.items() if n != "base"} == {5}  # ⌊10 rankable · 0.5⌋
+  for name in ("selectit", "random_s0"):
+    assert (tmp_path / "study" / "arms" / name / "train" / "hf" / "config.json").exists()
+  rows = study["summary"]["arc_easy_cloze"]
+  assert set(rows) == {"base", "selectit", "random"} and rows["random"]["delta"] == 0
+  assert all(r["n"] == 3 for r in rows.values())
+  text = (tmp_path / "study" / "study.md").read_text()
+  assert "| random (2 seeds) | 5 |" in text and "arc_easy_cloze" in text
+
+  # Resumed: every arm is read back, nothing trains, the table is the same.
+  monkeypatch.setattr(trainer, "run", lambda *a: pytest.fail("a finished arm trained again"))
+  again = runner.run(config)
+  assert json.dumps(again["summary"], sort_keys=True) == json.dumps(
+      study["summary"], sort_keys=True
+  )
