@@ -43,6 +43,15 @@ _SIZE = {
         "--config.engine.max_tokens=256",
     ],
     "train": ["--config.train.max_steps=1"],
+    # A couple of items of one small task instead of 5 per MMLU subject.
+    "evaluate": ["--config.tasks=arc_easy", "--config.limit=2"],
+    # Two arms, one training step each, the same two evaluation items.
+    "study": [
+        "--config.arms=base,selectit",
+        "--config.train.train.max_steps=1",
+        "--config.eval.tasks=arc_easy",
+        "--config.eval.limit=2",
+    ],
     "sweep": [],
     "select": [],
     "plan": [],
