@@ -1,5 +1,5 @@
 """The one table of accelerators: memory per device (the planner) and dense bf16 peak FLOP/s
-(MFU), found from jax's `device_kind`."""
+(MFU), found from jax's `device_kind`; and what model.dtype 'auto' means on each platform."""
 
 from __future__ import annotations
 
@@ -15,15 +15,18 @@ class Device:
   peak_flops: float  # dense bf16 FLOP/s per device (vendor figure)
   description: str
   kinds: tuple[str, ...]  # lower-case substrings of jax's device_kind, tried in table order
+  platform: str = "gpu"  # jax's Device.platform
 
 
 # Order matters: the first entry whose substring is in the device kind wins, so the more
 # specific names come first (v5 lite before v5; the A100 40 GB before the A100).
 DEVICES: dict[str, Device] = {
-    "v5e": Device(16 * GiB, 197e12, "TPU v5e (v5 lite), 16 GiB HBM per chip", ("v5 lite", "v5e")),
-    "v5p": Device(95 * GiB, 459e12, "TPU v5p, 95 GiB HBM per chip", ("v5p", "v5")),
-    "v6e": Device(32 * GiB, 918e12, "TPU v6e (Trillium), 32 GiB HBM per chip", ("v6",)),
-    "v4": Device(32 * GiB, 275e12, "TPU v4, 32 GiB HBM per chip", ("v4",)),
+    "v5e": Device(
+        16 * GiB, 197e12, "TPU v5e (v5 lite), 16 GiB HBM per chip", ("v5 lite", "v5e"), "tpu"
+    ),
+    "v5p": Device(95 * GiB, 459e12, "TPU v5p, 95 GiB HBM per chip", ("v5p", "v5"), "tpu"),
+    "v6e": Device(32 * GiB, 918e12, "TPU v6e (Trillium), 32 GiB HBM per chip", ("v6",), "tpu"),
+    "v4": Device(32 * GiB, 275e12, "TPU v4, 32 GiB HBM per chip", ("v4",), "tpu"),
     "h200": Device(141 * 10**9, 989e12, "NVIDIA H200 141GB", ("h200",)),
     "h100": Device(
         80 * 10**9, 989e12, "NVIDIA H100 80GB (SXM; PCIe peaks at 756 TFLOP/s)", ("h100",)
@@ -68,3 +71,43 @@ def peak_flops(device_kind: str) -> float | None:
   """Dense bf16 peak of one device of this kind, or None (CPU, unknown)."""
   name = name_of(device_kind)
   return DEVICES[name].peak_flops if name else None
+
+
+# model.dtype and model.param_dtype 'auto' (configs/common.py), by platform. Chosen from
+# bench/bench_dtype.py's table in BENCHMARKS.md (SmolLM2, 100 ShareGPT records × the 5
+# released prompts): see AUTO_REASON.
+AUTO = "auto"
+AUTO_DTYPES = {"cpu": "float32", "gpu": "bfloat16", "tpu": "bfloat16"}
+
+
+def platform_of(name: str) -> str:
+  """The platform ('cpu', 'gpu', 'tpu') of one of our device names (`detect`, config.memory
+  .device)."""
+  name = name.lower().replace(" ", "")
+  return "cpu" if name == "cpu" or name not in DEVICES else DEVICES[name].platform
+
+
+def resolve_dtype(dtype: str, platform: str) -> str:
+  """A configured dtype, with 'auto' resolved for the platform (jax's Device.platform; any
+  other accelerator than a TPU counts as a GPU)."""
+  if dtype != AUTO:
+    return dtype
+  return AUTO_DTYPES.get(platform, AUTO_DTYPES["gpu"])
+
+
+def resolve_dtypes(config, platform: str | None = None):
+  """The scoring config with concrete model.dtype and model.param_dtype: the one place where
+  'auto' is resolved, before the memory check, the loader and the manifest see them (so a
+  scores dir records the dtype that ran). platform None = that of jax.devices()[0]."""
+  model = config.model
+  if AUTO not in (model.dtype, model.param_dtype):
+    return config
+  if platform is None:
+    import jax  # noqa: PLC0415  (this module is imported where no backend may start)
+
+    platform = jax.devices()[0].platform
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.dtype = resolve_dtype(model.dtype, platform)
+    config.model.param_dtype = resolve_dtype(model.param_dtype, platform)
+  return config
