@@ -22,7 +22,8 @@ after its warm-up / compile (the mix of lengths is the same for all):
   torch careful   batches of length-sorted texts (sorted within windows of the shuffled order),
                   left padding with position ids, SDPA, logits_to_keep=1
   ours train      selectit_jax.training.step.make_train_step: packed rows, fp32 master weights,
-                  --dtype compute, AdamW (skipped where 16 bytes per parameter do not fit)
+                  --dtype compute, AdamW (skipped where 16 bytes per parameter exceed 60 %
+                  of the device: the 7B shape on one 80 or 141 GB GPU)
 Numbers: tokens/s (real tokens of the texts done), MFU = model FLOPs (models/costs.py:
 forward_flops, 2·θ per token plus causal attention; train_flops_per_token for training) per
 second over the device's dense bf16 peak (parallel/devices.py; '-' on CPU), HBM peak (jax's
@@ -421,11 +422,11 @@ def part_train(shape: str) -> dict:
   need = 16 * costs.num_params(cfg)  # fp32 master weights, gradients, two AdamW moments
   name = devices.detect(device)
   cap, _ = devices.capacity(name, jax.local_device_count())
-  if need > 0.8 * cap * jax.device_count():
+  if need > 0.6 * cap * jax.device_count():  # the rest: activations (no remat), workspace
     return dict(
         skipped=f"{shape} training step skipped: fp32 master weights, gradients and AdamW "
-        f"moments need {need / 2**30:.0f} GiB, more than 80 % of {jax.device_count()} × "
-        f"{cap / 2**30:.0f} GiB ({name})"
+        f"moments need {need / 2**30:.0f} GiB, more than 60 % of {jax.device_count()} × "
+        f"{cap / 2**30:.0f} GiB ({name}), which activations need the rest of"
     )
   rows, length = TRAIN_ROWS[shape]
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
