@@ -252,6 +252,12 @@ def report(work: dict, runs: dict, cmp: dict, loo: list[dict]) -> str:
     )
   lines.append("")
   lines.append(
+      "Both runs on this CPU: bf16 weights and matmul inputs, each product's sum kept "
+      "wider than bf16 and the result rounded to bf16 (norms, softmax and logsumexp in fp32), "
+      "as GPU and TPU bf16 matmuls with fp32 accumulation do; fusion and summation order "
+      "differ there, so the figures give the size of bf16's effect, not a bit-exact forecast."
+  )
+  lines.append(
       f"Load above {os.cpu_count()} (the cores) means other processes shared the CPU; the "
       "throughputs are for the record only, the agreement figures do not depend on it."
   )
