@@ -73,9 +73,10 @@ def peak_flops(device_kind: str) -> float | None:
   return DEVICES[name].peak_flops if name else None
 
 
-# model.dtype and model.param_dtype 'auto' (configs/common.py), by platform. Chosen from
-# bench/bench_dtype.py's table in BENCHMARKS.md (SmolLM2, 100 ShareGPT records × the 5
-# released prompts): see AUTO_REASON.
+# model.dtype and model.param_dtype 'auto' (configs/common.py), by platform: fp32 on CPU (bf16
+# buys ~5 % there, BENCHMARKS.md "Levers tried"), bf16 weights and matmuls on accelerators
+# (norms, softmax and logsumexp stay fp32 in models/layers.py), where they halve the weights'
+# memory and run the tensor cores. bench/bench_dtype.py measures what bf16 does to the ranking.
 AUTO = "auto"
 AUTO_DTYPES = {"cpu": "float32", "gpu": "bfloat16", "tpu": "bfloat16"}
 
