@@ -1,6 +1,6 @@
 r"""What bf16 weights and matmuls do to the ratings and to the ranking, against fp32.
 
-    python bench/bench_dtype.py                     # 100 records × 5 released prompts (~15 min on 2 cores)
+    python bench/bench_dtype.py                     # 100 records × 5 released prompts (~15 min on 2 idle cores)
     python bench/bench_dtype.py --num_records=16    # a quick look
 
 The same texts (bench/common.py `bench_items`: the first `num_records` usable ShareGPT records

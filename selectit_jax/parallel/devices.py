@@ -76,7 +76,12 @@ def peak_flops(device_kind: str) -> float | None:
 # model.dtype and model.param_dtype 'auto' (configs/common.py), by platform: fp32 on CPU (bf16
 # buys ~5 % there, BENCHMARKS.md "Levers tried"), bf16 weights and matmuls on accelerators
 # (norms, softmax and logsumexp stay fp32 in models/layers.py), where they halve the weights'
-# memory and run the tensor cores. bench/bench_dtype.py measures what bf16 does to the ranking.
+# memory and run the tensor cores. What bf16 does to the ranking (bench/bench_dtype.py,
+# BENCHMARKS.md: SmolLM2, the first 100 usable ShareGPT records × the 5 released prompts, paper
+# mode, α 0.2): max |Δp| 3.4e-2, mean 1.9e-3, Spearman ρ 0.967, 2 of the 20 selected samples
+# change; dropping one of the 5 prompts in fp32 changes 2-5 of 20 (ρ 0.92-0.99). bf16 stays
+# within the method's own sensitivity, so it is the accelerator default; set model.dtype and
+# model.param_dtype to float32 for fp32's exact selection (a scores dir records which ran).
 AUTO = "auto"
 AUTO_DTYPES = {"cpu": "float32", "gpu": "bfloat16", "tpu": "bfloat16"}
 
