@@ -40,15 +40,7 @@ _NUM_RECORDS = flags.DEFINE_integer(
 _K = flags.DEFINE_integer("k", 5, "Rating prompts per record.")
 _PROMPTS_FILE = flags.DEFINE_string(
     "prompts_file",
-    os.path.normpath(
-        os.path.join(
-            os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-            "..",
-            "shared",
-            "reference",
-            "rating_prompt.txt",
-        )
-    ),
+    common.RELEASED_PROMPTS,
     "Prompt file (released layout); '' = our own default prompts with the same template.",
 )
 _CONFIG = flags.DEFINE_string(
@@ -93,91 +85,31 @@ _RATERS = flags.DEFINE_list(
 
 
 def _load_config():
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location("bench_config", _CONFIG.value)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for kv in _OVERRIDES.value:
-    key, value = kv.split("=", 1)
-    section, key = key.split(".", 1) if "." in key else ("engine", key)
-    old = config[section][key]
-    config[section][key] = type(old)(value) if not isinstance(old, bool) else value == "True"
-  return config
+  return common.load_config(_CONFIG.value, _OVERRIDES.value)
 
 
-def _usable(config) -> tuple[list, dict]:
-  """The texts of the first records whose K texts all fit engine.max_tokens, tokenized with
-  the config's model; and what building them needs."""
-  from selectit_jax import assets
-  from selectit_jax.scoring import batching
-  from selectit_jax.data import prompts as prompts_lib
-  from selectit_jax.data import records as records_lib
-  from selectit_jax.checkpoints.tokenizer import load_tokenizer
-
-  model_path = assets.model_path(config.model)
-  data_cfg = config.data.copy_and_resolve_references()
-  data_cfg.path = assets.data_path(config.data)
-  data_cfg.limit = 4 * _NUM_RECORDS.value + 32  # ~25 % of ShareGPT records are unusable
-  records, _, _ = records_lib.read_records(data_cfg)
-  prompts = (
-      prompts_lib.load_prompts(_PROMPTS_FILE.value)
-      if _PROMPTS_FILE.value
-      else prompts_lib.default_prompts()
-  )[: _K.value]
-  tokenizer = load_tokenizer(model_path)
-  start = time.perf_counter()
-  items, _ = batching.prepare(
-      records,
-      prompts,
-      prompts_lib.DEFAULT_TEMPLATE,
-      tokenizer,
-      config.engine.max_tokens,
-      too_long="reject",
-  )
-  seconds = time.perf_counter() - start
-  return items, dict(
-      model_path=model_path, prompts=prompts, tokenizer=tokenizer, tokenize_s=seconds
-  )
-
-
-def _prepare(workdir: str, samples: set[int] | None = None, hf_copy: bool = True) -> dict:
-  """Tokenizes the bench texts once (the first `num_records` usable records, or those of
-  `samples`); writes the ids and, with `hf_copy`, an HF copy of the same weights."""
+def _prepare(workdir: str, samples=None, hf_copy: bool = True) -> dict:
+  """Tokenizes the bench texts once (of `samples` only, when given); writes the ids and,
+  with `hf_copy`, an HF copy of the same weights (the reference's)."""
   from selectit_jax import checkpoints
-  from selectit_jax.data import prompts as prompts_lib
   from selectit_jax.checkpoints import hf
-  from selectit_jax.checkpoints.tokenizer import rating_token_ids
 
   config = _load_config()
-  items, info = _usable(config)
-  all_items = len(items)
-  usable = sorted(
-      {it.sample_index for it in items} & (samples or {it.sample_index for it in items})
-  )
-  keep = set(usable[: _NUM_RECORDS.value])
-  if len(keep) < _NUM_RECORDS.value:
-    raise ValueError(f"only {len(keep)} usable records among the first {4 * len(keep) + 32}")
-  items = [it for it in items if it.sample_index in keep]
-  items.sort(key=lambda it: (it.sample_index, it.prompt_index))
-  prompts, tokenizer = info["prompts"], info["tokenizer"]
-  template = prompts_lib.DEFAULT_TEMPLATE
-  rating_ids = rating_token_ids(tokenizer, prompts_lib.build_text(prompts[0], "", "", template))
-
-  model = checkpoints.load_model(info["model_path"])
+  work = common.bench_items(config, _NUM_RECORDS.value, _PROMPTS_FILE.value, _K.value, samples)
+  model_path = work["model_path"]
+  model = checkpoints.load_model(model_path)
   if hf_copy:
     hf.save_hf(os.path.join(workdir, "hf"), model.config, model.params)
   data = dict(
-      items=items,
-      rating_ids=rating_ids,
-      model_path=info["model_path"],
       model_name=config.model.name,
-      pad_id=tokenizer.pad_id,
+      items=work["items"],
+      rating_ids=work["rating_ids"],
+      model_path=model_path,
+      pad_id=work["tokenizer"].pad_id,
       num_params=model.num_params,
       cfg=model.config,
-      tokenize_s=info["tokenize_s"] * len(items) / max(all_items, 1),  # share of the kept texts
-      num_records=len(keep),
+      tokenize_s=work["tokenize_s"],
+      num_records=work["num_records"],
       prompts_file=_PROMPTS_FILE.value or "(our default prompts)",
   )
   with open(os.path.join(workdir, "data.pkl"), "wb") as f:
@@ -319,32 +251,13 @@ def _report(data, rows, roof, dp, machine, extra) -> str:
   return "\n".join(out) + "\n"
 
 
-def _write_markdown(
-    path: str,
-    text: str,
-    section: str = "bench_score",
-    title: str = "Scoring throughput (`python bench/bench_score.py`)",
-) -> None:
-  """Replaces the generated section of `path` (between its markers), keeping the rest."""
-  begin, end = f"<!-- {section}: begin -->", f"<!-- {section}: end -->"
-  block = f"{begin}\n## {title}\n\n{text}{end}"
-  old = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
-  if begin in old and end in old:
-    new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
-  else:
-    new = old.rstrip("\n") + "\n\n" + block + "\n"
-  with open(path + ".tmp", "w") as f:
-    f.write(new)
-  os.replace(path + ".tmp", path)
-
-
 def main_raters():
   """The configs' models side by side on the same records: ours only, plus the roofline."""
   usable = []
   for path in _RATERS.value:
     flags.FLAGS.config = path
-    items, _ = _usable(_load_config())
-    usable.append({it.sample_index for it in items})
+    work = common.bench_items(_load_config(), _NUM_RECORDS.value, _PROMPTS_FILE.value, _K.value)
+    usable.append(work["usable"])
   samples = set.intersection(*usable)
   results = []
   with tempfile.TemporaryDirectory(prefix="bench_raters_") as root:
@@ -394,11 +307,11 @@ def main_raters():
   text = "\n".join(lines) + "\n"
   print("\n" + text)
   if _OUTPUT.value:
-    _write_markdown(
+    common.write_markdown(
         _OUTPUT.value,
+        "bench_raters",
+        "Two raters side by side (`python bench/bench_score.py --raters=...`)",
         text,
-        section="bench_raters",
-        title="Two raters side by side (`python bench/bench_score.py --raters=...`)",
     )
 
 
@@ -451,7 +364,9 @@ def main_parent():
   text = _report(data, rows, roof, dp, machine, extra)
   print("\n" + text)
   if _OUTPUT.value:
-    _write_markdown(_OUTPUT.value, text)
+    common.write_markdown(
+        _OUTPUT.value, "bench_score", "Scoring throughput (`python bench/bench_score.py`)", text
+    )
   if dp is not None and dp > _TOLERANCE.value:
     raise SystemExit(f"max |Δp| {dp:.2e} > {_TOLERANCE.value:.0e}")
 
@@ -571,6 +486,7 @@ def part_ours(workdir):
   config = _load_config()
   e = config.engine
   mesh = sharding.make_mesh(config.mesh)
+  config = devices.resolve_dtypes(config, mesh.devices.flat[0].platform)
   model = checkpoints.load_model(
       data["model_path"], mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype
   )

@@ -13,6 +13,19 @@ import platform
 import resource
 import time
 
+# The released rating prompts (/work/shared/reference/rating_prompt.txt), read like the
+# released code (one per line); the benchmarks' default.
+RELEASED_PROMPTS = os.path.normpath(
+    os.path.join(
+        os.path.dirname(os.path.abspath(__file__)),
+        "..",
+        "..",
+        "shared",
+        "reference",
+        "rating_prompt.txt",
+    )
+)
+
 
 def peak_rss_mib() -> float:
   """Peak resident set size of this process since its exec (VmHWM; ru_maxrss would carry the
@@ -83,3 +96,85 @@ def machine_description() -> str:
       f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
       f"transformers {transformers.__version__}, Python {platform.python_version()}"
   )
+
+
+def load_config(path: str, overrides=()):
+  """A config file's get_config(), with 'key=value' / 'section.key=value' overrides (bare keys
+  are engine keys), each cast to the type of the value it replaces."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for kv in overrides:
+    key, value = kv.split("=", 1)
+    section, key = key.split(".", 1) if "." in key else ("engine", key)
+    old = config[section][key]
+    config[section][key] = type(old)(value) if not isinstance(old, bool) else value == "True"
+  return config
+
+
+def bench_items(config, num_records: int, prompts_file: str, k: int, samples=None) -> dict:
+  """The benchmarks' texts: the first `num_records` usable records of config.data (all K
+  texts within engine.max_tokens, none truncated) × the first `k` prompts of `prompts_file`
+  ('' = our own prompts), in the config's template; work items sorted by (sample, prompt).
+
+  samples: keep only these sample indices (several models on the same records).
+  Returns items, prompts, rating_ids, tokenizer, model_path, num_records, usable (every
+  usable sample index read) and tokenize_s (the kept texts' share of the tokenization time)."""
+  from selectit_jax import assets
+  from selectit_jax.checkpoints.tokenizer import load_tokenizer, rating_token_ids
+  from selectit_jax.data import prompts as prompts_lib
+  from selectit_jax.data import records as records_lib
+  from selectit_jax.scoring import batching
+
+  model_path = assets.model_path(config.model)
+  data_cfg = config.data.copy_and_resolve_references()
+  data_cfg.path = assets.data_path(config.data)
+  data_cfg.limit = 4 * num_records + 32  # ~25 % of ShareGPT records are unusable
+  records, _, _ = records_lib.read_records(data_cfg)
+  template = prompts_lib.DEFAULT_TEMPLATE
+  prompts = (
+      prompts_lib.load_prompts(prompts_file) if prompts_file else prompts_lib.default_prompts()
+  )[:k]
+  tokenizer = load_tokenizer(model_path)
+  start = time.perf_counter()
+  items, _ = batching.prepare(
+      records, prompts, template, tokenizer, config.engine.max_tokens, too_long="reject"
+  )
+  tokenize_s = time.perf_counter() - start
+  all_items = len(items)
+  usable = {it.sample_index for it in items}
+  keep = set(sorted(usable if samples is None else usable & set(samples))[:num_records])
+  if len(keep) < num_records:
+    raise ValueError(f"only {len(keep)} usable records among the first {data_cfg.limit}")
+  items = sorted(
+      (it for it in items if it.sample_index in keep),
+      key=lambda it: (it.sample_index, it.prompt_index),
+  )
+  return dict(
+      items=items,
+      prompts=prompts,
+      rating_ids=rating_token_ids(tokenizer, prompts_lib.build_text(prompts[0], "", "", template)),
+      tokenizer=tokenizer,
+      model_path=model_path,
+      num_records=len(keep),
+      usable=usable,
+      tokenize_s=tokenize_s * len(items) / max(all_items, 1),
+  )
+
+
+def write_markdown(path: str, name: str, title: str, text: str) -> None:
+  """Replaces `name`'s generated section of `path` (between its markers), keeping the rest;
+  appends the section when it is not there yet."""
+  begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+  block = f"{begin}\n## {title}\n\n{text}{end}"
+  old = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
+  if begin in old and end in old:
+    new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
+  else:
+    new = old.rstrip("\n") + "\n\n" + block + "\n"
+  with open(path + ".tmp", "w") as f:
+    f.write(new)
+  os.replace(path + ".tmp", path)

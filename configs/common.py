@@ -12,8 +12,13 @@ def score_config() -> ml_collections.ConfigDict:
           name="",  # key of this model's rows in the store (with the weights' hash)
           path="",  # GGUF file or HF checkpoint directory
           embedded="",  # with path '': the embedded model of this name (assets.py)
-          dtype="float32",  # activations; bf16 on accelerators
-          param_dtype="float32",
+          # Weights (param_dtype) and activations / matmul inputs (dtype); norms, softmax
+          # and the logsumexp run in fp32 whatever these say. 'auto' resolves once per run
+          # by platform (selectit_jax/parallel/devices.py AUTO_DTYPES, chosen from
+          # bench/bench_dtype.py's table in BENCHMARKS.md): float32 on CPU, bfloat16 on
+          # GPU and TPU. The manifest records the resolved dtype.
+          dtype="auto",
+          param_dtype="auto",
       )
   )
   # data.turns, the (instruction, response) pair of a chat record: 'first' takes the opening

@@ -71,6 +71,8 @@ def test_runs_add_models_prompts_and_coverage(tiny_checkpoint, tmp_path):
   )
   manifest = manifest_lib.read(out)
   assert [m.name for m in manifest.models] == ["a", "b"] and manifest.limit == 4
+  # model.dtype 'auto' (the default) is recorded as what ran on this CPU, not as 'auto'.
+  assert {m.settings["model.dtype"] for m in manifest.models} == {"float32"}
   summary = _select(out, str(tmp_path / "sel"), "--config.level=model")
   assert len(summary["models"]) == 2 and summary["k"] == 2
   assert summary["num_samples"] == summary["num_ranked"] + summary["num_selection_rejects"]

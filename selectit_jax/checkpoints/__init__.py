@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selectit_jax.checkpoints import gguf as gguf_lib
 from selectit_jax.checkpoints import hf
 from selectit_jax.checkpoints.fingerprints import fingerprint
 from selectit_jax.parallel import sharding
@@ -37,6 +36,10 @@ def tensor_source(path: str) -> tuple[hf.TensorSource, DecoderConfig]:
   if os.path.isdir(path):
     return hf.SafetensorsSource(path), hf.read_hf_config(path)
   if path.endswith(".gguf"):
+    # Imported here: the gguf wheel is needed for GGUF files only (bench_accel's random
+    # weights run where it is not installed).
+    from selectit_jax.checkpoints import gguf as gguf_lib  # noqa: PLC0415
+
     source = gguf_lib.GGUFSource(path)
     return source, source.config()
   raise ValueError(f"{path}: not a HF checkpoint directory or a .gguf file")

@@ -1,5 +1,5 @@
 """The one table of accelerators: memory per device (the planner) and dense bf16 peak FLOP/s
-(MFU), found from jax's `device_kind`.
+(MFU), found from jax's `device_kind`; and what model.dtype 'auto' means on each platform.
 
 What a program may use is less than the memory: a TPU runtime keeps ~0.25 GiB of HBM for
 itself (XLA's limit is 15.75 GiB on a 16 GiB v5e, 95.74 GiB on a v5p), and JAX on a GPU
@@ -23,7 +23,7 @@ class Device:
   peak_flops: float  # dense bf16 FLOP/s per device (vendor figure)
   description: str
   kinds: tuple[str, ...]  # lower-case substrings of jax's device_kind, tried in table order
-  platform: str = "tpu"  # tpu | gpu: how much of `memory` a program may use (`usable`)
+  platform: str = "tpu"  # jax's Device.platform (tpu | gpu): how much of `memory` is usable
 
 
 # Order matters: the first entry whose substring is in the device kind wins, so the more
@@ -116,3 +116,50 @@ def peak_flops(device_kind: str) -> float | None:
   """Dense bf16 peak of one device of this kind, or None (CPU, unknown)."""
   name = name_of(device_kind)
   return DEVICES[name].peak_flops if name else None
+
+
+# model.dtype and model.param_dtype 'auto' (configs/common.py), by platform: fp32 on CPU (bf16
+# buys ~5 % there, BENCHMARKS.md "Levers tried"), bf16 weights and matmuls on accelerators
+# (norms, softmax and logsumexp stay fp32 in models/layers.py), where they halve the weights'
+# memory and run the tensor cores. What bf16 does to the ranking (bench/bench_dtype.py,
+# BENCHMARKS.md: SmolLM2, the first 100 usable ShareGPT records × the 5 released prompts, paper
+# mode, α 0.2): max |Δp| 3.4e-2, mean 1.9e-3, Spearman ρ 0.967, 2 of the 20 selected samples
+# change; dropping one of the 5 prompts in fp32 changes 2-5 of 20 (ρ 0.92-0.99). bf16 stays
+# within the method's own sensitivity, so it is the accelerator default; set model.dtype and
+# model.param_dtype to float32 for fp32's exact selection (a scores dir records which ran).
+AUTO = "auto"
+AUTO_DTYPES = {"cpu": "float32", "gpu": "bfloat16", "tpu": "bfloat16"}
+
+
+def platform_of(name: str) -> str:
+  """The platform ('cpu', 'gpu', 'tpu') of one of our device names (`detect`, config.memory
+  .device)."""
+  name = name.lower().replace(" ", "")
+  name = ALIASES.get(name, name)
+  return "cpu" if name == "cpu" or name not in DEVICES else DEVICES[name].platform
+
+
+def resolve_dtype(dtype: str, platform: str) -> str:
+  """A configured dtype, with 'auto' resolved for the platform (jax's Device.platform; any
+  other accelerator than a TPU counts as a GPU)."""
+  if dtype != AUTO:
+    return dtype
+  return AUTO_DTYPES.get(platform, AUTO_DTYPES["gpu"])
+
+
+def resolve_dtypes(config, platform: str | None = None):
+  """The scoring config with concrete model.dtype and model.param_dtype: the one place where
+  'auto' is resolved, before the memory check, the loader and the manifest see them (so a
+  scores dir records the dtype that ran). platform None = that of jax.devices()[0]."""
+  model = config.model
+  if AUTO not in (model.dtype, model.param_dtype):
+    return config
+  if platform is None:
+    import jax  # noqa: PLC0415  (this module is imported where no backend may start)
+
+    platform = jax.devices()[0].platform
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.dtype = resolve_dtype(model.dtype, platform)
+    config.model.param_dtype = resolve_dtype(model.param_dtype, platform)
+  return config

@@ -19,6 +19,7 @@ from selectit_jax.checkpoints.tokenizer import load_tokenizer, rating_token_ids
 from selectit_jax.data import prompts as prompts_lib
 from selectit_jax.data import records as records_lib
 from selectit_jax.models import attention
+from selectit_jax.parallel import devices
 from selectit_jax.parallel import memory
 from selectit_jax.parallel import sharding
 from selectit_jax.scoring import batching
@@ -288,6 +289,9 @@ def run(config) -> Summary:
 
   mesh = sharding.make_mesh(config.mesh)
   config = with_effective_batch(config, mesh)
+  # model.dtype 'auto' -> this platform's dtype, before the memory check, the loader and the
+  # manifest (which records the dtype that ran).
+  config = devices.resolve_dtypes(config, mesh.devices.flat[0].platform)
   # Refuse a run that cannot fit before reading any weights.
   memory.check_config(config, model_path, mesh)
   model = checkpoints.load_model(
