@@ -57,6 +57,10 @@ def score_config() -> ml_collections.ConfigDict:
           max_segments=8,  # texts packed into one row (of one prompt) where they fit; 1 = none
           fit_buckets=True,  # with packing: shapes minimising the model's FLOPs, else padding
           shard_rows=256,  # rows per Parquet shard (the unit of resume)
+          # Persistent XLA compilation cache ('' = none): a restart (a preempted pod, a
+          # resumed run) loads the compiled steps instead of compiling them again. On a pod,
+          # a bucket path shared by all hosts, e.g. gs://BUCKET/jax_cache.
+          compilation_cache_dir="",
       )
   )
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 = the rest

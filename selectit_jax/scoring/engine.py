@@ -21,6 +21,14 @@ from selectit_jax.parallel import sharding
 from selectit_jax.scoring.batching import Batch
 
 
+def use_compilation_cache(path: str) -> None:
+  """Persists every compiled program under `path` (a directory or a gs:// path; jax reads
+  it through etils.epath), so a second run skips compiling what an earlier one compiled.
+  Call before the first compile; '' leaves the cache off."""
+  if path:
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
 class BatchArrays(NamedTuple):
   """A batch as arrays: tokens, segment ids (1.. per text, 0 = padding) and positions within
   each text [batch_size, length]; the prompt each row continues [batch_size]; the index of
@@ -189,29 +197,50 @@ class Scorer:
       owner[rows] = np.minimum(owner[rows], device.process_index)
     return owner == jax.process_index()
 
-  def __call__(self, rows: BatchArrays) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities of "1".."5" [n, 5] (float64) and logsumexp [n] of the batch's n texts
-    (`pad_batch`'s global batch), in `Batch.items` order."""
+  def dispatch(self, rows: BatchArrays) -> tuple[jax.Array, jax.Array]:
+    """Starts the step on `pad_batch`'s global batch and returns its device outputs at once
+    (JAX dispatches asynchronously; only a new shape's trace and compile block here)."""
     shape = rows.tokens.shape + rows.last.shape[1:]
     start = time.perf_counter()
     with self.mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
       args = (sharding.global_array(x, self._batch_sharding) for x in rows[:5])
-      rating_logits, lse = self._step(self.params, self._table, *args)
-      rating_logits = np.asarray(rating_logits, np.float64).reshape(-1, self.scale)[rows.item_slot]
-      lse = np.asarray(lse, np.float64).reshape(-1)[rows.item_slot]
+      out = self._step(self.params, self._table, *args)
     if shape not in self.compiled_shapes:
       self.compiled_shapes.add(shape)
       self.compile_seconds += time.perf_counter() - start
+    return out
+
+  def fetch(self, rows: BatchArrays, out) -> tuple[np.ndarray, np.ndarray]:
+    """Waits for `dispatch`'s outputs: probabilities of "1".."5" [n, 5] (float64) and
+    logsumexp [n] of the batch's n texts, in `Batch.items` order."""
+    rating_logits, lse = out
+    rating_logits = np.asarray(rating_logits, np.float64).reshape(-1, self.scale)[rows.item_slot]
+    lse = np.asarray(lse, np.float64).reshape(-1)[rows.item_slot]
     return np.exp(rating_logits - lse[:, None]), lse
 
+  def __call__(self, rows: BatchArrays) -> tuple[np.ndarray, np.ndarray]:
+    """`fetch(dispatch(rows))`: one batch, waited for."""
+    return self.fetch(rows, self.dispatch(rows))
+
   def rate(self, batches: Iterable[Batch]) -> Iterator[Rated]:
-    """The one rating loop: each batch padded on the host, run, read back in item order."""
+    """The one rating loop: each batch padded on the host and dispatched, then the batch
+    before it read back, so the device always has the next step queued while the host pads,
+    reads back and stores (nothing in the step waits on the host)."""
+    ahead = None  # (batch, arrays, device outputs, host seconds) of the batch in flight
     for batch in batches:
       start = time.perf_counter()
       arrays = pad_batch(batch, self.batch_size, self.max_segments, self.pad_id)
       host_seconds = time.perf_counter() - start
-      probs, lse = self(arrays)
-      yield Rated(batch, arrays, probs, lse, host_seconds)
+      out = self.dispatch(arrays)
+      if ahead is not None:
+        yield self._rated(*ahead)
+      ahead = (batch, arrays, out, host_seconds)
+    if ahead is not None:
+      yield self._rated(*ahead)
+
+  def _rated(self, batch: Batch, arrays: BatchArrays, out, host_seconds: float) -> Rated:
+    probs, lse = self.fetch(arrays, out)
+    return Rated(batch, arrays, probs, lse, host_seconds)
 
   def compile(self, lengths: Iterable[int]) -> None:
     """Compiles the step for each bucket length (an all-padding batch each)."""

@@ -167,8 +167,12 @@ def plan_digest(plan: batching.Plan | None) -> bytes:
     return h.digest()
   h.update(repr((plan.prefixes, tuple(plan.buckets))).encode())
   for b in plan.batches:
-    rows = tuple(tuple((it.sample_index, it.prompt_index, it.ids) for it in row) for row in b.rows)
-    h.update(repr((b.length, b.skips, rows)).encode())
+    h.update(repr((b.length, b.skips)).encode())
+    for row in b.rows:
+      for it in row:
+        h.update(repr((it.sample_index, it.prompt_index, len(it.ids))).encode())
+        h.update(np.ascontiguousarray(it.ids, "<i4").tobytes())
+      h.update(b"|")  # row boundary
   return h.digest()
 
 
@@ -380,41 +384,43 @@ def rate_into_store(
   rows, masses = [], []
   loop_start = time.perf_counter()
   bar = tqdm(batches, desc="scoring", unit="batch", disable=jax.process_index() != 0)
-  for out in scorer.rate(bar):
-    batch = out.batch
-    for r, it in enumerate(batch.items):
-      masses.append(out.probs[r].sum())
-      if not owned[out.arrays.item_row[r]] or it.key(model_key) in stored:
-        continue
-      rows.append(
-          dict(
-              sample_id=it.sample_id,
-              sample_index=it.sample_index,
-              content_hash=it.content_hash,
-              model=model_key,
-              num_params=num_params,
-              prompt_index=it.prompt_index,
-              prompt_hash=it.prompt_hash,
-              probs=out.probs[r],
-              logsumexp=out.logsumexp[r],
-              num_tokens=len(it.ids),
-              truncated=it.truncated,
-          )
+  # Shards are written by a background thread while the next steps run.
+  with store_lib.ShardWriter(store) as writer:
+    for out in scorer.rate(bar):
+      batch = out.batch
+      for r, it in enumerate(batch.items):
+        masses.append(out.probs[r].sum())
+        if not owned[out.arrays.item_row[r]] or it.key(model_key) in stored:
+          continue
+        rows.append(
+            dict(
+                sample_id=it.sample_id,
+                sample_index=it.sample_index,
+                content_hash=it.content_hash,
+                model=model_key,
+                num_params=num_params,
+                prompt_index=it.prompt_index,
+                prompt_hash=it.prompt_hash,
+                probs=out.probs[r],
+                logsumexp=out.logsumexp[r],
+                num_tokens=len(it.ids),
+                truncated=it.truncated,
+            )
+        )
+      summary.rated_rows += len(batch.items)
+      summary.tokens += batch.real_tokens
+      summary.row_tokens += batch.row_tokens
+      summary.padded_tokens += out.arrays.tokens.size
+      if len(rows) >= shard_rows:
+        summary.scored_rows += len(rows)
+        writer.submit(rows)
+        rows = []
+      elapsed = bar.format_dict["elapsed"] or 1e-9
+      bar.set_postfix(
+          samples_s=f"{summary.rated_rows / elapsed:.1f}", tok_s=f"{summary.tokens / elapsed:.0f}"
       )
-    summary.rated_rows += len(batch.items)
-    summary.tokens += batch.real_tokens
-    summary.row_tokens += batch.row_tokens
-    summary.padded_tokens += out.arrays.tokens.size
-    if len(rows) >= shard_rows:
-      summary.scored_rows += len(rows)
-      store.write_shard(rows)
-      rows = []
-    elapsed = bar.format_dict["elapsed"] or 1e-9
-    bar.set_postfix(
-        samples_s=f"{summary.rated_rows / elapsed:.1f}", tok_s=f"{summary.tokens / elapsed:.0f}"
-    )
-  summary.scored_rows += len(rows)
-  store.write_shard(rows)
+    summary.scored_rows += len(rows)
+    writer.submit(rows)
   summary.loop_seconds = time.perf_counter() - loop_start
   summary.compile_seconds = scorer.compile_seconds
   summary.compiled_shapes = len(scorer.compiled_shapes)
