@@ -40,7 +40,7 @@ class Summary:
   padded_tokens: int = 0  # row slots, padding included
   wall_seconds: float = 0.0
   loop_seconds: float = 0.0  # the rating loop alone (no loading, no tokenization)
-  compile_seconds: float = 0.0
+  compile_seconds: float = 0.0  # dispatches of new shapes (trace + compile; runs are async)
   compiled_shapes: int = 0
   digit_mass_mean: float = float("nan")
   digit_mass_min: float = float("nan")
@@ -51,8 +51,8 @@ class Summary:
         f"scored {self.scored_rows} texts ({self.skipped_rows} already stored), "
         f"rejected {self.rejected} records, truncated {self.truncated_samples} samples "
         f"({self.truncated_rows} texts)",
-        f"wall {self.wall_seconds:.1f}s, of it rating {self.loop_seconds:.1f}s (first calls "
-        f"incl. compile {self.compile_seconds:.1f}s, {self.compiled_shapes} shapes); "
+        f"wall {self.wall_seconds:.1f}s, of it rating {self.loop_seconds:.1f}s (tracing and "
+        f"compiling {self.compile_seconds:.1f}s, {self.compiled_shapes} shapes); "
         f"{self.tokens / max(self.loop_seconds, 1e-9):.0f} tok/s overall, "
         f"{self.tokens / steady:.0f} tok/s steady; padding "
         f"{1 - self.row_tokens / max(self.padded_tokens, 1):.1%}, "
