@@ -65,6 +65,10 @@ def score_config() -> ml_collections.ConfigDict:
           # Attention kernel (selectit_jax/models/attention.py): auto (TPU: splash, GPU:
           # pallas_gpu, CPU: xla) | xla (jnp) | splash | pallas_gpu | cudnn (bf16 only).
           attention="auto",
+          # Persistent XLA compilation cache ('' = none): a restart (a preempted pod, a
+          # resumed run) loads the compiled steps instead of compiling them again. On a pod,
+          # a bucket path shared by all hosts, e.g. gs://BUCKET/jax_cache.
+          compilation_cache_dir="",
       )
   )
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 = the rest

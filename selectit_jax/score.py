@@ -10,6 +10,7 @@ from ml_collections import config_flags
 
 from selectit_jax import cli
 from selectit_jax.parallel import distributed
+from selectit_jax.scoring import engine
 from selectit_jax.scoring import runner as scoring
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Scoring config file.", lock_config=True)
@@ -19,6 +20,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize(_CONFIG.value)  # before any other JAX call
+  engine.use_compilation_cache(_CONFIG.value.engine.get("compilation_cache_dir", ""))
   scoring.run(_CONFIG.value)
 
 

@@ -28,6 +28,7 @@ from selectit_jax.models.layers import (
     final_states,
     layer_mask,
     rope_inv_freq,
+    run_layers,
     vocab_logits,
 )
 
@@ -195,9 +196,7 @@ class Block(nn.Module):
     self.mlp_norm, self.post_mlp_norm = norm(), norm()
     self.mlp = Mlp(c, activation=c.hidden_act)
 
-  def __call__(
-      self, x, sin_2bth, cos_2bth, mask_2, prefix_kv, readout=None, is_last=None, is_local=None
-  ):
+  def __call__(self, x, sin_2bth, cos_2bth, mask_2, prefix_kv, is_local, readout=None):
     # Index 1: local (sliding-window) tables, 0: global.
     which = is_local.astype(jnp.int32)
     sin, cos = sin_2bth[which], cos_2bth[which]
@@ -205,7 +204,7 @@ class Block(nn.Module):
       mask = mask_2._replace(local=is_local)
     else:
       mask = mask_2[which]
-    return block_step(self, x, sin, cos, mask, prefix_kv, readout, is_last)
+    return block_step(self, x, sin, cos, mask, prefix_kv, readout)
 
   def _layer(self, x, sin, cos, mask, prefix_kv, readout=None):
     attn, kv = self.attn(self.attn_norm(x), sin, cos, mask, prefix_kv, queries=readout)
@@ -224,7 +223,7 @@ class Gemma3(nn.Module):
   collect_kv: bool = False
 
   def setup(self):
-    decoder_params(self, Block, layer_flags=2)
+    decoder_params(self, Block, layer_flags=1)
 
   def __call__(
       self, tokens_bt, positions_bt, segment_ids_bt, prefix: Prefix | None = None, readout=None
@@ -247,10 +246,9 @@ class Gemma3(nn.Module):
         k_positions = attention.prefix_positions(positions_bt, prefix.valid)
       window = attention.sliding_window(masks, positions_bt, k_positions, c.sliding_window)
       masks = jnp.stack([masks, window])
-    is_last = jnp.arange(c.num_layers) == c.num_layers - 1
     is_local = jnp.asarray(np.asarray(c.local_layers))
-    x, kv = self.layers(
-        x, jnp.sin(freqs), jnp.cos(freqs), masks, prefix_kv, readout, is_last, is_local
+    x, kv = run_layers(
+        self, Block, x, jnp.sin(freqs), jnp.cos(freqs), masks, prefix_kv, (is_local,), readout
     )
     return final_states(self, x, kv, readout)
 

@@ -240,8 +240,8 @@ class Prefix(NamedTuple):
 def decoder_params(module: nn.Module, block: type, layer_flags: int) -> None:
   """Sets `module.embedding`, `module.layers` (the block scanned over a leading `layers` axis;
   its call takes the carry x, then sin, cos and mask for every layer, the prefix's per-layer
-  (k, v), the read-out positions, and `layer_flags` per-layer arrays such as is_last),
-  `module.final_norm` and, untied, `module.lm_head`. Call from `setup`."""
+  (k, v), and `layer_flags` per-layer arrays such as Gemma's is_local), `module.final_norm`
+  and, untied, `module.lm_head`. Call from `setup`; run the stack with `run_layers`."""
   c = module.cfg
   module.embedding = module.param(
       "embedding",
@@ -254,7 +254,7 @@ def decoder_params(module: nn.Module, block: type, layer_flags: int) -> None:
       block,
       variable_axes={"params": 0},
       split_rngs={"params": True},
-      in_axes=(nn.broadcast,) * 3 + (0, nn.broadcast) + (0,) * layer_flags,
+      in_axes=(nn.broadcast,) * 3 + (0,) + (0,) * layer_flags,
       length=c.num_layers,
       metadata_params={nn.PARTITION_NAME: "layers"},
   )(c, module.collect_kv, name="layers")
@@ -291,25 +291,41 @@ def layer_mask(cfg: DecoderConfig, segment_ids_bt, positions_bt, prefix: Prefix 
   return attention.Segments(segment_ids_bt, positions_bt, prefix.valid), (prefix.k, prefix.v)
 
 
-def block_step(block: nn.Module, x, sin, cos, mask, prefix_kv, readout, is_last):
-  """One scanned layer: the block's `_layer` on every row, or, with `readout` [b, s], on the
-  last layer (`is_last`) only the read-out rows (the others keep stale values)."""
-  if readout is None:
-    x, kv = block._layer(x, sin, cos, mask, prefix_kv)  # pylint: disable=protected-access
-  else:
-    x, kv = nn.cond(
-        is_last,
-        lambda m, *a: m._layer(*a, readout=readout),  # pylint: disable=protected-access
-        lambda m, *a: m._layer(*a),  # pylint: disable=protected-access
-        block,
-        x,
-        sin,
-        cos,
-        mask,
-        prefix_kv,
-    )
+def block_step(block: nn.Module, x, sin, cos, mask, prefix_kv, readout=None):
+  """One layer: the block's `_layer` on every row, or, with `readout` [b, s], on those rows
+  only (the others keep stale values)."""
+  x, kv = block._layer(x, sin, cos, mask, prefix_kv, readout)  # pylint: disable=protected-access
   x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
   return x, (kv if block.collect_kv else None)
+
+
+def run_layers(
+    module: nn.Module, block: type, x, sin, cos, mask, prefix_kv, flags=(), readout=None
+):
+  """The layer stack (`decoder_params`) on x: (x, the layers' stacked (k, v) or None).
+
+  With `readout` [b, s], layers 0..L-2 run in one scan over every row and the last layer
+  runs after it at the read-out rows only, with its weights, prefix keys and `flags` indexed
+  from the stacked tree. No conditional inside the loop: a `cond` there is a host round trip
+  per layer on GPU and stops XLA overlapping the next layer's FSDP gather with this one.
+  """
+  if readout is None or module.is_initializing():
+    return module.layers(x, sin, cos, mask, prefix_kv, *flags)
+  stack = nn.meta.unbox(module.variables["params"]["layers"])
+  num_layers = module.cfg.num_layers
+  layer = block(module.cfg, module.collect_kv, parent=None)
+  at = lambda tree, i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), tree)
+
+  def apply(i, x, **kw):
+    # Indexed inside the loop body (no sliced copy of L-1 layers' weights).
+    args = (x, sin, cos, mask, at(prefix_kv, i), *at(tuple(flags), i))
+    return layer.apply({"params": at(stack, i)}, *args, **kw)
+
+  x, kv = jax.lax.scan(lambda x, i: apply(i, x), x, jnp.arange(num_layers - 1))
+  x, last_kv = apply(num_layers - 1, x, readout=readout)
+  if module.collect_kv:
+    kv = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), kv, last_kv)
+  return x, kv
 
 
 def final_states(module: nn.Module, x, kv, readout):

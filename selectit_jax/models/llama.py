@@ -22,6 +22,7 @@ from selectit_jax.models.layers import (
     final_states,
     layer_mask,
     rope_inv_freq,
+    run_layers,
     vocab_logits,
 )
 
@@ -197,10 +198,9 @@ class Block(nn.Module):
     self.attn_norm, self.attn = norm(), attn
     self.mlp_norm, self.mlp = norm(), Mlp(self.cfg)
 
-  def __call__(self, x, sin, cos, mask, prefix_kv, readout=None, is_last=None):
-    """`readout` [b, s]: the positions read after the last layer (`is_last`, per scanned
-    layer); that layer computes only their rows."""
-    return block_step(self, x, sin, cos, mask, prefix_kv, readout, is_last)
+  def __call__(self, x, sin, cos, mask, prefix_kv, readout=None):
+    """`readout` [b, s]: compute only these rows (the last layer, `run_layers`)."""
+    return block_step(self, x, sin, cos, mask, prefix_kv, readout)
 
   def _layer(self, x, sin, cos, mask, prefix_kv, readout=None):
     attn, kv = self.attn(self.attn_norm(x), sin, cos, mask, prefix_kv, queries=readout)
@@ -222,7 +222,7 @@ class Llama(nn.Module):
   collect_kv: bool = False
 
   def setup(self):
-    decoder_params(self, Block, layer_flags=1)
+    decoder_params(self, Block, layer_flags=0)
 
   def __call__(
       self, tokens_bt, positions_bt, segment_ids_bt, prefix: Prefix | None = None, readout=None
@@ -235,8 +235,9 @@ class Llama(nn.Module):
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     freqs = positions_bt[..., None].astype(jnp.float32) * rope_inv_freq(c)
     mask, prefix_kv = layer_mask(c, segment_ids_bt, positions_bt, prefix)
-    is_last = None if readout is None else jnp.arange(c.num_layers) == c.num_layers - 1
-    x, kv = self.layers(x, jnp.sin(freqs), jnp.cos(freqs), mask, prefix_kv, readout, is_last)
+    x, kv = run_layers(
+        self, Block, x, jnp.sin(freqs), jnp.cos(freqs), mask, prefix_kv, readout=readout
+    )
     return final_states(self, x, kv, readout)
 
   def logits(self, hidden_xd):

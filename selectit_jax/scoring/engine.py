@@ -23,6 +23,14 @@ from selectit_jax.parallel import sharding
 from selectit_jax.scoring.batching import Batch
 
 
+def use_compilation_cache(path: str) -> None:
+  """Persists every compiled program under `path` (a directory or a gs:// path; jax reads
+  it through etils.epath), so a second run skips compiling what an earlier one compiled.
+  Call before the first compile; '' leaves the cache off."""
+  if path:
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
 class BatchArrays(NamedTuple):
   """A batch as arrays: tokens, segment ids (1.. per text, 0 = padding) and positions within
   each text [batch_size, length]; the prompt each row continues [batch_size]; the read-out
@@ -271,26 +279,33 @@ class Scorer:
       owner[rows] = np.minimum(owner[rows], device.process_index)
     return owner == jax.process_index()
 
-  def __call__(self, rows: BatchArrays) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities of "1".."5" [n, 5] (float64) and logsumexp [n] of the batch's n texts
-    (`pad_batch`'s global batch), in `Batch.items` order. The log-likelihood step: log p of
-    each text's targets and the logsumexp at each read [n, most reads], NaN past its reads."""
+  def dispatch(self, rows: BatchArrays) -> tuple[jax.Array, jax.Array]:
+    """Starts the step on `pad_batch`'s global batch and returns its device outputs at once
+    (JAX dispatches asynchronously; only a new shape's trace and compile block here)."""
     shape = rows.tokens.shape + rows.last.shape[1:] + self._table.k.shape[1:4:2]
     start = time.perf_counter()
     with self.mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
       inputs = rows[:5] if self.rating else rows[:5] + (rows.targets,)
       args = (sharding.global_array(x, self._batch_sharding) for x in inputs)
-      rating_logits, lse = self._step(self.params, self._table, *args)
-      if not self.rating:
-        return self._per_read(rows, rating_logits, lse, shape, start)
-      rating_logits = np.asarray(rating_logits, np.float64).reshape(-1, self.scale)[rows.item_slot]
-      lse = np.asarray(lse, np.float64).reshape(-1)[rows.item_slot]
+      out = self._step(self.params, self._table, *args)
     if shape not in self.compiled_shapes:
       self.compiled_shapes.add(shape)
       self.compile_seconds += time.perf_counter() - start
+    return out
+
+  def fetch(self, rows: BatchArrays, out) -> tuple[np.ndarray, np.ndarray]:
+    """Waits for `dispatch`'s outputs: probabilities of "1".."5" [n, 5] (float64) and
+    logsumexp [n] of the batch's n texts, in `Batch.items` order. The log-likelihood step:
+    log p of each text's targets and the logsumexp at each read [n, most reads], NaN past
+    its reads."""
+    rating_logits, lse = out
+    if not self.rating:
+      return self._per_read(rows, rating_logits, lse)
+    rating_logits = np.asarray(rating_logits, np.float64).reshape(-1, self.scale)[rows.item_slot]
+    lse = np.asarray(lse, np.float64).reshape(-1)[rows.item_slot]
     return np.exp(rating_logits - lse[:, None]), lse
 
-  def _per_read(self, rows: BatchArrays, logp, lse, shape, start):
+  def _per_read(self, rows: BatchArrays, logp, lse):
     """The log-likelihood step's slots, per text of the batch: [n, most reads], NaN-padded."""
     width = int(rows.item_reads.max(initial=1))
     slot = rows.item_slot[:, None] + np.arange(width)
@@ -298,20 +313,32 @@ class Scorer:
     slot = np.where(real, slot, 0)
     logp = np.where(real, np.asarray(logp, np.float64).reshape(-1)[slot], np.nan)
     lse = np.where(real, np.asarray(lse, np.float64).reshape(-1)[slot], np.nan)
-    if shape not in self.compiled_shapes:
-      self.compiled_shapes.add(shape)
-      self.compile_seconds += time.perf_counter() - start
     return logp, lse
 
+  def __call__(self, rows: BatchArrays) -> tuple[np.ndarray, np.ndarray]:
+    """`fetch(dispatch(rows))`: one batch, waited for."""
+    return self.fetch(rows, self.dispatch(rows))
+
   def rate(self, batches: Iterable[Batch]) -> Iterator[Rated]:
-    """The one rating loop: each batch padded on the host, run, read back in item order."""
+    """The one rating loop: each batch padded on the host and dispatched, then the batch
+    before it read back, so the device always has the next step queued while the host pads,
+    reads back and stores (nothing in the step waits on the host)."""
+    ahead = None  # (batch, arrays, device outputs, host seconds) of the batch in flight
     for batch in batches:
       start = time.perf_counter()
       slots = None if self.rating else (self.read_width or read_slots(batch))
       arrays = pad_batch(batch, self.batch_size, self.max_segments, self.pad_id, slots)
       host_seconds = time.perf_counter() - start
-      probs, lse = self(arrays)
-      yield Rated(batch, arrays, probs, lse, host_seconds)
+      out = self.dispatch(arrays)
+      if ahead is not None:
+        yield self._rated(*ahead)
+      ahead = (batch, arrays, out, host_seconds)
+    if ahead is not None:
+      yield self._rated(*ahead)
+
+  def _rated(self, batch: Batch, arrays: BatchArrays, out, host_seconds: float) -> Rated:
+    probs, lse = self.fetch(arrays, out)
+    return Rated(batch, arrays, probs, lse, host_seconds)
 
   def compile(self, lengths: Iterable[int]) -> None:
     """Compiles the step for each bucket length (an all-padding batch each)."""

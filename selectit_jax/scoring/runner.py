@@ -42,7 +42,7 @@ class Summary:
   padded_tokens: int = 0  # row slots, padding included
   wall_seconds: float = 0.0
   loop_seconds: float = 0.0  # the rating loop alone (no loading, no tokenization)
-  compile_seconds: float = 0.0
+  compile_seconds: float = 0.0  # dispatches of new shapes (trace + compile; runs are async)
   compiled_shapes: int = 0
   digit_mass_mean: float = float("nan")
   digit_mass_min: float = float("nan")
@@ -53,8 +53,8 @@ class Summary:
         f"scored {self.scored_rows} texts ({self.skipped_rows} already stored), "
         f"rejected {self.rejected} records, truncated {self.truncated_samples} samples "
         f"({self.truncated_rows} texts)",
-        f"wall {self.wall_seconds:.1f}s, of it rating {self.loop_seconds:.1f}s (first calls "
-        f"incl. compile {self.compile_seconds:.1f}s, {self.compiled_shapes} shapes); "
+        f"wall {self.wall_seconds:.1f}s, of it rating {self.loop_seconds:.1f}s (tracing and "
+        f"compiling {self.compile_seconds:.1f}s, {self.compiled_shapes} shapes); "
         f"{self.tokens / max(self.loop_seconds, 1e-9):.0f} tok/s overall, "
         f"{self.tokens / steady:.0f} tok/s steady; padding "
         f"{1 - self.row_tokens / max(self.padded_tokens, 1):.1%}, "
@@ -167,8 +167,12 @@ def plan_digest(plan: batching.Plan | None) -> bytes:
     return h.digest()
   h.update(repr((plan.prefixes, tuple(plan.buckets))).encode())
   for b in plan.batches:
-    rows = tuple(tuple((it.sample_index, it.prompt_index, it.ids) for it in row) for row in b.rows)
-    h.update(repr((b.length, b.skips, rows)).encode())
+    h.update(repr((b.length, b.skips)).encode())
+    for row in b.rows:
+      for it in row:
+        h.update(repr((it.sample_index, it.prompt_index, len(it.ids))).encode())
+        h.update(np.ascontiguousarray(it.ids, "<i4").tobytes())
+      h.update(b"|")  # row boundary
   return h.digest()
 
 
@@ -388,41 +392,43 @@ def rate_into_store(
   rows, masses = [], []
   loop_start = time.perf_counter()
   bar = tqdm(batches, desc="scoring", unit="batch", disable=jax.process_index() != 0)
-  for out in scorer.rate(bar):
-    batch = out.batch
-    for r, it in enumerate(batch.items):
-      masses.append(out.probs[r].sum())
-      if not owned[out.arrays.item_row[r]] or it.key(model_key) in stored:
-        continue
-      rows.append(
-          dict(
-              sample_id=it.sample_id,
-              sample_index=it.sample_index,
-              content_hash=it.content_hash,
-              model=model_key,
-              num_params=num_params,
-              prompt_index=it.prompt_index,
-              prompt_hash=it.prompt_hash,
-              probs=out.probs[r],
-              logsumexp=out.logsumexp[r],
-              num_tokens=len(it.ids),
-              truncated=it.truncated,
-          )
+  # Shards are written by a background thread while the next steps run.
+  with store_lib.ShardWriter(store) as writer:
+    for out in scorer.rate(bar):
+      batch = out.batch
+      for r, it in enumerate(batch.items):
+        masses.append(out.probs[r].sum())
+        if not owned[out.arrays.item_row[r]] or it.key(model_key) in stored:
+          continue
+        rows.append(
+            dict(
+                sample_id=it.sample_id,
+                sample_index=it.sample_index,
+                content_hash=it.content_hash,
+                model=model_key,
+                num_params=num_params,
+                prompt_index=it.prompt_index,
+                prompt_hash=it.prompt_hash,
+                probs=out.probs[r],
+                logsumexp=out.logsumexp[r],
+                num_tokens=len(it.ids),
+                truncated=it.truncated,
+            )
+        )
+      summary.rated_rows += len(batch.items)
+      summary.tokens += batch.real_tokens
+      summary.row_tokens += batch.row_tokens
+      summary.padded_tokens += out.arrays.tokens.size
+      if len(rows) >= shard_rows:
+        summary.scored_rows += len(rows)
+        writer.submit(rows)
+        rows = []
+      elapsed = bar.format_dict["elapsed"] or 1e-9
+      bar.set_postfix(
+          samples_s=f"{summary.rated_rows / elapsed:.1f}", tok_s=f"{summary.tokens / elapsed:.0f}"
       )
-    summary.rated_rows += len(batch.items)
-    summary.tokens += batch.real_tokens
-    summary.row_tokens += batch.row_tokens
-    summary.padded_tokens += out.arrays.tokens.size
-    if len(rows) >= shard_rows:
-      summary.scored_rows += len(rows)
-      store.write_shard(rows)
-      rows = []
-    elapsed = bar.format_dict["elapsed"] or 1e-9
-    bar.set_postfix(
-        samples_s=f"{summary.rated_rows / elapsed:.1f}", tok_s=f"{summary.tokens / elapsed:.0f}"
-    )
-  summary.scored_rows += len(rows)
-  store.write_shard(rows)
+    summary.scored_rows += len(rows)
+    writer.submit(rows)
   summary.loop_seconds = time.perf_counter() - loop_start
   summary.compile_seconds = scorer.compile_seconds
   summary.compiled_shapes = len(scorer.compiled_shapes)

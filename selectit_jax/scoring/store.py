@@ -10,12 +10,15 @@ Key of a row = (content_hash, model, prompt_hash): the same text rated by the sa
 model with the same prompt is computed once, whatever its index or id.
 """
 
+import collections
+import concurrent.futures
 import dataclasses
 import json
 import os
 import re
 
 import numpy as np
+from absl import logging
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -147,6 +150,64 @@ class ScoreStore:
       return SCHEMA.empty_table()
     table = pa.concat_tables([_read_shard(p) for p in paths])
     return dedup(table)
+
+
+class ShardWriter:
+  """`store.write_shard` on one background thread, in submission order, with at most
+  `max_pending` shards queued (the caller blocks beyond that, so memory stays bounded).
+
+  Each shard is still written whole and atomically; after a failed write no later shard is
+  written (the error is raised on the next `submit` or on `close`), so a store never holds
+  a later batch's rows without an earlier one's unless it held them before. `close` (also
+  on an exception in the `with` body) writes what was queued: finished work."""
+
+  def __init__(self, store: ScoreStore, max_pending: int = 2):
+    self.store = store
+    self.max_pending = max_pending
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+    self._queued: collections.deque = collections.deque()
+    self._failed = False  # set on the writer thread: later shards are not written
+    self._error: BaseException | None = None
+
+  def _write(self, rows: list[dict]) -> str | None:
+    if self._failed:
+      raise RuntimeError("not written: an earlier shard failed")
+    try:
+      return self.store.write_shard(rows)
+    except BaseException:
+      self._failed = True
+      raise
+
+  def _wait(self, keep: int) -> None:
+    """Waits until at most `keep` shards are queued; raises the first failed write's error."""
+    while len(self._queued) > keep:
+      error = self._queued.popleft().exception()  # waits for that write
+      self._error = self._error or error
+    if self._error is not None:
+      raise self._error
+
+  def submit(self, rows: list[dict]) -> None:
+    if rows:
+      self._wait(self.max_pending - 1)
+      self._queued.append(self._pool.submit(self._write, rows))
+
+  def close(self) -> None:
+    try:
+      self._wait(0)
+    finally:
+      self._pool.shutdown(wait=True)
+
+  def __enter__(self) -> "ShardWriter":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.close()
+      return
+    try:  # the loop's own error goes on; a write error besides it is logged
+      self.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error("writing a score shard failed too: %s", e)
 
 
 def _read_shard(path: str) -> pa.Table:
