@@ -6,6 +6,7 @@ import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from configs import eval as eval_config
 from selectit_jax.evaluation import answers
@@ -107,9 +108,9 @@ def test_old_shards_read_with_the_new_columns(tmp_path):
   store = results.ResultStore(str(tmp_path))
   store.write([dict(row, id="2", form="generate", prediction_text="x", answer="1")])
   got = store.read_table().to_pylist()
-  assert [(r["id"], r["prediction_text"], r["gold_text"], r["answer"]) for r in got] == [
-      ("1", "", "", ""),
-      ("2", "x", "", "1"),
+  assert [(r["id"], r["prediction_text"], r["answer"], r["max_new_tokens"]) for r in got] == [
+      ("1", "", "", 0),
+      ("2", "x", "1", 0),
   ]
 
 
@@ -130,7 +131,7 @@ def test_tiny_model_generates_scores_and_resumes(tiny_checkpoint, tmp_path):
   gen = [r for r in table if r["form"] == "generate"]
   assert len(gen) == 4 and {r["task"] for r in gen} == {"gsm8k", "humaneval"}
   for r in gen:
-    assert r["score"] in (0.0, 1.0) and r["model"].endswith(",max_new_tokens=8")
+    assert r["score"] in (0.0, 1.0) and r["model"] == gen[0]["model"] and r["max_new_tokens"] == 8
     assert isinstance(r["prediction_text"], str) and r["gold_text"] and r["num_tokens"][0] <= 8
   assert len([r for r in table if r["form"] == "bpb"]) == 4
   for task, metric in (("gsm8k", "exact match"), ("humaneval", "pass@1")):
@@ -143,7 +144,7 @@ def test_tiny_model_generates_scores_and_resumes(tiny_checkpoint, tmp_path):
   again = runner.run(config)
   assert again.computed == 0 and again.stored == 4 and again.generation.prompts == 0
   assert sorted(os.listdir(tmp_path / "items")) == shards and again.tasks == summary.tasks
-  # Another generation length is another result: generated again, the bpb rows kept.
+  # Stored generations of another length are not passed off as this one's.
   config.generate.max_new_tokens = 4
-  third = runner.run(config)
-  assert third.generation.prompts == 4 and third.throughput.texts == 0
+  with pytest.raises(ValueError, match="generated with max_new_tokens=8, not 4"):
+    runner.run(config)

@@ -92,7 +92,7 @@ def score(forms: Sequence[Form], texts: Sequence[str], limits: Limits = Limits()
   return out
 
 
-def row(item: Item, form: Form, scored: Scored, new_tokens: int, key: str) -> dict:
+def row(item: Item, form: Form, scored: Scored, new_tokens: int, key: str, max_new: int) -> dict:
   """The store row of an item's generate form."""
   return dict(
       task=item.task,
@@ -108,6 +108,7 @@ def row(item: Item, form: Form, scored: Scored, new_tokens: int, key: str) -> di
       prediction_text=scored.text,
       gold_text=form.choices[form.gold],
       answer=scored.answer,
+      max_new_tokens=max_new,
   )
 
 
@@ -141,5 +142,5 @@ def run(
     scored = score(forms, texts, limits)
     seconds += time.perf_counter() - t0
     for i, form, s, n in zip(members, forms, scored, new):
-      rows_out[i] = row(items[i], form, s, len(n), key)
+      rows_out[i] = row(items[i], form, s, len(n), key, max_new_tokens)
   return rows_out, seconds

@@ -39,10 +39,11 @@ SCHEMA = pa.schema(
         ("prediction_text", pa.string()),
         ("gold_text", pa.string()),
         ("answer", pa.string()),
+        ("max_new_tokens", pa.int32()),  # generate: the generation limit it ran with
     ]
 )
 # Columns added since the first shards were written, and their value in those shards.
-DEFAULTS = {"prediction_text": "", "gold_text": "", "answer": ""}
+DEFAULTS = {"prediction_text": "", "gold_text": "", "answer": "", "max_new_tokens": 0}
 _SHARD = re.compile(r"^(\d{6})\.parquet$")
 Z95 = 1.959963984540054
 # Per form, what its mean score is.
@@ -93,6 +94,12 @@ class ResultStore:
       keys.update(zip(*(t.column(c).to_pylist() for c in KEY_COLUMNS)))
     return keys
 
+  def generation_lengths(self, model: str) -> dict[tuple[str, str], int]:
+    """{(task, id): max_new_tokens} of this model's stored generate rows."""
+    t = self.read_table()
+    cols = [t.column(c).to_pylist() for c in ("task", "id", "form", "model", "max_new_tokens")]
+    return {(a, b): n for a, b, f, m, n in zip(*cols) if f == "generate" and m == model}
+
 
 def _read_shard(path: str) -> pa.Table:
   """One shard in today's SCHEMA: columns added since it was written get their DEFAULTS."""
@@ -124,18 +131,14 @@ def mean_interval(values: np.ndarray) -> tuple[float, float]:
   return (mean - half, mean + half)
 
 
-def summarise(
-    table: pa.Table, keys: Iterable[tuple[str, str]], model: str, generate_model: str = ""
-) -> dict:
+def summarise(table: pa.Table, keys: Iterable[tuple[str, str]], model: str) -> dict:
   """{task: {form: {metric, value, n, ci95}}} over the rows of these (task, id) items and
-  model (`generate_model` for generate rows, when given; items micro-averaged: MMLU over all
-  its subjects' questions together)."""
+  model (items micro-averaged: MMLU over all its subjects' questions together)."""
   wanted = set(keys)
   scores: dict[str, dict[str, list[float]]] = {}
   cols = [table.column(c).to_pylist() for c in ("task", "id", "form", "model", "score")]
   for task, item_id, form, m, score in zip(*cols):
-    want = generate_model if form == "generate" and generate_model else model
-    if m == want and (task, item_id) in wanted:
+    if m == model and (task, item_id) in wanted:
       scores.setdefault(task, {}).setdefault(form, []).append(score)
   out = {}
   for task in sorted(scores):

@@ -67,11 +67,6 @@ def model_key(config, fingerprint: str) -> str:
   )
 
 
-def generate_key(config, key: str) -> str:
-  """The model column of generate rows: the model's, plus the generation length."""
-  return f"{key},max_new_tokens={int(config.generate.max_new_tokens)}"
-
-
 def run(config) -> Summary:
   """Evaluates config.model on config.tasks into config.output_dir."""
   if not config.output_dir:
@@ -90,22 +85,18 @@ def run(config) -> Summary:
   )
   tokenizer = load_tokenizer(model_path)
   key = model_key(config, model.fingerprint)
-  gen_key = generate_key(config, key)
   logging.info("model %s: %s", key, model_path)
   writer = jax.process_index() == 0  # every process sees every result
   store = results.ResultStore(config.output_dir)
   stored = store.stored_keys()
   summary = Summary(tasks={})
-  ctx = _Context(config, model, tokenizer, mesh, key, gen_key, store, writer, summary)
+  _check_generation_length(store, key, int(config.generate.max_new_tokens))
+  ctx = _Context(config, model, tokenizer, mesh, key, store, writer, summary)
   evaluated, computed = ctx.evaluated, ctx.computed
   for name in names:
     todo, todo_gen = [], []  # items with a missing log-likelihood form / generate form
     for it in items[name]:
-      missing = [
-          f
-          for f in it.forms
-          if (name, it.id, f.name, gen_key if f.kind == "generate" else key) not in stored
-      ]
+      missing = [f for f in it.forms if (name, it.id, f.name, key) not in stored]
       if not missing:
         summary.stored += 1
         evaluated.add((name, it.id))
@@ -125,13 +116,25 @@ def run(config) -> Summary:
   summary.computed = len(computed)
   if ctx.scorer is not None:
     summary.compile_seconds = ctx.scorer.compile_seconds
-  summary.tasks = results.summarise(store.read_table(), evaluated, key, gen_key)
+  summary.tasks = results.summarise(store.read_table(), evaluated, key)
   summary.wall_seconds = time.perf_counter() - start
   if writer:
     write_summary(config.output_dir, summary, key)
   for line in summary_lines(summary):
     logging.info("%s", line)
   return summary
+
+
+def _check_generation_length(store: results.ResultStore, key: str, max_new_tokens: int) -> None:
+  """Stored generations of this model made with another max_new_tokens would be reused as
+  if made with this one: refuse (the length is not in the key, so that one model keeps one
+  model column)."""
+  for (task, item_id), n in store.generation_lengths(key).items():
+    if n != max_new_tokens:
+      raise UserError(
+          f"{store.dir}: {task} item {item_id} was generated with max_new_tokens={n}, not "
+          f"{max_new_tokens}; use another output_dir or the same setting"
+      )
 
 
 @dataclasses.dataclass
@@ -144,7 +147,6 @@ class _Context:
   tokenizer: object
   mesh: object
   key: str
-  gen_key: str
   store: results.ResultStore
   writer: bool
   summary: Summary
@@ -240,7 +242,7 @@ def _generate_task(ctx: _Context, name: str, todo: list) -> None:
         part,
         ids[start : start + step],
         max_new,
-        ctx.gen_key,
+        ctx.key,
         limits,
     )
     summary.check_seconds += seconds
