@@ -125,8 +125,9 @@ def run(
     limits: Limits = Limits(),
 ) -> tuple[list[dict], float]:
   """Store rows of these items' generate forms (`ids`: their prompts, from `prompts`), and
-  the seconds spent scoring. `generate(prompts, max_new_tokens, eos_ids, stop, decode)` is the decoder's; items
-  are generated together per set of stop strings (a task's are all the same)."""
+  the seconds spent scoring. `generate(prompts, max_new_tokens, eos_ids, stop, decode)` is
+  the decoder's; items are generated together per set of stop strings (a task's are all the
+  same)."""
   rows_out: list[dict | None] = [None] * len(items)
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   groups: dict[tuple[str, ...], list[int]] = {}
