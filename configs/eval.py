@@ -5,6 +5,8 @@ python -m selectit_jax.evaluate --config=configs/eval.py --config.model.path=MOD
     --config.tasks=mmlu,arc_challenge --config.output_dir=DIR
 """
 
+import ml_collections
+
 from configs import smollm2_135m
 
 
@@ -12,7 +14,8 @@ def get_config():
   config = smollm2_135m.get_config()
   del config["data"], config["prompts"]  # the tasks are the data
   config.model.name = "smollm2_135m"  # give a fine-tune its own name (its key has the hash too)
-  # Comma list of mmlu, arc_challenge, arc_easy, hellaswag, gsm8k (gold bpb), humaneval (gold bpb).
+  # Comma list of mmlu, arc_challenge, arc_easy, hellaswag, gsm8k (gold bpb and 8-shot CoT
+  # exact match), humaneval (gold bpb and greedy pass@1).
   config.tasks = "mmlu"
   # First `limit` items of each task (MMLU: of each of its 57 subjects); 0 = all.
   config.limit = 0
@@ -23,4 +26,15 @@ def get_config():
   # values, padded to a power of two tokens, are replicated on every device.
   config.engine.prefixes_per_table = 8
   config.engine.shard_rows = 64  # result rows per Parquet shard (the unit of resume)
+  # GSM8K / HumanEval generation (greedy, KV cache): a prompt plus max_new_tokens must fit
+  # engine.max_tokens (else the item is left out and counted).
+  config.generate = ml_collections.ConfigDict(
+      dict(
+          max_new_tokens=256,
+          batch_size=0,  # prompts decoded together; 0: engine.batch_size
+          timeout=10.0,  # HumanEval sandbox: wall seconds per program
+          memory_bytes=1 << 30,  # its address-space limit
+          workers=0,  # programs run at once; 0: the CPU count
+      )
+  )
   return config

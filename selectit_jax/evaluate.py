@@ -1,5 +1,6 @@
-"""Evaluates a model on benchmarks (MMLU, ARC, HellaSwag, GSM8K and HumanEval gold bits per
-byte) into per-item Parquet, summary.json and summary.md; resumable.
+"""Evaluates a model on benchmarks (MMLU, ARC, HellaSwag; GSM8K and HumanEval: gold bits per
+byte, greedy exact match / pass@1) into per-item Parquet, summary.json and summary.md;
+resumable.
 
     python -m selectit_jax.evaluate --config=configs/eval.py --config.model.path=MODEL \
         --config.tasks=mmlu,arc_challenge --config.output_dir=DIR

@@ -25,20 +25,31 @@ SCHEMA = pa.schema(
     [
         ("task", pa.string()),
         ("id", pa.string()),
-        ("form", pa.string()),  # letter | cloze | bpb
+        ("form", pa.string()),  # letter | cloze | bpb | generate
         ("model", pa.string()),  # name@weights fingerprint, with the settings that matter
-        ("prediction", pa.int64()),  # index of the chosen choice
-        ("gold", pa.int64()),
-        ("score", pa.float64()),  # letter, cloze: 1 right / 0 wrong; bpb: bits per byte
+        ("prediction", pa.int64()),  # index of the chosen choice (generate: -1)
+        ("gold", pa.int64()),  # (generate: -1)
+        ("score", pa.float64()),  # letter, cloze, generate: 1 right / 0 wrong; bpb: bits per byte
         ("logliks", pa.list_(pa.float64())),  # per choice, summed log p in nats
-        ("num_tokens", pa.list_(pa.int32())),  # per choice, tokens scored
+        ("num_tokens", pa.list_(pa.int32())),  # per choice, tokens scored (generate: generated)
         ("num_bytes", pa.list_(pa.int32())),  # per choice, UTF-8 bytes of its text
+        # generate: the continuation cut at its stop, the gold text (GSM8K's short answer,
+        # HumanEval's canonical solution) and what was checked (the extracted final number;
+        # the sandbox's status and error tail).
+        ("prediction_text", pa.string()),
+        ("gold_text", pa.string()),
+        ("answer", pa.string()),
+        ("max_new_tokens", pa.int32()),  # generate: the generation limit it ran with
     ]
 )
+# Columns added since the first shards were written, and their value in those shards.
+DEFAULTS = {"prediction_text": "", "gold_text": "", "answer": "", "max_new_tokens": 0}
 _SHARD = re.compile(r"^(\d{6})\.parquet$")
 Z95 = 1.959963984540054
 # Per form, what its mean score is.
 METRICS = {"letter": "accuracy", "cloze": "accuracy (length-normalised)", "bpb": "bits per byte"}
+# A generate form's metric, per task.
+GENERATE_METRICS = {"gsm8k": "exact match (final number)", "humaneval": "pass@1 (greedy)"}
 
 
 class ResultStore:
@@ -55,10 +66,10 @@ class ResultStore:
     return [os.path.join(self.items_dir, n) for n in names]
 
   def write(self, rows: Sequence[dict]) -> str | None:
-    """One new shard of rows (dicts with every SCHEMA column)."""
+    """One new shard of rows (dicts with every SCHEMA column; DEFAULTS may be left out)."""
     if not rows:
       return None
-    table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
+    table = pa.Table.from_pylist([{**DEFAULTS, **r} for r in rows], schema=SCHEMA)
     path = os.path.join(self.items_dir, f"{self._seq:06d}.parquet")
     self._seq += 1
     return fileio.write_parquet(path, table)
@@ -68,7 +79,7 @@ class ResultStore:
     paths = self.shard_paths()
     if not paths:
       return SCHEMA.empty_table()
-    table = pa.concat_tables([pq.read_table(p).select(SCHEMA.names).cast(SCHEMA) for p in paths])
+    table = pa.concat_tables([_read_shard(p) for p in paths])
     seen, keep = set(), []
     for i, key in enumerate(zip(*(table.column(c).to_pylist() for c in KEY_COLUMNS))):
       if key not in seen:
@@ -82,6 +93,21 @@ class ResultStore:
       t = pq.read_table(p, columns=list(KEY_COLUMNS))
       keys.update(zip(*(t.column(c).to_pylist() for c in KEY_COLUMNS)))
     return keys
+
+  def generation_lengths(self, model: str) -> dict[tuple[str, str], int]:
+    """{(task, id): max_new_tokens} of this model's stored generate rows."""
+    t = self.read_table()
+    cols = [t.column(c).to_pylist() for c in ("task", "id", "form", "model", "max_new_tokens")]
+    return {(a, b): n for a, b, f, m, n in zip(*cols) if f == "generate" and m == model}
+
+
+def _read_shard(path: str) -> pa.Table:
+  """One shard in today's SCHEMA: columns added since it was written get their DEFAULTS."""
+  table = pq.read_table(path)
+  for name, value in DEFAULTS.items():
+    if name not in table.column_names:
+      table = table.append_column(name, pa.array([value] * table.num_rows, SCHEMA.field(name).type))
+  return table.select(SCHEMA.names).cast(SCHEMA)
 
 
 def wilson(successes: float, n: int) -> tuple[float, float]:
@@ -120,8 +146,11 @@ def summarise(table: pa.Table, keys: Iterable[tuple[str, str]], model: str) -> d
     for form, values in sorted(scores[task].items()):
       v = np.asarray(values, np.float64)
       ci = mean_interval(v) if form == "bpb" else wilson(float(v.sum()), len(v))
+      metric = (
+          GENERATE_METRICS.get(task, "accuracy") if form == "generate" else METRICS.get(form, form)
+      )
       out[task][form] = dict(
-          metric=METRICS.get(form, form),
+          metric=metric,
           value=float(v.mean()),
           n=len(v),
           ci95=[None if math.isnan(x) else x for x in ci],

