@@ -30,6 +30,7 @@ from selectit_jax.evaluation import loglik
 from selectit_jax.evaluation import results
 from selectit_jax.evaluation import tasks as tasks_lib
 from selectit_jax.models.decode import DecodeStats, Generator
+from selectit_jax.parallel import devices
 from selectit_jax.parallel import sharding
 from selectit_jax.scoring import engine
 from selectit_jax.scoring.runner import with_effective_batch
@@ -79,7 +80,7 @@ def run(config) -> Summary:
   start = time.perf_counter()
   model_path = assets.model_path(config.model)
   mesh = sharding.make_mesh(config.mesh)
-  config = with_effective_batch(config, mesh)
+  config = devices.resolve_dtypes(with_effective_batch(config, mesh), mesh.devices.flat[0].platform)
   model = checkpoints.load_model(
       model_path, mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype
   )

@@ -38,6 +38,7 @@ from selectit_jax import assets
 from selectit_jax import checkpoints
 from selectit_jax.data import records as records_lib
 from selectit_jax.models import costs
+from selectit_jax.parallel import devices
 from selectit_jax.parallel import sharding
 from selectit_jax.checkpoints.tokenizer import load_tokenizer
 from selectit_jax.errors import UserError
@@ -369,8 +370,9 @@ def run(config) -> dict:
   if not out:
     raise UserError("config.output_dir is required")
   os.makedirs(out, exist_ok=True)
-  t, d = config.train, config.data
   mesh = sharding.make_mesh(config.mesh)
+  config = devices.resolve_dtypes(config, mesh.devices.flat[0].platform)
+  t, d = config.train, config.data
 
   model_path = assets.model_path(config.model)
   tokenizer = load_tokenizer(model_path)
