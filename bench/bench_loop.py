@@ -25,6 +25,7 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common  # noqa: E402
 
 _NUM_RECORDS = flags.DEFINE_integer("num_records", 16, "First N usable ShareGPT records.")
 _K = flags.DEFINE_integer("k", 5, "Rating prompts per record.")
@@ -45,15 +46,6 @@ _CONFIG = flags.DEFINE_string("config", "configs/smollm2_135m.py", "Scoring conf
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Passes over the plan per side.")
 _CHUNK = flags.DEFINE_integer("chunk", 6, "Batches per A/B chunk.")
 _SHARD_ROWS = flags.DEFINE_integer("shard_rows", 8, "Rows per shard (small: writes count).")
-
-
-def _load_config():
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location("bench_config", _CONFIG.value)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 class _InlineWriter:
@@ -90,39 +82,19 @@ def main(argv):
   del argv
   import numpy as np
 
-  from selectit_jax import assets
   from selectit_jax import checkpoints
-  from selectit_jax.checkpoints.tokenizer import load_tokenizer, rating_token_ids
-  from selectit_jax.data import prompts as prompts_lib
-  from selectit_jax.data import records as records_lib
   from selectit_jax.parallel import sharding
   from selectit_jax.scoring import batching
   from selectit_jax.scoring import engine
   from selectit_jax.scoring import runner
   from selectit_jax.scoring import store as store_lib
 
-  config = _load_config()
-  model_path = assets.model_path(config.model)
-  data_cfg = config.data.copy_and_resolve_references()
-  data_cfg.path = assets.data_path(config.data)
-  data_cfg.limit = 4 * _NUM_RECORDS.value + 32
-  records, _, _ = records_lib.read_records(data_cfg)
-  template = prompts_lib.DEFAULT_TEMPLATE
-  prompts = (
-      prompts_lib.load_prompts(_PROMPTS_FILE.value)
-      if _PROMPTS_FILE.value
-      else prompts_lib.default_prompts()
-  )[: _K.value]
-  tokenizer = load_tokenizer(model_path)
-  items, _ = batching.prepare(
-      records, prompts, template, tokenizer, config.engine.max_tokens, too_long="reject"
-  )
-  keep = set(sorted({it.sample_index for it in items})[: _NUM_RECORDS.value])
-  items = [it for it in items if it.sample_index in keep]
-  model = checkpoints.load_model(model_path)
+  config = common.load_config(_CONFIG.value)
+  work = common.bench_items(config, _NUM_RECORDS.value, _PROMPTS_FILE.value, _K.value)
+  items, tokenizer, rating_ids = work["items"], work["tokenizer"], work["rating_ids"]
+  model = checkpoints.load_model(work["model_path"])
   plan = batching.make_plan(items, config.engine, model.config)
   mesh = sharding.make_mesh(config.mesh)
-  rating_ids = rating_token_ids(tokenizer, prompts_lib.build_text(prompts[0], "", "", template))
   scorer = engine.Scorer(
       model.config,
       model.params,
