@@ -37,6 +37,7 @@ def plan_arms(config) -> tuple[list[arms_lib.Arm], dict, str]:
   dirs = inputs.scores_dirs_of(config)
   recs, container = inputs.load_input_records(dirs, notes)
   if recs is None:
+    inputs.load_scores(dirs)  # a dir that is not a score dir is refused here, by name
     raise UserError(f"{dirs[0]}: the scored input records are unavailable ({'; '.join(notes)})")
   loaded = inputs.load_scores(dirs, k=int(config.select.k), samples=list(recs.values()))
   kinds = arms_lib.parse_kinds(config.arms)
