@@ -156,25 +156,6 @@ def _report(runs: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-_BEGIN, _END = "<!-- bench_plan: begin -->", "<!-- bench_plan: end -->"
-
-
-def _write_markdown(path: str, text: str) -> None:
-  """Replaces the bench_plan section of `path` (between the markers), keeping the rest."""
-  block = (
-      f"{_BEGIN}\n## Host memory and time of planning (`python bench/bench_plan.py`)\n\n"
-      f"{text}{_END}"
-  )
-  old = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
-  if _BEGIN in old and _END in old:
-    new = old[: old.index(_BEGIN)] + block + old[old.index(_END) + len(_END) :]
-  else:
-    new = old.rstrip("\n") + "\n\n" + block + "\n"
-  with open(path + ".tmp", "w") as f:
-    f.write(new)
-  os.replace(path + ".tmp", path)
-
-
 def main(argv):
   del argv
   if _MEASURE.value:  # the child: its own process, so that its peak RSS is the planning's
@@ -201,7 +182,12 @@ def main(argv):
   text = _report(runs)
   print("\n" + text)
   if _OUTPUT.value:
-    _write_markdown(_OUTPUT.value, text)
+    common.write_markdown(
+        _OUTPUT.value,
+        "bench_plan",
+        "Host memory and time of planning (`python bench/bench_plan.py`)",
+        text,
+    )
 
 
 if __name__ == "__main__":
