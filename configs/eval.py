@@ -15,9 +15,10 @@ def get_config():
   del config["data"], config["prompts"]  # the tasks are the data
   config.model.name = "smollm2_135m"  # give a fine-tune its own name (its key has the hash too)
   # Comma list of mmlu, arc_challenge, arc_easy, hellaswag, gsm8k (gold bpb and 8-shot CoT
-  # exact match), humaneval (gold bpb and greedy pass@1).
+  # exact match), humaneval (gold bpb and greedy pass@1); `name:N` = the first N items of
+  # that task (e.g. mmlu:2,arc_easy:300).
   config.tasks = "mmlu"
-  # First `limit` items of each task (MMLU: of each of its 57 subjects); 0 = all.
+  # First `limit` items of each task without its own (MMLU: of each of its 57 subjects); 0 = all.
   config.limit = 0
   # MMLU's 5-shot prompts reach ~3k tokens; an item over max_tokens is left out and counted.
   config.engine.max_tokens = 4096

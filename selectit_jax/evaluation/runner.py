@@ -72,9 +72,10 @@ def run(config) -> Summary:
   """Evaluates config.model on config.tasks into config.output_dir."""
   if not config.output_dir:
     raise UserError("set --config.output_dir")
-  names = tasks_lib.task_names(config.tasks)
+  limits = tasks_lib.task_limits(config.tasks, int(config.limit))
+  names = list(limits)
   # Read every task before the weights: a missing package or file fails in seconds.
-  items = {name: tasks_lib.load(name, int(config.limit)) for name in names}
+  items = {name: tasks_lib.load(name, n) for name, n in limits.items()}
   for name in names:
     logging.info("%s: %d items", name, len(items[name]))
   start = time.perf_counter()

@@ -293,15 +293,26 @@ TASKS: dict[str, Callable[[int], list[Item]]] = {
 }
 
 
-def task_names(spec: str) -> list[str]:
-  """`config.tasks` (a comma list) checked against TASKS."""
-  names = [t.strip() for t in str(spec).split(",") if t.strip()]
-  if not names:
+def task_limits(spec: str, limit: int = 0) -> dict[str, int]:
+  """`config.tasks` (a comma list of `name` or `name:N`) checked against TASKS, as
+  {name: its item limit}; a bare name takes `limit` (config.limit)."""
+  out = {}
+  for entry in (t.strip() for t in str(spec).split(",")):
+    if not entry:
+      continue
+    name, _, n = entry.partition(":")
+    name = name.strip()
+    if name not in TASKS:
+      raise UserError(f"config.tasks: unknown task {name!r}; choose from {', '.join(TASKS)}")
+    try:
+      out[name] = int(n) if n.strip() else int(limit)
+    except ValueError:
+      raise UserError(f"config.tasks: {entry!r}: the limit after ':' is not an integer") from None
+    if out[name] < 0:
+      raise UserError(f"config.tasks: {entry!r}: the limit is negative")
+  if not out:
     raise UserError(f"config.tasks is empty; choose from {', '.join(TASKS)}")
-  unknown = [t for t in names if t not in TASKS]
-  if unknown:
-    raise UserError(f"config.tasks: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
-  return list(dict.fromkeys(names))
+  return out
 
 
 def load(name: str, limit: int = 0) -> list[Item]:
