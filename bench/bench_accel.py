@@ -206,7 +206,7 @@ def random_params(cfg, mesh, seed: int = 0):
     tokens = jax.numpy.zeros((1, 1), jax.numpy.int32)
     return nn.unbox(model.init(key, tokens, tokens, tokens + 1))["params"]
 
-  with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+  with sharding.activate(mesh):
     params = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
   return jax.block_until_ready(params)
 

@@ -4,7 +4,6 @@ interpret mode, cuDNN's wiring through its xla twin; packed, prefixed, GQA rows.
 import dataclasses
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,7 +201,7 @@ def test_kernels_run_per_shard_of_the_mesh():
   rows = _rows()
   mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=2), jax.devices()[:4])
   call = lambda *a: _fused.__wrapped__("pallas_gpu", *a)
-  with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+  with sharding.activate(mesh):
     assert "shard_map" in str(jax.make_jaxpr(call)(*rows))
     got = jax.jit(call)(*rows)
   np.testing.assert_allclose(_real(got, rows[5]), _real(_dense(*rows), rows[5]), atol=2e-6)

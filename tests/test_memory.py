@@ -76,8 +76,9 @@ def _rating_step_bytes(cfg, mesh_shape, batch, length, prefix, segments, prompts
   rows = sharding.batch_sharding(mesh)
   ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)
   args = (ints(batch, length),) * 3 + (ints(batch), ints(batch, segments))
-  with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    return _compiled_bytes(jax.jit(step).lower(_abstract_params(cfg, mesh), table, *args))
+  params = _abstract_params(cfg, mesh)  # outside: under a mesh, flax constrains init's params
+  with sharding.activate(mesh):
+    return _compiled_bytes(jax.jit(step).lower(params, table, *args))
 
 
 @pytest.mark.parametrize(
@@ -136,7 +137,8 @@ def _train_step_bytes(cfg, accum, micro, length):
       )
       for k in ("inputs", "targets", "weights", "positions", "segment_ids")
   }
-  return _compiled_bytes(jax.jit(run, donate_argnums=0).lower(state, batch))
+  with sharding.activate(mesh):
+    return _compiled_bytes(run.jitted.lower(state, batch))
 
 
 _WIDE = dataclasses.replace(

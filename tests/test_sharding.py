@@ -2,7 +2,6 @@
 (8 fake devices, conftest), for several (data, fsdp, tensor) meshes; divisibility errors;
 the memory planner; jax.distributed settings."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -56,13 +55,32 @@ def _forward(model, mesh, tokens, lengths):
     )
 
   bs = sharding.batch_sharding(mesh)
-  with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+  with sharding.activate(mesh):
     out = jax.jit(
         fwd,
         in_shardings=(jax.tree.map(lambda x: x.sharding, model.params), bs, bs),
         out_shardings=bs,
     )(model.params, sharding.global_array(tokens, bs), sharding.global_array(lengths, bs))
   return np.asarray(out)
+
+
+def test_activation_constraints_reach_the_program(ckpt, batch):
+  """Under `sharding.activate` the models' with_logical_constraint calls become sharding
+  constraints in the lowered program (under a bare `with mesh:` flax drops them)."""
+  mesh = _mesh((2, 2, 2))
+  model = checkpoints.load_model(ckpt, mesh)
+  llama = Llama(model.config)
+
+  def fwd(params, tokens_bt):
+    pos = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
+    return llama.apply({"params": params}, tokens_bt, pos, jnp.ones_like(tokens_bt))
+
+  with sharding.activate(mesh):
+    text = jax.jit(fwd).lower(model.params, batch[0]).as_text()
+  constraints = [l for l in text.splitlines() if "sharding_constraint" in l or "@Sharding" in l]
+  # Per layer: the residual stream, q, the mlp hidden (scanned once) plus the final norm's input.
+  assert len(constraints) >= 4, constraints
+  assert any('"data", "fsdp"' in l or "{devices=[4" in l for l in constraints), constraints[:3]
 
 
 # Two prompts' shared prefixes of different lengths; rows alternate between them.

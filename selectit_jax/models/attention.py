@@ -470,14 +470,10 @@ def fused(backend, q, own_kv, prefix_kv, m: Segments, scale):
 
 
 def _per_shard(fn, *args):
-  """`fn` on each device's rows and kv heads of the mesh in context (`with mesh` and the
-  logical axis rules: activation_batch, activation_heads), as the Pallas kernels need: XLA
-  cannot partition a Mosaic or Triton call. Arguments are [b, kv, ...] or [b, ...]."""
-  from jax._src import mesh as mesh_lib  # the `with mesh:` context; no public getter
-
-  mesh = mesh_lib.thread_resources.env.physical_mesh
-  if mesh.empty:  # or `jax.set_mesh`
-    mesh = jax.sharding.get_abstract_mesh()
+  """`fn` on each device's rows and kv heads of the mesh in context (`sharding.activate`:
+  the mesh and the axis rules for activation_batch, activation_heads), as the Pallas kernels
+  need: XLA cannot partition a Mosaic or Triton call. Arguments are [b, kv, ...] or [b, ...]."""
+  mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return fn(*args)
   batch, heads = nn.logical_to_mesh_axes(("activation_batch", "activation_heads"))

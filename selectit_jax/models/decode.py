@@ -281,7 +281,7 @@ class Generator:
       tokens[r, : len(p)] = p
     limits = np.zeros((b,), np.int32)
     limits[: len(prompts)] = np.minimum(max_new, self.max_len - lengths[: len(prompts)])
-    with self.mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    with sharding.activate(self.mesh):
       put = lambda x: sharding.global_array(x, self._batch)
       state = self._prefill_for(cache_len, max_new)(
           self.params, put(tokens), put(lengths), put(limits), eos

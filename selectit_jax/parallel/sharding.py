@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -28,6 +29,15 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_heads", "tensor"),
     ("activation_mlp", "tensor"),
 )
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: tuple[tuple[str, Any], ...] = LOGICAL_AXIS_RULES):
+  """The mesh and axis rules every jit'd model call runs under. `jax.set_mesh`, not
+  `with mesh:`: flax's with_logical_constraint reads the abstract mesh, which `with mesh:`
+  leaves empty, so the activation constraints would silently do nothing."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:

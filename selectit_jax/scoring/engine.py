@@ -248,10 +248,9 @@ class Scorer:
       tokens[k, : len(ids)] = ids
     if self._prefill_jit is None:  # one jit for every table (`load_prefixes`)
       self._prefill_jit = self._prefill_fn(cfg, replicated)
-    with self.mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-      # A handful of rows that need not divide the batch axes: run them replicated.
-      with nn.logical_axis_rules(((("activation_batch", None),) + sharding.LOGICAL_AXIS_RULES)):
-        table = self._prefill_jit(self.params, tokens, valid)
+    # A handful of rows that need not divide the batch axes: run them replicated.
+    with sharding.activate(self.mesh, (("activation_batch", None),) + sharding.LOGICAL_AXIS_RULES):
+      table = self._prefill_jit(self.params, tokens, valid)
       jax.block_until_ready(table)
     self.prefill_seconds += time.perf_counter() - start
     return table
@@ -284,7 +283,7 @@ class Scorer:
     (JAX dispatches asynchronously; only a new shape's trace and compile block here)."""
     shape = rows.tokens.shape + rows.last.shape[1:] + self._table.k.shape[1:4:2]
     start = time.perf_counter()
-    with self.mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    with sharding.activate(self.mesh):
       inputs = rows[:5] if self.rating else rows[:5] + (rows.targets,)
       args = (sharding.global_array(x, self._batch_sharding) for x in inputs)
       out = self._step(self.params, self._table, *args)

@@ -147,9 +147,10 @@ def make_train_step(cfg: DecoderConfig, tx, sched, mesh, shardings):
   )
 
   def run(state, batch):
-    with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    with sharding.activate(mesh):
       return jitted(state, batch)
 
+  run.jitted = jitted  # to lower or compile it under `sharding.activate(mesh)`
   return run
 
 
@@ -163,7 +164,7 @@ def make_eval_step(cfg: DecoderConfig, mesh, shardings):
   )
 
   def run(params, batch):
-    with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    with sharding.activate(mesh):
       return jitted(params, batch)
 
   return run
