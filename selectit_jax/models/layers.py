@@ -135,11 +135,11 @@ class Attention(nn.Module):
       kernel = attention.kernel_for(c.attention, mask, window, num_keys)
       if kernel is None or queries is not None:  # read-out rows: a few queries, jnp
         kernel, mask = None, attention.dense_mask(mask, window)
-    if prefix_kv is not None and kernel is None:
-      k, v = (
-          jnp.concatenate([cached.astype(new.dtype), new], axis=2)
-          for cached, new in zip(prefix_kv, own_kv)
-      )
+    prefix_k = prefix_v = None
+    if prefix_kv is not None and prefix_kv[0].shape[2] and kernel is None:
+      prefix_k, prefix_v = (cached.astype(new.dtype) for cached, new in zip(prefix_kv, own_kv))
+    if queries is not None and prefix_k is not None:  # a few queries: one joint softmax
+      k, v = (jnp.concatenate(pair, axis=2) for pair in ((prefix_k, k), (prefix_v, v)))
     if queries is not None:
       x_btd, sin, cos = (
           jnp.take_along_axis(a, queries[..., None], axis=1) for a in (x_btd, sin, cos)
@@ -157,23 +157,25 @@ class Attention(nn.Module):
     elif queries is not None:  # anywhere in the row: one block against all keys
       out = attention.attend(q, k, v, mask, scale)
     else:
-      # Causal: rows [start, end) attend to keys [0, p + end) only; the mask handles the
+      # Causal: rows [start, end) attend to own keys [0, end) only; the mask handles the
       # rest (segments, padding, the diagonal block's upper half). Static slices, unrolled
-      # in the scan body.
-      block, p = c.attention_block or t, k.shape[2] - t
-      out = jnp.concatenate(
-          [
-              attention.attend(
-                  q[:, :, :, start : start + block],
-                  k[:, :, : p + start + block],
-                  v[:, :, : p + start + block],
-                  mask[..., start : start + block, : p + start + block],
-                  scale,
-              )
-              for start in range(0, t, block)
-          ],
-          axis=3,
-      )
+      # in the scan body. Prefix keys (the rating prompt; the decoder's whole cache) are
+      # attended on their own and merged by log-sum-exp, so they are never copied next to
+      # the row's keys (a decode step would otherwise copy its cache in every layer).
+      block, p = c.attention_block or t, mask.shape[-1] - t
+
+      def rows(start):
+        q_blk, m_blk = q[:, :, :, start : start + block], mask[..., start : start + block, :]
+        end = start + block
+        own = attention.partial_attend(
+            q_blk, k[:, :, :end], v[:, :, :end], m_blk[..., p : p + end], scale
+        )
+        if prefix_k is None:
+          return own[0]
+        seen = attention.partial_attend(q_blk, prefix_k, prefix_v, m_blk[..., :p], scale)
+        return attention.merge(*seen, *own)[0]
+
+      out = jnp.concatenate([rows(start) for start in range(0, t, block)], axis=3)
     out = out.reshape(b, h, t, hd).astype(v.dtype)
     return jnp.einsum("bnth,nhd->btd", out, wo), own_kv
 
