@@ -82,6 +82,30 @@ def test_gemma3_matches_transformers_past_the_sliding_window(tmp_path):
   assert _hf_greedy(load(sliding_window=1000), prompts[1], MAX_NEW, 1) != ref[1]
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_shared_few_shot_prefix_is_prefilled_once(family, tiny_checkpoint, tmp_path):
+  """Prompts that start alike (a few-shot context) decode as HF does each alone, with the
+  common tokens (rounded down to length_multiple=32) prefilled once for the call; Gemma's
+  sliding window is shorter than that prefix."""
+  if family == "llama":
+    path, cls, mesh, devices, eos = tiny_checkpoint, transformers.LlamaForCausalLM, SHARDED, 4, 2
+  else:
+    write_tiny_gemma(str(tmp_path))
+    path, cls, mesh, devices, eos = str(tmp_path), transformers.Gemma3ForCausalLM, ONE_DEVICE, 1, 1
+    assert GEMMA_TINY.sliding_window < 32
+  model = checkpoints.load_model(path, mesh=sharding.make_mesh(mesh, jax.devices()[:devices]))
+  context = _prompts(model.config.vocab_size, (45,), seed=2)[0]
+  prompts = [context + q for q in _prompts(model.config.vocab_size, (4, 9, 1), seed=3)]
+  gen = _generator(model, mesh, devices, batch_size=2)
+  ours = gen.generate(prompts, MAX_NEW, eos_ids=[eos])
+  assert gen.stats.shared_tokens == 32 and gen.stats.prompt_tokens == sum(map(len, prompts))
+  ref_model = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+  assert ours == [_hf_greedy(ref_model, p, MAX_NEW, eos) for p in prompts]
+  # Prompts with nothing in common beyond a few tokens share nothing.
+  gen.generate([p[40:] for p in prompts], 2)
+  assert gen.stats.shared_tokens == 32
+
+
 def test_eos_and_stop_strings_end_rows_independently(llama, tiny_checkpoint):
   """The free-running rows, each cut where an EOS id or a stop string (checked every 4
   steps) first appears in it."""

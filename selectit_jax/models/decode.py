@@ -5,6 +5,10 @@ each prompt's last token) into a fixed-size cache [layers, b, kv_heads, cache_le
 with a valid mask; a `jax.lax.while_loop` then feeds one token per row, attending to the cache
 through the models' `Prefix` input, and writes that token's keys and values into its slot.
 
+Shared prefix: the leading tokens all of a call's prompts have in common (a task's few-shot
+context; rounded down to `length_multiple`) are prefilled once, as one row, and each batch's
+prefill then runs only the prompts' own tokens against those keys.
+
 Layout: each prompt sits at cache slots 0..n-1 (right-padded), so a slot index is the token's
 position. Rotary positions and Gemma 3's sliding window (which counts prefix keys by their
 slot, `arange(p)`) then need no per-row offsets, and the model code is used unchanged.
@@ -63,6 +67,7 @@ class DecodeStats:
   prefill_seconds: float = 0.0
   decode_seconds: float = 0.0  # the loop after the first token, host stop checks included
   steps: int = 0  # loop steps run (each feeds one token to every row of a batch)
+  shared_tokens: int = 0  # tokens of the calls' shared prefixes, each prefilled once
   first_token_seconds: list[float] = dataclasses.field(default_factory=list)
 
 
@@ -73,22 +78,38 @@ def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-def prefill_fn(model_kv: nn.Module, cache_len: int, max_new: int, pad_id: int) -> Callable:
-  """(params, tokens [b, t], lengths [b], limits [b], eos [e]) -> DecodeState after the
-  first token. Rows with limit 0 (batch padding) start done."""
+def prefill_fn(
+    model_kv: nn.Module, cache_len: int, max_new: int, pad_id: int, shared_len: int = 0
+) -> Callable:
+  """(params, tokens [b, t], lengths [b], limits [b], eos [e], shared) -> DecodeState after
+  the first token. With `shared_len`, every prompt starts with the same `shared_len` tokens,
+  whose keys and values `shared` (k, v [layers, 1, kv, shared_len, hd], `prefill_shared`)
+  already hold: `tokens` and `lengths` are then each prompt's rest, and the cache is the
+  shared slots followed by the rest. Rows with limit 0 (batch padding) start done."""
 
-  def prefill(params, tokens_bt, lengths_b, limits_b, eos_e):
+  def prefill(params, tokens_bt, lengths_b, limits_b, eos_e, shared=None):
     b, t = tokens_bt.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    segments = (positions < lengths_b[:, None]).astype(jnp.int32)
+    own = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    segments = (own < lengths_b[:, None]).astype(jnp.int32)
+    prefix = None
+    if shared_len:
+      k0, v0 = (jnp.broadcast_to(x, x.shape[:1] + (b,) + x.shape[2:]) for x in shared)
+      prefix = Prefix(k0, v0, jnp.ones((b, shared_len), jnp.bool_))
     # Every row through every layer (no read-out `cond`): compiles in about half the time,
     # and the last layer is 1/num_layers of the prefill.
-    hidden, (k, v) = model_kv.apply({"params": params}, tokens_bt, positions, segments)
+    hidden, (k, v) = model_kv.apply(
+        {"params": params}, tokens_bt, own + shared_len, segments, prefix
+    )
     hidden = jnp.take_along_axis(hidden, (lengths_b - 1)[:, None, None], axis=1)
     logits = model_kv.apply({"params": params}, hidden[:, 0], method="logits")
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    pad = ((0, 0), (0, 0), (0, 0), (0, cache_len - t), (0, 0))
+    if prefix is not None:  # slot = position: the shared tokens, then each prompt's rest
+      k, v = (
+          jnp.concatenate([x.astype(y.dtype), y], axis=3) for x, y in ((prefix.k, k), (prefix.v, v))
+      )
+    pad = ((0, 0), (0, 0), (0, 0), (0, cache_len - shared_len - t), (0, 0))
     k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    lengths_b = lengths_b + shared_len
     valid = jnp.arange(cache_len)[None, :] < lengths_b[:, None]
     stopped = jnp.isin(first, eos_e) | (limits_b <= 0)
     length = jnp.where(stopped, 0, 1).astype(jnp.int32)
@@ -99,6 +120,17 @@ def prefill_fn(model_kv: nn.Module, cache_len: int, max_new: int, pad_id: int) -
     )
 
   return prefill
+
+
+def shared_length(prompts: Sequence[Sequence[int]], multiple: int) -> int:
+  """Leading tokens every prompt has in common, rounded down to `multiple` (so batches of
+  one task share one prefill shape) and leaving each prompt at least one token of its own."""
+  if len(prompts) < 2:
+    return 0
+  first, n = prompts[0], min(map(len, prompts)) - 1
+  for p in prompts[1:]:
+    n = next((i for i in range(n) if p[i] != first[i]), n)
+  return n // multiple * multiple
 
 
 def decode_fn(model_kv: nn.Module, pad_id: int) -> Callable:
@@ -186,6 +218,7 @@ class Generator:
       pad_id: int = 0,
       length_multiple: int = 64,
       check_every: int = 16,
+      share_prefix: bool = True,
   ):
     rows = sharding.row_shards(mesh.shape)
     if batch_size % rows:
@@ -193,6 +226,7 @@ class Generator:
     self.cfg, self.params, self.mesh = cfg, params, mesh
     self.max_len, self.batch_size, self.pad_id = max_len, batch_size, pad_id
     self.length_multiple, self.check_every = length_multiple, check_every
+    self.share_prefix = share_prefix
     self.stats = DecodeStats()
     self._model = registry.build(cfg, collect_kv=True)
     self._batch = sharding.batch_sharding(mesh)
@@ -200,7 +234,8 @@ class Generator:
     cache = NamedSharding(mesh, P(None, ("data", "fsdp")))
     self._state_sharding = DecodeState(cache, cache, *(self._batch,) * 7, self._replicated)
     self._param_sharding = jax.tree.map(lambda x: x.sharding, params)
-    self._prefill: dict[tuple[int, int], Callable] = {}
+    self._prefill: dict[tuple[int, int, int], Callable] = {}
+    self._shared_kv: Callable | None = None
     self._decode = jax.jit(
         decode_fn(self._model, pad_id),
         in_shardings=(
@@ -218,15 +253,35 @@ class Generator:
         out_shardings=self._replicated,
     )
 
-  def _prefill_for(self, cache_len: int, max_new: int) -> Callable:
-    key = (cache_len, max_new)
+  def _prefill_for(self, cache_len: int, max_new: int, shared_len: int) -> Callable:
+    key = (cache_len, max_new, shared_len)
     if key not in self._prefill:
       self._prefill[key] = jax.jit(
-          prefill_fn(self._model, cache_len, max_new, self.pad_id),
-          in_shardings=(self._param_sharding,) + (self._batch,) * 3 + (self._replicated,),
+          prefill_fn(self._model, cache_len, max_new, self.pad_id, shared_len),
+          in_shardings=(self._param_sharding,)
+          + (self._batch,) * 3
+          + (self._replicated,) * (2 if shared_len else 1),
           out_shardings=self._state_sharding,
       )
     return self._prefill[key]
+
+  def prefill_shared(self, ids: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+    """Keys and values [layers, 1, kv, n, hd] of the tokens every prompt of a call starts
+    with, computed once per call (one row, replicated) instead of once per prompt."""
+    if self._shared_kv is None:
+
+      def run(params, tokens_1t):
+        positions = jnp.arange(tokens_1t.shape[1], dtype=jnp.int32)[None]
+        return self._model.apply(
+            {"params": params}, tokens_1t, positions, jnp.ones_like(tokens_1t)
+        )[1]
+
+      self._shared_kv = jax.jit(
+          run, in_shardings=(self._param_sharding, self._replicated), out_shardings=self._replicated
+      )
+    # One row, which need not divide the batch axes: run it replicated.
+    with sharding.activate(self.mesh, (("activation_batch", None),) + sharding.LOGICAL_AXIS_RULES):
+      return self._shared_kv(self.params, np.asarray([ids], np.int32))
 
   def generate(
       self,
@@ -257,34 +312,45 @@ class Generator:
         _round_up(_round_up(longest, self.length_multiple) + max_new_tokens, self.length_multiple),
         self.max_len,
     )
+    # A few-shot context every prompt starts with is prefilled once for the whole call.
+    t0 = time.perf_counter()
+    n = shared_length(prompts, self.length_multiple) if self.share_prefix else 0
+    shared = jax.block_until_ready(self.prefill_shared(prompts[0][:n])) if n else None
+    self.stats.shared_tokens += n
+    self.stats.prefill_seconds += time.perf_counter() - t0
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     for start in range(0, len(order), self.batch_size):
       chunk = order[start : start + self.batch_size]
       for i, ids in zip(
           chunk,
           self._run_batch(
-              [prompts[i] for i in chunk], cache_len, max_new_tokens, eos, stop, decode
+              [prompts[i][n:] for i in chunk], cache_len, max_new_tokens, eos, stop, decode, shared
           ),
       ):
         results[i] = ids
     return results
 
-  def _run_batch(self, prompts, cache_len, max_new, eos, stop, decode) -> list[list[int]]:
+  def _run_batch(
+      self, prompts, cache_len, max_new, eos, stop, decode, shared=None
+  ) -> list[list[int]]:
+    """`prompts`: each prompt after the call's `shared` prefix (k, v of its n tokens)."""
     t0 = time.perf_counter()
     b = self.batch_size
     m = self.length_multiple
+    n = 0 if shared is None else shared[0].shape[3]
     lengths = np.ones((b,), np.int32)
     lengths[: len(prompts)] = [len(p) for p in prompts]
-    prompt_len = min(_round_up(int(lengths.max()), m), self.max_len)
+    prompt_len = min(_round_up(int(lengths.max()), m), self.max_len - n)
     tokens = np.full((b, prompt_len), self.pad_id, np.int32)
     for r, p in enumerate(prompts):
       tokens[r, : len(p)] = p
     limits = np.zeros((b,), np.int32)
-    limits[: len(prompts)] = np.minimum(max_new, self.max_len - lengths[: len(prompts)])
+    limits[: len(prompts)] = np.minimum(max_new, self.max_len - n - lengths[: len(prompts)])
     with sharding.activate(self.mesh):
       put = lambda x: sharding.global_array(x, self._batch)
-      state = self._prefill_for(cache_len, max_new)(
-          self.params, put(tokens), put(lengths), put(limits), eos
+      extra = () if shared is None else (shared,)
+      state = self._prefill_for(cache_len, max_new, n)(
+          self.params, put(tokens), put(lengths), put(limits), eos, *extra
       )
       out, length, done, step = map(np.asarray, self._host_view(state))
       t1 = time.perf_counter()
@@ -302,7 +368,7 @@ class Generator:
     t2 = time.perf_counter()
     s = self.stats
     s.prompts += len(prompts)
-    s.prompt_tokens += int(lengths[: len(prompts)].sum())
+    s.prompt_tokens += int(lengths[: len(prompts)].sum()) + n * len(prompts)
     s.new_tokens += int(length[: len(prompts)].sum())
     s.prefill_seconds += t1 - t0
     s.decode_seconds += t2 - t1
