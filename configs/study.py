@@ -5,17 +5,24 @@ model evaluated on the same benchmark items (selectit_jax/studies/).
         --config.output_dir=DIR [--config.arms=base,selectit,random,longest,full]
 
 The paper tunes a base model; the trainer's model section names it (default: the embedded
-SmolLM2-135M-Instruct; Gemma 3 270M base: --config.train.model.embedded=gemma3_270m).
+SmolLM2-135M-Instruct; Gemma 3 270M base: --config.train.model.embedded=gemma3_270m). The
+optional arg names another training config for that section, with its own arg (a slice):
+
+    python -m selectit_jax.study --config=configs/study.py:train_llama2_7b:v5p-8 \
+        --config.train.model.path=gs://bkt/llama-2-7b-hf --config.scores_dir=… --config.output_dir=…
 """
+
+import importlib
 
 import ml_collections
 
 from configs import eval as eval_config
 from configs import select as select_config
-from configs import train_smollm2_135m
 
 
-def get_config():
+def get_config(arg=None):
+  train_name, _, train_arg = (arg or "train_smollm2_135m").partition(":")
+  train_module = importlib.import_module(f"configs.{train_name}")
   c = ml_collections.ConfigDict()
   c.scores_dir = ""  # the scored pool (comma list: several raters, for selectit_model)
   # How SelectIT ranks the pool (mode, alpha, proportion, k, weights); every arm but 'full'
@@ -26,7 +33,8 @@ def get_config():
   # selectit_model | random (one arm per seed) | longest (longest responses) | full (the pool)
   c.arms = "base,selectit,random,longest"
   c.seeds = "0,1,2"  # random arms
-  c.train = train_smollm2_135m.get_config()  # its model section is the base model
+  # Its model section is the base model (arg: another training config, e.g. train_llama2_7b:v5p-8).
+  c.train = train_module.get_config(*([train_arg] if train_arg else []))
   c.eval = eval_config.get_config()
   c.eval.tasks = "arc_easy,arc_challenge,mmlu"
   c.eval.limit = 0

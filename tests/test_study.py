@@ -1,8 +1,9 @@
-"""The study's arms (which records each trains on) and its paired bootstrap."""
+"""The study's config, its arms (which records each trains on) and its paired bootstrap."""
 
 import numpy as np
 import pytest
 
+from configs import study as study_config
 from selectit_jax.selection import inputs
 from selectit_jax.selection import runner as selection_runner
 from selectit_jax.studies import arms as arms_lib
@@ -66,6 +67,15 @@ def test_unknown_arm_is_refused():
     arms_lib.parse_kinds("selectit,best")
 
 
+def test_study_config_takes_another_training_config():
+  pod = study_config.get_config("train_llama2_7b:v5p-8")
+  assert (pod.train.train.micro_batch_size, pod.train.model.dtype) == (32, "bfloat16")
+  assert pod.train.data.template == "alpaca" and pod.train.mesh.fsdp == -1
+  assert study_config.get_config().train.model.embedded == "smollm2_135m"
+  with pytest.raises(ValueError, match="unknown slice 'v9'"):
+    study_config.get_config("train_llama2_7b:v9")
+
+
 def test_paired_bootstrap():
   rng = np.random.default_rng(1)
   ref = rng.integers(0, 2, 400).astype(float)
@@ -114,7 +124,6 @@ def test_report_pools_random_seeds_and_pairs_items(tmp_path):
 def test_study_runs_every_arm_and_resumes(tiny_checkpoint, tmp_path, data_path, monkeypatch):
   import json
 
-  from configs import study as study_config
   from configs import train_tiny
   from selectit_jax.studies import runner
   from selectit_jax.training import trainer
