@@ -74,6 +74,9 @@ def get_config():
           # Packed ROWS per forward/backward (rounded up to a multiple of data×fsdp, capped by
           # the rows a step needs); a step runs ceil(its rows / micro) micro-batches.
           micro_batch_size=4,
+          # Positions of each row whose vocabulary logits exist at once (training/loss.py):
+          # the loss never holds [rows, max_length, vocab]; 0 = whole rows.
+          loss_chunk=128,
           max_steps=0,  # > 0 stops early (the schedule still spans all epochs)
           log_every=1,
           eval_every=50,  # 0 = only at the end

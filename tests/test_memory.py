@@ -122,14 +122,14 @@ _TRAIN = ml_collections.ConfigDict(
 )
 
 
-def _train_step_bytes(cfg, accum, micro, length):
+def _train_step_bytes(cfg, accum, micro, length, loss_chunk=128):
   """training/step.make_train_step's step (state donated) compiled on an abstract state."""
   mesh = _mesh((1, 1, 1))
   sched = step_lib.schedule(_TRAIN, 10)
   tx = step_lib.optimizer(_TRAIN, sched)
   shardings = step_lib.state_shardings(cfg, tx, mesh)
   state = step_lib.abstract_state(cfg, tx, shardings)
-  run = step_lib.make_train_step(cfg, tx, sched, mesh, shardings)
+  run = step_lib.make_train_step(cfg, tx, sched, mesh, shardings, loss_chunk)
   rows = step_lib.accumulation_sharding(mesh)
   batch = {
       k: jax.ShapeDtypeStruct(
@@ -153,19 +153,38 @@ _WIDE = dataclasses.replace(
 )
 
 
+# A large vocabulary for its width (as Gemma 3's 262k for 640): the loss's chunk dominates.
+_VOCAB = dataclasses.replace(LLAMA, vocab_size=32000)
+
+
 @pytest.mark.parametrize(
     "family,accum,micro,length,options",
     [
         ("llama", 2, 2, 384, dict(remat=True, dtype="bfloat16")),
         ("wide", 1, 4, 128, dict(remat=True)),  # weights, moments and gradients dominate
         ("gemma", 2, 4, 256, {}),  # activations (every layer's residuals) dominate
+        ("vocab", 1, 4, 512, dict(remat=True)),  # the vocabulary chunk dominates
     ],
 )
 def test_training_estimate_matches_compiled_memory(family, accum, micro, length, options):
-  cfg = dataclasses.replace(dict(llama=LLAMA, wide=_WIDE, gemma=GEMMA)[family], **options)
+  cfg = dataclasses.replace(
+      dict(llama=LLAMA, wide=_WIDE, gemma=GEMMA, vocab=_VOCAB)[family], **options
+  )
   compiled = _train_step_bytes(cfg, accum, micro, length)
   est = memory.train_estimate(cfg, dict(data=1, fsdp=1, tensor=1), micro, length, accum)
   assert est.total == pytest.approx(compiled, rel=TOLERANCE), (compiled, est.parts)
+
+
+def test_chunked_loss_never_holds_whole_rows_of_logits():
+  """Compiled: the step at 128 positions per vocabulary chunk needs about a third of the
+  whole-row loss's memory (193 vs 560 MiB); the planner follows both."""
+  cfg = dataclasses.replace(_VOCAB, remat=True)
+  sizes = dict(data=1, fsdp=1, tensor=1)
+  chunked, whole = (_train_step_bytes(cfg, 1, 4, 512, c) for c in (128, 0))
+  assert chunked < 0.4 * whole, (chunked, whole)
+  for compiled, c in ((chunked, 128), (whole, 0)):
+    est = memory.train_estimate(cfg, sizes, 4, 512, loss_chunk=c)
+    assert est.total == pytest.approx(compiled, rel=TOLERANCE), (c, compiled, est.parts)
 
 
 def test_remat_keeps_one_input_per_layer():

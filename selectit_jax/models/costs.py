@@ -186,7 +186,13 @@ def _layer_shape(cfg) -> tuple[int, bool, bool]:
 
 
 def train_activation_bytes(
-    cfg, rows: int, length: int, tensor: int = 1, remat: bool | None = None, fused: bool = False
+    cfg,
+    rows: int,
+    length: int,
+    tensor: int = 1,
+    remat: bool | None = None,
+    fused: bool = False,
+    loss_chunk: int | None = None,
 ) -> dict[str, int]:
   """Peak activation bytes of one micro-batch's forward and backward on one device, by part
   (`training/step.loss_sums` under `jax.value_and_grad`, layers under `nn.scan`).
@@ -200,9 +206,10 @@ def train_activation_bytes(
   (`nn.remat` per layer) only each layer's input [rows, T, d]. `backward`: one
   layer's backward in flight: without remat the fp32 score gradients and broadcast masks of
   all blocks plus fp32 MLP and stream gradients; with remat also the recomputed scores.
-  `head`: the fp32 logits' exp kept for the softmax gradient and the logits' gradient
-  [rows, T, vocab]; live before the layers' backward starts, so the peak takes the larger of
-  it and `backward`. `shared`: rotary tables and mask. `fused`: a flash kernel keeps no
+  `head`: the loss (training/loss.py) over `loss_chunk` positions at a time (None: whole
+  rows): a chunk's fp32 logits and their gradient [rows, chunk, vocab], the fp32 head
+  gradient [d, vocab] and the hidden states' gradient; live before the layers' backward
+  starts, so the peak takes the larger of it and `backward`. `shared`: rotary tables and mask. `fused`: a flash kernel keeps no
   scores; its residuals are q, k, v, the output and the log-sum-exp, its backward the fp32
   gradients of q, k and v (not checked against a compiled step here: the kernels compile
   on TPU and GPU only).
@@ -240,6 +247,6 @@ def train_activation_bytes(
   return dict(
       saved=saved,
       backward=backward,
-      head=2 * rows * t * v * 4,
+      head=2 * rows * (loss_chunk or t) * v * 4 + d * v * 4 + rows * t * d * ab,
       shared=_shared_inputs(cfg, rows, t, 0),
   )

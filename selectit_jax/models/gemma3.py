@@ -29,6 +29,7 @@ from selectit_jax.models.layers import (
     layer_mask,
     rope_inv_freq,
     run_layers,
+    vocab_head,
     vocab_logits,
 )
 
@@ -257,6 +258,10 @@ class Gemma3(nn.Module):
     out = vocab_logits(self, hidden_xd)
     cap = self.cfg.final_logit_softcapping
     return out if cap is None else jnp.tanh(out / cap) * cap
+
+  def head(self):
+    """The head weight [d, vocab] in the compute dtype (training/loss.py applies it)."""
+    return vocab_head(self)
 
 
 # ------------------------------------------------------------------ checkpoint layouts

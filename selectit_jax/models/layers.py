@@ -338,13 +338,17 @@ def final_states(module: nn.Module, x, kv, readout):
   return (module.final_norm(x), kv) if module.collect_kv else module.final_norm(x)
 
 
+def vocab_head(module: nn.Module):
+  """The head weight [d, vocab] in the compute dtype (tied: the embedding's transpose)."""
+  c = module.cfg
+  return (module.embedding.T if c.tie_word_embeddings else module.lm_head).astype(c.dtype)
+
+
 def vocab_logits(module: nn.Module, hidden_xd):
   """Vocabulary logits [..., vocab] in fp32 through the (tied or untied) head."""
-  c = module.cfg
-  w = module.embedding.T if c.tie_word_embeddings else module.lm_head
   return jnp.einsum(
       "...d,dv->...v",
-      hidden_xd.astype(c.dtype),
-      w.astype(c.dtype),
+      hidden_xd.astype(module.cfg.dtype),
+      vocab_head(module),
       preferred_element_type=jnp.float32,
   )

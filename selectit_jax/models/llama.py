@@ -23,6 +23,7 @@ from selectit_jax.models.layers import (
     layer_mask,
     rope_inv_freq,
     run_layers,
+    vocab_head,
     vocab_logits,
 )
 
@@ -243,6 +244,10 @@ class Llama(nn.Module):
   def logits(self, hidden_xd):
     """Vocabulary logits [..., vocab] in fp32, for the rows the caller chose."""
     return vocab_logits(self, hidden_xd)
+
+  def head(self):
+    """The head weight [d, vocab] in the compute dtype (training/loss.py applies it)."""
+    return vocab_head(self)
 
 
 # ------------------------------------------------------------------ checkpoint layouts

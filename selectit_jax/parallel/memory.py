@@ -36,6 +36,7 @@ from selectit_jax.parallel import devices
 from selectit_jax.parallel import sharding
 from selectit_jax.models import registry
 from selectit_jax.models.layers import DecoderConfig
+from selectit_jax.training import loss as loss_lib
 
 # XLA packs a step's temporaries into one arena by lifetime; buffers of unequal sizes and
 # lifetimes leave holes, so the arena exceeds the live peak: 0-40 % on XLA:CPU for the
@@ -166,6 +167,7 @@ def train_estimate(
     accumulation: int = 1,
     remat: bool | None = None,
     fused: bool = False,
+    loss_chunk: int = loss_lib.DEFAULT_CHUNK,
 ) -> Estimate:
   """Per-device bytes of one training step (`training/step.make_train_step`): fp32 master
   weights, AdamW's two moments and the gradients sharded like the params (FSDP over
@@ -177,7 +179,8 @@ def train_estimate(
   params = param_bytes(cfg, mesh_sizes)
   moments = 2 * param_bytes(cfg, mesh_sizes, jnp.float32)
   grads = param_bytes(cfg, mesh_sizes, jnp.float32)
-  acts = costs.train_activation_bytes(cfg, rows, length, tp, remat, fused)
+  chunk = loss_lib.chunk_size(length, loss_chunk)
+  acts = costs.train_activation_bytes(cfg, rows, length, tp, remat, fused, chunk)
   head_cast = cfg.hidden_size * cfg.vocab_size // tp * _bytes(cfg.dtype)
   if not gathered_bytes(cfg, mesh_sizes):
     head_cast = 0  # neither gathered nor cast: the head multiplies the stored weights
@@ -240,7 +243,7 @@ _LABELS = {
     "activations": "activations (layer carry, rotary tables, mask, read-out logits)",
     "layer": "layer working set (the attention or the MLP, the larger)",
     "saved": "saved for the backward (per layer; with remat only its input)",
-    "backward": "backward working set (one layer, or the head's [rows, T, vocab])",
+    "backward": "backward working set (one layer, or the loss's vocabulary chunk)",
     "fragmentation": f"allocator fragmentation ({FRAGMENTATION:.0%} of temporaries)",
 }
 
@@ -413,7 +416,8 @@ def plan_train_config(config) -> tuple[bool, list[str]]:
         f"train.batch_size={batch} is not a multiple of train.micro_batch_size={micro}"
     )
   fused = fused_attention(cfg, device, length)
-  est = train_estimate(cfg, sizes, micro, length, batch // micro, fused=fused)
+  chunk = int(t.get("loss_chunk", loss_lib.DEFAULT_CHUNK))
+  est = train_estimate(cfg, sizes, micro, length, batch // micro, fused=fused, loss_chunk=chunk)
   what = (
       f"batch {batch} = {batch // micro} x micro {micro} ({est.rows_per_device} rows/device) "
       f"x length {length}: {batch * length:,} tokens per step; attention: "
@@ -425,7 +429,9 @@ def plan_train_config(config) -> tuple[bool, list[str]]:
   budget = int(devices.capacity(device, local)[0] * headroom)
   shards = sharding.row_shards(sizes)
   rows = largest_rows(
-      lambda r: train_estimate(cfg, sizes, r * shards, length, batch // micro, fused=fused).total
+      lambda r: train_estimate(
+          cfg, sizes, r * shards, length, batch // micro, fused=fused, loss_chunk=chunk
+      ).total
       <= budget
   )
   if rows:

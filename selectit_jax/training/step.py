@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from selectit_jax import checkpoints
 from selectit_jax.parallel import sharding
 from selectit_jax.models import registry
+from selectit_jax.training import loss as loss_lib
 from selectit_jax.models.layers import DecoderConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -84,15 +85,16 @@ def init_state(params, tx, shardings):
   return {"step": step, "params": params, "opt_state": opt_state}
 
 
-def loss_sums(model: nn.Module, params, batch):
-  """(Σ weighted token NLL, Σ weights) of one micro-batch; logits and log-softmax in fp32."""
+def loss_sums(model: nn.Module, params, batch, loss_chunk: int = loss_lib.DEFAULT_CHUNK):
+  """(Σ weighted token NLL, Σ weights) of one micro-batch: logits and log-softmax in fp32,
+  `loss_chunk` positions of each row at a time (training/loss.py)."""
   variables = {"params": params}
   hidden = model.apply(variables, batch["inputs"], batch["positions"], batch["segment_ids"])
-  logits = model.apply(variables, hidden, method="logits")
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-  w = batch["weights"].astype(jnp.float32)
-  return jnp.sum((logz - picked) * w), jnp.sum(w)
+  chunk = loss_lib.chunk_size(hidden.shape[1], loss_chunk)
+  softcap = getattr(model.cfg, "final_logit_softcapping", None)
+  head = model.apply(variables, method="head")
+  nll = loss_lib.nll_sum(hidden, head, batch["targets"], batch["weights"], chunk, softcap)
+  return nll, jnp.sum(batch["weights"].astype(jnp.float32))
 
 
 def accumulation_sharding(mesh) -> NamedSharding:
@@ -100,7 +102,9 @@ def accumulation_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(None, ("data", "fsdp")))
 
 
-def make_train_step(cfg: DecoderConfig, tx, sched, mesh, shardings):
+def make_train_step(
+    cfg: DecoderConfig, tx, sched, mesh, shardings, loss_chunk: int = loss_lib.DEFAULT_CHUNK
+):
   """jit'd step(state, batch[accum, micro, length]) -> (state, metrics); state donated.
 
   The batch is one optimizer step: all rows its examples were packed into (accum varies
@@ -114,7 +118,7 @@ def make_train_step(cfg: DecoderConfig, tx, sched, mesh, shardings):
 
   def step(state, batch):
     params = state["params"]
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(model, p, b), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(model, p, b, loss_chunk), has_aux=True)
 
     def micro(carry, mb):
       g_acc, l_acc, n_acc = carry
@@ -154,11 +158,11 @@ def make_train_step(cfg: DecoderConfig, tx, sched, mesh, shardings):
   return run
 
 
-def make_eval_step(cfg: DecoderConfig, mesh, shardings):
+def make_eval_step(cfg: DecoderConfig, mesh, shardings, loss_chunk: int = loss_lib.DEFAULT_CHUNK):
   """jit'd eval(params, batch[micro, length]) -> (Σ NLL, Σ weights)."""
   model = registry.build(cfg)
   jitted = jax.jit(
-      lambda p, b: loss_sums(model, p, b),
+      lambda p, b: loss_sums(model, p, b, loss_chunk),
       in_shardings=(shardings["params"], sharding.batch_sharding(mesh)),
       out_shardings=sharding.replicated(mesh),
   )

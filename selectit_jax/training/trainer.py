@@ -45,6 +45,7 @@ from selectit_jax.errors import UserError
 from selectit_jax.training import checkpointing
 from selectit_jax.training import data as data_lib
 from selectit_jax.training import export as export_lib
+from selectit_jax.training import loss as loss_lib
 from selectit_jax.training import perf
 from selectit_jax.training import step as step_lib
 
@@ -390,8 +391,9 @@ def run(config) -> dict:
   sched = step_lib.schedule(t, total_steps)
   tx = step_lib.optimizer(t, sched)
   shardings = step_lib.state_shardings(cfg, tx, mesh)
-  train_step = step_lib.make_train_step(cfg, tx, sched, mesh, shardings)
-  eval_step = step_lib.make_eval_step(cfg, mesh, shardings)
+  chunk = int(config.train.get("loss_chunk", loss_lib.DEFAULT_CHUNK))
+  train_step = step_lib.make_train_step(cfg, tx, sched, mesh, shardings, chunk)
+  eval_step = step_lib.make_eval_step(cfg, mesh, shardings, chunk)
   train_shard = step_lib.accumulation_sharding(mesh)
   eval_shard = sharding.batch_sharding(mesh)
 

@@ -1,0 +1,96 @@
+"""The training loss: Σ weight · NLL of each target token, over the vocabulary in chunks.
+
+The [rows, T, vocab] fp32 logits are never whole: the head runs on `chunk` positions of
+every row at a time (a `lax.scan`), and under differentiation each chunk's gradients with
+respect to the hidden states and the head weight are formed right there (a custom VJP, as
+fused linear cross-entropy kernels do), so neither the logits nor the softmax are kept for
+the backward. What is kept: dL/dhidden [rows, T, d] and dL/dW [d, vocab] (fp32). The head
+FLOPs are those of the plain forward and backward; none is recomputed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_CHUNK = 128  # positions of each row per vocabulary chunk (config train.loss_chunk)
+
+
+def chunk_size(length: int, chunk: int) -> int:
+  """The largest divisor of `length` that is at most `chunk` (0: the whole row)."""
+  if chunk <= 0 or chunk >= length:
+    return length
+  return next(c for c in range(chunk, 0, -1) if length % c == 0)
+
+
+def _chunks(x, chunk: int):
+  """[b, t, ...] -> [t // chunk, b, chunk, ...]: rows keep their (sharded) batch axis."""
+  b, t = x.shape[:2]
+  return jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
+
+
+def _unchunk(x):
+  n, b, c = x.shape[:3]
+  return jnp.moveaxis(x, 0, 1).reshape(b, n * c, *x.shape[3:])
+
+
+def _logits(h_bcd, w_dv, softcap):
+  """fp32 logits of a chunk (tanh-capped when `softcap`), and the tanh for its derivative."""
+  z = jnp.einsum("bcd,dv->bcv", h_bcd, w_dv, preferred_element_type=jnp.float32)
+  if softcap is None:
+    return z, None
+  s = jnp.tanh(z / softcap)
+  return s * softcap, s
+
+
+def _nll(z, targets, weights):
+  logz = jax.nn.logsumexp(z, axis=-1)
+  picked = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+  return logz, jnp.sum((logz - picked) * weights)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def nll_sum(hidden_btd, head_dv, targets_bt, weights_bt, chunk: int, softcap: float | None):
+  """Σ weights · (logsumexp(z) − z[target]) with z = hidden · head (fp32), `chunk`
+  positions of each row at a time (`chunk` must divide T: `chunk_size`)."""
+  xs = tuple(_chunks(x, chunk) for x in (hidden_btd, targets_bt, weights_bt.astype(jnp.float32)))
+
+  def body(total, x):
+    h, tgt, wt = x
+    return total + _nll(_logits(h, head_dv, softcap)[0], tgt, wt)[1], None
+
+  return jax.lax.scan(body, jnp.float32(0), xs)[0]
+
+
+def _nll_sum_fwd(hidden_btd, head_dv, targets_bt, weights_bt, chunk, softcap):
+  xs = tuple(_chunks(x, chunk) for x in (hidden_btd, targets_bt, weights_bt.astype(jnp.float32)))
+
+  def body(carry, x):
+    total, dw = carry
+    h, tgt, wt = x
+    z, s = _logits(h, head_dv, softcap)
+    logz, nll = _nll(z, tgt, wt)
+    # d(Σ w·NLL)/dz = w · (softmax(z) − onehot(target)), through the cap's tanh.
+    dz = (jnp.exp(z - logz[..., None]) - jax.nn.one_hot(tgt, z.shape[-1])) * wt[..., None]
+    if s is not None:
+      dz = dz * (1 - s * s)
+    dh = jnp.einsum(
+        "bcv,dv->bcd", dz.astype(head_dv.dtype), head_dv, preferred_element_type=jnp.float32
+    )
+    dw = dw + jnp.einsum("bcd,bcv->dv", h, dz.astype(h.dtype), preferred_element_type=jnp.float32)
+    return (total + nll, dw), dh.astype(h.dtype)
+
+  init = (jnp.float32(0), jnp.zeros(head_dv.shape, jnp.float32))
+  (total, dw), dh = jax.lax.scan(body, init, xs)
+  return total, (_unchunk(dh), dw.astype(head_dv.dtype))
+
+
+def _nll_sum_bwd(chunk, softcap, residuals, g):
+  del chunk, softcap
+  dh, dw = residuals
+  return (g * dh).astype(dh.dtype), (g * dw).astype(dw.dtype), None, None
+
+
+nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd)
