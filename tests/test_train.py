@@ -297,6 +297,40 @@ def test_kill9_resume_reproduces_losses(tiny_checkpoint, tmp_path):
   assert summary["resumed_from"] is not None and summary["final_step"] == last
 
 
+@pytest.mark.slow  # two training runs in subprocesses (~20 s each)
+def test_two_process_training_equals_one(tiny_checkpoint, tmp_path):
+  """`launch/local.sh 2 python -m selectit_jax.train ...`: 2 processes x 4 fake devices joined
+  by jax.distributed, FSDP over all 8, log the losses of a 1-process, 1-device run and export
+  the same weights (arrays no process holds whole, written by process 0)."""
+  from safetensors.numpy import load_file
+
+  data = write_selection(str(tmp_path / "sel.json"), n=24)
+  outs = {n: str(tmp_path / f"p{n}") for n in (1, 2)}
+  for n, out in outs.items():
+    cmd = _cli(
+        tiny_checkpoint, data, out, "--config.train.epochs=1", "--config.export.enabled=True"
+    )
+    cmd += ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.checkpoint.every=100"]
+    env = {k: v for k, v in _env().items() if not k.startswith("JAX_")}
+    env.update(JAX_PLATFORMS="cpu", DEVICES_PER_PROCESS="4")
+    if n == 1:
+      env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    else:
+      cmd = ["bash", "launch/local.sh", "2"] + cmd
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+  one, two = (trainer.read_metrics(os.path.join(outs[n], "metrics.jsonl")) for n in (1, 2))
+  assert sorted(one) == sorted(two) and len(one) >= 2
+  for step in one:
+    assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5), step
+  summary = json.load(open(os.path.join(outs[2], "train_summary.json")))
+  assert (summary["processes"], summary["devices"]) == (2, 8)
+  w1, w2 = (load_file(os.path.join(outs[n], "hf", "model.safetensors")) for n in (1, 2))
+  assert sorted(w1) == sorted(w2)
+  for name in w1:
+    np.testing.assert_allclose(w2[name], w1[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_small_selection_trains_and_exports_a_model_transformers_loads(
     tiny_checkpoint, tmp_path, caplog
 ):
