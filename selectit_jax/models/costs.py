@@ -209,8 +209,8 @@ def train_activation_bytes(
   `head`: the loss (training/loss.py) over `loss_chunk` positions at a time (None: whole
   rows): a chunk's fp32 logits and their gradient [rows, chunk, vocab], the fp32 head
   gradient [d, vocab] and the hidden states' gradient; live before the layers' backward
-  starts, so the peak takes the larger of it and `backward`. `shared`: rotary tables and mask. `fused`: a flash kernel keeps no
-  scores; its residuals are q, k, v, the output and the log-sum-exp, its backward the fp32
+  starts, so the peak takes the larger of it and `backward`. `shared`: rotary tables and
+  mask. `fused`: a flash kernel keeps no scores; its residuals are q, k, v, the output and the log-sum-exp, its backward the fp32
   gradients of q, k and v (not checked against a compiled step here: the kernels compile
   on TPU and GPU only).
   """

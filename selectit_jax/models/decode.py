@@ -279,8 +279,7 @@ class Generator:
       self._shared_kv = jax.jit(
           run, in_shardings=(self._param_sharding, self._replicated), out_shardings=self._replicated
       )
-    # One row, which need not divide the batch axes: run it replicated.
-    with sharding.activate(self.mesh, (("activation_batch", None),) + sharding.LOGICAL_AXIS_RULES):
+    with sharding.activate(self.mesh, sharding.REPLICATED_ROWS_RULES):
       return self._shared_kv(self.params, np.asarray([ids], np.int32))
 
   def generate(

@@ -31,6 +31,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+# A handful of rows that need not divide the batch axes (prefix prefills): run them replicated.
+REPLICATED_ROWS_RULES = (("activation_batch", None),) + LOGICAL_AXIS_RULES
+
+
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules: tuple[tuple[str, Any], ...] = LOGICAL_AXIS_RULES):
   """The mesh and axis rules every jit'd model call runs under. `jax.set_mesh`, not

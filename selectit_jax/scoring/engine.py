@@ -248,8 +248,7 @@ class Scorer:
       tokens[k, : len(ids)] = ids
     if self._prefill_jit is None:  # one jit for every table (`load_prefixes`)
       self._prefill_jit = self._prefill_fn(cfg, replicated)
-    # A handful of rows that need not divide the batch axes: run them replicated.
-    with sharding.activate(self.mesh, (("activation_batch", None),) + sharding.LOGICAL_AXIS_RULES):
+    with sharding.activate(self.mesh, sharding.REPLICATED_ROWS_RULES):
       table = self._prefill_jit(self.params, tokens, valid)
       jax.block_until_ready(table)
     self.prefill_seconds += time.perf_counter() - start

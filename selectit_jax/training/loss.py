@@ -31,6 +31,11 @@ def _chunks(x, chunk: int):
   return jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
 
 
+def _chunked(hidden_btd, targets_bt, weights_bt, chunk: int):
+  """The scan's inputs: hidden states, targets and fp32 weights, chunk by chunk."""
+  return tuple(_chunks(x, chunk) for x in (hidden_btd, targets_bt, weights_bt.astype(jnp.float32)))
+
+
 def _unchunk(x):
   n, b, c = x.shape[:3]
   return jnp.moveaxis(x, 0, 1).reshape(b, n * c, *x.shape[3:])
@@ -55,7 +60,7 @@ def _nll(z, targets, weights):
 def nll_sum(hidden_btd, head_dv, targets_bt, weights_bt, chunk: int, softcap: float | None):
   """Σ weights · (logsumexp(z) − z[target]) with z = hidden · head (fp32), `chunk`
   positions of each row at a time (`chunk` must divide T: `chunk_size`)."""
-  xs = tuple(_chunks(x, chunk) for x in (hidden_btd, targets_bt, weights_bt.astype(jnp.float32)))
+  xs = _chunked(hidden_btd, targets_bt, weights_bt, chunk)
 
   def body(total, x):
     h, tgt, wt = x
@@ -65,7 +70,7 @@ def nll_sum(hidden_btd, head_dv, targets_bt, weights_bt, chunk: int, softcap: fl
 
 
 def _nll_sum_fwd(hidden_btd, head_dv, targets_bt, weights_bt, chunk, softcap):
-  xs = tuple(_chunks(x, chunk) for x in (hidden_btd, targets_bt, weights_bt.astype(jnp.float32)))
+  xs = _chunked(hidden_btd, targets_bt, weights_bt, chunk)
 
   def body(carry, x):
     total, dw = carry
