@@ -22,7 +22,12 @@ from configs import select as select_config
 
 def get_config(arg=None):
   train_name, _, train_arg = (arg or "train_smollm2_135m").partition(":")
-  train_module = importlib.import_module(f"configs.{train_name}")
+  try:
+    train_module = importlib.import_module(f"configs.{train_name}")
+  except ModuleNotFoundError:
+    raise ValueError(
+        f"configs/study.py:{arg}: no training config configs/{train_name}.py"
+    ) from None
   c = ml_collections.ConfigDict()
   c.scores_dir = ""  # the scored pool (comma list: several raters, for selectit_model)
   # How SelectIT ranks the pool (mode, alpha, proportion, k, weights); every arm but 'full'

@@ -74,6 +74,8 @@ def test_study_config_takes_another_training_config():
   assert study_config.get_config().train.model.embedded == "smollm2_135m"
   with pytest.raises(ValueError, match="unknown slice 'v9'"):
     study_config.get_config("train_llama2_7b:v9")
+  with pytest.raises(ValueError, match="no training config configs/nosuch.py"):
+    study_config.get_config("nosuch")
 
 
 def test_paired_bootstrap():
