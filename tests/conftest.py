@@ -360,6 +360,49 @@ def right_padded(seqs):
   return tokens, positions, segments
 
 
+def assert_training_grads_match_transformers(cfg, params, ref_model, seqs):
+  """Gradients of the trainer's loss (training.step.loss_sums, per-token mean over every
+  predicted token of right-padded rows) equal transformers' backward of the same loss, for
+  every HF weight but the norms (Gemma stores 1 + w, so its norm gradients map otherwise)."""
+  import torch  # noqa: PLC0415
+
+  from selectit_jax.models import registry  # noqa: PLC0415
+  from selectit_jax.training import step as step_lib  # noqa: PLC0415
+
+  tokens, positions, segments = right_padded(seqs)
+  weights = segments.copy()
+  for i, s in enumerate(seqs):
+    weights[i, len(s) - 1] = 0  # the last token predicts nothing
+  batch = dict(
+      inputs=tokens,
+      positions=positions,
+      segment_ids=segments,
+      targets=np.roll(tokens, -1, axis=1),
+      weights=weights.astype(np.float32),
+  )
+  model = registry.build(cfg)
+  mean_nll = lambda p: jnp.divide(*step_lib.loss_sums(model, p, batch))
+  ours = dict(hf.hf_tensors(cfg, jax.jit(jax.grad(mean_nll))(params)))
+
+  ref_model.zero_grad()
+  logits = ref_model(
+      input_ids=torch.tensor(tokens, dtype=torch.long),
+      attention_mask=torch.tensor(segments, dtype=torch.long),
+  ).logits
+  labels = torch.tensor(np.where(weights > 0, batch["targets"], -100), dtype=torch.long)
+  torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+  checked = 0
+  for name, param in ref_model.named_parameters():
+    if "norm" in name:
+      continue
+    want = param.grad.numpy()
+    np.testing.assert_allclose(
+        ours[name], want, atol=2e-5 * np.abs(want).max(), rtol=0, err_msg=name
+    )
+    checked += 1
+  assert checked >= 1 + 7 * cfg.num_layers
+
+
 # Three local layers then a global one, window 8: the 30-token texts cross it.
 TINY_GEMMA3 = Gemma3Config(
     vocab_size=300,

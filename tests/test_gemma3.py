@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 
+from conftest import assert_training_grads_match_transformers
 from conftest import right_padded
 from conftest import REFERENCE_PROMPTS, sharegpt_records
 from conftest import TINY_GEMMA3 as TINY, write_tiny_gemma3 as _write_tiny
@@ -68,6 +69,17 @@ def test_tiny_checkpoint_logits_match_transformers(tiny):
       ).max()
       > 1e-3
   )
+
+
+def test_training_gradients_match_transformers(tiny):
+  """GeGLU's own VJP, the sliding window and the tied head under the trainer's loss."""
+  directory, model = tiny
+  ref = transformers.Gemma3ForCausalLM.from_pretrained(
+      directory, dtype=torch.float32, attn_implementation="eager"
+  )
+  rng = np.random.default_rng(1)
+  seqs = [rng.integers(0, model.config.vocab_size, n).tolist() for n in (30, 5, 19)]
+  assert_training_grads_match_transformers(model.config, model.params, ref, seqs)
 
 
 def test_prefix_cache_and_readout_keep_the_window(tiny):

@@ -9,6 +9,7 @@ embeddings use HF's half-split layout, so HF safetensors load unpermuted.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -205,6 +206,26 @@ _ACTIVATIONS = {
 }
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gated(act, g, u):
+  """act(g) ⊙ u whose backward keeps only g and u and recomputes act(g): autodiff kept three
+  to four [rows, f] arrays a layer, and reading them back cost more than the recompute."""
+  return act(g) * u
+
+
+def _gated_fwd(act, g, u):
+  return act(g) * u, (g, u)
+
+
+def _gated_bwd(act, res, dh):
+  g, u = res
+  a, act_vjp = jax.vjp(act, g)
+  return act_vjp(dh * u)[0], dh * a
+
+
+_gated.defvjp(_gated_fwd, _gated_bwd)
+
+
 class Mlp(nn.Module):
   """Gated feed-forward: act(x·gate) ⊙ (x·up) · down; SwiGLU by default."""
 
@@ -218,11 +239,12 @@ class Mlp(nn.Module):
     gate = _weight(self, "gate", (d, f), ("embed", "mlp"), d)
     up = _weight(self, "up", (d, f), ("embed", "mlp"), d)
     down = _weight(self, "down", (f, d), ("mlp", "embed"), f)
-    hidden = _ACTIVATIONS[self.activation](x_btd @ gate) * (x_btd @ up)
-    hidden = nn.with_logical_constraint(
-        hidden, ("activation_batch", "activation_length", "activation_mlp")
-    )
-    return hidden @ down
+    # Rows flattened to 2-D: XLA:CPU turns the weight gradients of [b, t, ·] matmuls
+    # (contracting b and t) into strided transposes that cost as much as the matmuls.
+    x = x_btd.reshape(-1, d)
+    hidden = _gated(_ACTIVATIONS[self.activation], x @ gate, x @ up)
+    hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_mlp"))
+    return (hidden @ down).reshape(x_btd.shape)
 
 
 class Prefix(NamedTuple):
