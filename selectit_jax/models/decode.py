@@ -269,18 +269,9 @@ class Generator:
     """Keys and values [layers, 1, kv, n, hd] of the tokens every prompt of a call starts
     with, computed once per call (one row, replicated) instead of once per prompt."""
     if self._shared_kv is None:
-
-      def run(params, tokens_1t):
-        positions = jnp.arange(tokens_1t.shape[1], dtype=jnp.int32)[None]
-        return self._model.apply(
-            {"params": params}, tokens_1t, positions, jnp.ones_like(tokens_1t)
-        )[1]
-
-      self._shared_kv = jax.jit(
-          run, in_shardings=(self._param_sharding, self._replicated), out_shardings=self._replicated
-      )
-    with sharding.activate(self.mesh, sharding.REPLICATED_ROWS_RULES):
-      return self._shared_kv(self.params, np.asarray([ids], np.int32))
+      self._shared_kv = registry.prefix_prefill(self.cfg, self._param_sharding, self.mesh)
+    prefix = self._shared_kv(self.params, np.asarray([ids], np.int32), np.ones((1, len(ids)), bool))
+    return prefix.k, prefix.v
 
   def generate(
       self,

@@ -9,9 +9,13 @@ import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from selectit_jax.models import gemma3
 from selectit_jax.models import llama
+from selectit_jax.models.layers import Prefix
+from selectit_jax.parallel import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +88,29 @@ def for_gguf(arch: str) -> Family:
 def build(cfg, **kwargs) -> nn.Module:
   """The decoder module of a config's family."""
   return for_config(cfg).module(cfg, **kwargs)
+
+
+def prefix_prefill(cfg, param_sharding, mesh) -> Callable:
+  """(params, tokens [n, p], valid [n, p] bool) -> the `Prefix` of those rows (keys and values
+  of each row's valid positions, counted from 0), jit'd once and replicated over `mesh`: the
+  shared prompt prefixes of the scoring engine and of the decoder, a few short rows."""
+  model = build(cfg, collect_kv=True)
+  replicated = sharding.replicated(mesh)
+
+  def prefill(params, tokens, valid):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    _, (k, v) = model.apply({"params": params}, tokens, positions, valid.astype(jnp.int32))
+    return Prefix(k, v, valid)
+
+  jitted = jax.jit(
+      prefill, in_shardings=(param_sharding, replicated, replicated), out_shardings=replicated
+  )
+
+  def run(params, tokens, valid):
+    with sharding.activate(mesh, sharding.REPLICATED_ROWS_RULES):
+      return jitted(params, tokens, valid)
+
+  return run
 
 
 def config_from_hf(hf: dict[str, Any], **overrides):

@@ -247,26 +247,11 @@ class Scorer:
     for k, ids in enumerate(prefixes):
       tokens[k, : len(ids)] = ids
     if self._prefill_jit is None:  # one jit for every table (`load_prefixes`)
-      self._prefill_jit = self._prefill_fn(cfg, replicated)
-    with sharding.activate(self.mesh, sharding.REPLICATED_ROWS_RULES):
-      table = self._prefill_jit(self.params, tokens, valid)
-      jax.block_until_ready(table)
+      param_sharding = jax.tree.map(lambda x: x.sharding, self.params)
+      self._prefill_jit = registry.prefix_prefill(cfg, param_sharding, self.mesh)
+    table = jax.block_until_ready(self._prefill_jit(self.params, tokens, valid))
     self.prefill_seconds += time.perf_counter() - start
     return table
-
-  def _prefill_fn(self, cfg: DecoderConfig, replicated):
-    """The jit'd prefill: (params, tokens, valid [n, p]) -> Prefix, replicated."""
-    model = registry.build(cfg, collect_kv=True)
-
-    def prefill(params, tokens_np, valid_np):
-      positions = jnp.broadcast_to(jnp.arange(tokens_np.shape[1], dtype=jnp.int32), tokens_np.shape)
-      _, (k, v) = model.apply({"params": params}, tokens_np, positions, valid_np.astype(jnp.int32))
-      return Prefix(k, v, valid_np)
-
-    param_sh = jax.tree.map(lambda x: x.sharding, self.params)
-    return jax.jit(
-        prefill, in_shardings=(param_sh, replicated, replicated), out_shardings=replicated
-    )
 
   def owned_rows(self) -> np.ndarray:
     """Rows of a batch this process writes: those on its devices (the lowest process
