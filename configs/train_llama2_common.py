@@ -43,7 +43,7 @@ def get_config(size: str, micro: dict, arg: str | None) -> ml_collections.Config
   )
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
-  c.model.remat = remat
+  c.model.remat = "full" if remat else "none"
   c.data.max_length = 4096  # the released scripts' limit; the paper's experiments: 2048
   c.data.template = "alpaca"  # LLaMA-2 base models have no chat template
   c.train.batch_size = 128  # examples a step, packed into rows within the step

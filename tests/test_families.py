@@ -144,6 +144,31 @@ def test_training_gradients_match_transformers(case):
   assert_training_grads_match_transformers(cfg, model.params, ref, seqs)
 
 
+@pytest.mark.parametrize("remat", ["dots", "full", True])
+def test_remat_policies_keep_the_gradients(remat):
+  """What a block keeps for the backward (`model.remat`) changes memory and speed only."""
+  from selectit_jax.models.layers import remat_mode
+  from selectit_jax.training import step as step_lib
+
+  cfg = CASES["qwen2"][0]
+  params = _random_params(cfg)
+  rng = np.random.default_rng(2)
+  tokens, positions, segments = right_padded([rng.integers(0, 300, n).tolist() for n in (17, 9)])
+  batch = dict(
+      inputs=tokens,
+      positions=positions,
+      segment_ids=segments,
+      targets=np.roll(tokens, -1, axis=1),
+      weights=segments.astype(np.float32),
+  )
+  grads = lambda c: jax.grad(lambda p: step_lib.loss_sums(registry.build(c), p, batch)[0])(params)
+  plain, other = grads(cfg), grads(dataclasses.replace(cfg, remat=remat_mode(remat)))
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(other)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(a).max())
+  with pytest.raises(ValueError, match="model.remat='some' is not one of"):
+    remat_mode("some")
+
+
 def test_engine_with_shared_prefix_matches_transformers(case):
   """P(5 chosen tokens) at the last position through the scoring engine (a 12-token shared
   prefix computed once, packed rows) vs the full softmax of transformers."""

@@ -280,5 +280,7 @@ def test_flash_kernels_keep_no_scores():
   layer = lambda t, fused: memory.estimate(cfg, sizes, 1, t, fused=fused).parts["layer"]
   assert layer(8192, False) / layer(4096, False) > 3.5
   assert layer(8192, True) / layer(4096, True) < 2.1
+  # Training keeps no scores on either path: the jnp one recomputes them in its backward.
+  # (The jnp path's extra: each query block's key slices.)
   train = lambda fused: memory.train_estimate(cfg, sizes, 4, 2048, fused=fused).parts["saved"]
-  assert train(True) < train(False) / 3  # the tiny model: scores are most of a layer
+  assert train(True) < train(False) < 1.3 * train(True)

@@ -149,20 +149,51 @@ def attend(q_bkgth, k_bksh, v_bksh, mask, scale):
   return partial_attend(q_bkgth, k_bksh, v_bksh, mask, scale)[0]
 
 
-def partial_attend(q_bkgth, k_bksh, v_bksh, mask, scale):
-  """`attend` and the log-sum-exp of the scaled, masked logits [b, kv, g, t] (fully
-  masked rows: ≈ MASK_VALUE, so `merge` gives them no weight)."""
-  logits = (
-      jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh, preferred_element_type=jnp.float32) * scale
-  )
-  logits = jnp.where(mask, logits, MASK_VALUE)
+def _logits(q_bkgth, k_bksh, mask, scale):
+  logits = jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh, preferred_element_type=jnp.float32)
+  return jnp.where(mask, logits * scale, MASK_VALUE)
+
+
+def _partial_attend_fwd(q_bkgth, k_bksh, v_bksh, mask, scale):
+  logits = _logits(q_bkgth, k_bksh, mask, scale)
   peak = jnp.max(logits, axis=-1, keepdims=True)
   unnorm = jnp.exp(logits - peak)
   out = jnp.einsum(
       "bkgts,bksh->bkgth", unnorm.astype(v_bksh.dtype), v_bksh, preferred_element_type=jnp.float32
   )
   total = jnp.sum(unnorm, axis=-1, keepdims=True)
-  return out / total, (peak + jnp.log(total))[..., 0]
+  out = out / total
+  return (out, (peak + jnp.log(total))[..., 0]), (q_bkgth, k_bksh, v_bksh, mask, out, peak, total)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def partial_attend(q_bkgth, k_bksh, v_bksh, mask, scale):
+  """`attend` and the log-sum-exp of the scaled, masked logits [b, kv, g, t] (fully
+  masked rows: ≈ MASK_VALUE, so `merge` gives them no weight).
+
+  Its backward is FlashAttention's: it keeps q, k, v, the output and the softmax's max and
+  sum, and recomputes the probabilities from them, so no [t, s] array a layer is stored for
+  the backward pass (autodiff stored three)."""
+  return _partial_attend_fwd(q_bkgth, k_bksh, v_bksh, mask, scale)[0]
+
+
+def _partial_attend_bwd(scale, res, cotangents):
+  q, k, v, mask, out, peak, total = res
+  d_out, d_lse = cotangents
+  f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+  probs = jnp.exp(_logits(q, k, mask, scale) - peak) / total
+  # d logits = p ⊙ (dp − rowsum(dO ⊙ O) + d_lse); masked entries have p = 0 (the where).
+  d_probs = f32("bkgth,bksh->bkgts", d_out.astype(v.dtype), v)
+  row = jnp.sum(d_out * out, axis=-1, keepdims=True) - d_lse[..., None]
+  d_logits = jnp.where(mask, probs * (d_probs - row) * scale, 0.0)
+  # The small operand first, so XLA:CPU transposes it, not the [t, s] one.
+  dv = f32("bkgth,bkgts->bksh", d_out.astype(v.dtype), probs.astype(v.dtype))
+  dk = f32("bkgth,bkgts->bksh", q, d_logits.astype(q.dtype))
+  dq = f32("bkgts,bksh->bkgth", d_logits.astype(k.dtype), k)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+partial_attend.defvjp(_partial_attend_fwd, _partial_attend_bwd)
 
 
 def merge(out_a, lse_a, out_b, lse_b):

@@ -19,6 +19,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from selectit_jax.models.layers import remat_mode
+
 
 def layer_matmul_params(cfg) -> int:
   """Weights of one decoder block's matmuls (q, k, v, o and the gated MLP)."""
@@ -198,14 +200,14 @@ def train_activation_bytes(
   (`training/step.loss_sums` under `jax.value_and_grad`, layers under `nn.scan`).
 
   `saved`: what the forward keeps for the backward. Without remat, every layer's residuals:
-  per query block the masked fp32 scores, their exp and its cast to the compute dtype for
-  PV (and the layer's mask, where sliding windows make it per layer); per norm over d three
+  per query block the softmax's fp32 max and sum (`attention.partial_attend` recomputes the
+  scores in its backward; the layer's mask, where sliding windows make it per layer); per norm over d three
   [rows, T, d] buffers (fp32 inside) plus the two residual adds; the MLP's gate, up,
   activation and product (GeGLU's tanh keeps two more); q (three more with q/k norms), each
   block's q and fp32 output, k, v and each block's key/value slices. With remat
   (`nn.remat` per layer) only each layer's input [rows, T, d]. `backward`: one
-  layer's backward in flight: without remat the fp32 score gradients and broadcast masks of
-  all blocks plus fp32 MLP and stream gradients; with remat also the recomputed scores.
+  layer's backward in flight: without remat the recomputed fp32 probabilities, their
+  gradients and broadcast masks of all blocks plus fp32 MLP and stream gradients; with remat also the recomputed scores.
   `head`: the loss (training/loss.py) over `loss_chunk` positions at a time (None: whole
   rows): a chunk's fp32 logits and their gradient [rows, chunk, vocab], the fp32 head
   gradient [d, vocab] and the hidden states' gradient; live before the layers' backward
@@ -214,7 +216,8 @@ def train_activation_bytes(
   gradients of q, k and v (not checked against a compiled step here: the kernels compile
   on TPU and GPU only).
   """
-  remat = cfg.remat if remat is None else remat
+  # Only `full` keeps less than the estimate below (`dots` keeps less, estimated as none).
+  remat = remat_mode(cfg.remat if remat is None else remat) == "full"
   ab = _itemsize(cfg.dtype)
   d, hd, t = cfg.hidden_size, cfg.head_dim, length
   h, kv, f, v = _per_device(cfg, tensor)
@@ -222,10 +225,11 @@ def train_activation_bytes(
   blocks = query_blocks(cfg, t)
   pairs = rows * h * sum(n * keys for n, keys in blocks)
   key_slices = rows * kv * sum(keys for _, keys in blocks) * hd
-  cast = ab if ab < 4 else 0  # the exp's copy in the compute dtype (none in fp32)
   fp32_stream = 3 * norms * 4 if ab == 4 else (3 * norms - 2) * 4  # two norm outputs in ab
   layer = (
-      pairs * (8 + cast + _sliding(cfg))
+      # attention.partial_attend keeps each query's softmax max and sum, not the scores
+      pairs * _sliding(cfg)
+      + rows * h * t * 8
       + rows * t * d * (fp32_stream + 2 * ab)
       + rows * t * f * (8 if geglu else 6) * ab
       + rows * h * t * hd * ((1 + 3 * qk_norm) * ab + 2 * 4 + 2 * ab)
@@ -233,7 +237,7 @@ def train_activation_bytes(
   )
   if fused:  # the scores' terms become the kernel's residuals and gradients
     kernel = rows * h * t * (hd * ab + 4) + 2 * rows * kv * t * hd * ab
-    layer += kernel - pairs * (8 + cast + _sliding(cfg)) - 2 * key_slices * ab
+    layer += kernel - pairs * _sliding(cfg) - rows * h * t * 8 - 2 * key_slices * ab
     pairs = 0
     kernel_grads = rows * (h + 2 * kv) * t * hd * 4
   else:
@@ -243,7 +247,7 @@ def train_activation_bytes(
     backward = pairs * (2 * 4 + 1) + rows * t * (4 * d + 2 * f) * 4 + kernel_grads
   else:
     saved = cfg.num_layers * layer
-    backward = pairs * (4 + 1) + rows * t * (f + 2 * d) * 4 + kernel_grads
+    backward = pairs * (2 * 4 + 1) + rows * t * (f + 2 * d) * 4 + kernel_grads
   return dict(
       saved=saved,
       backward=backward,

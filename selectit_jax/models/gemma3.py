@@ -61,7 +61,7 @@ class Gemma3Config:
   max_position_embeddings: int = 32768
   dtype: str = "float32"
   param_dtype: str = "float32"
-  remat: bool = False
+  remat: bool | str = False  # layers.REMAT_POLICIES: none | dots | full (True: full)
   attention_block: int = 128
   # Attention kernel (models/attention.py): auto | xla | splash | pallas_gpu | cudnn; the
   # kernels do not apply the sliding window (auto: jnp where it can hide keys).

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from selectit_jax.models import attention
 from selectit_jax.models.attention import attention_mask
+from selectit_jax.errors import UserError
 
 # Any family's config dataclass: these layers read hidden_size, head counts, head_dim, eps,
 # rope settings, dtypes, attention_block and attention (the kernel) from it.
@@ -261,6 +262,26 @@ class Prefix(NamedTuple):
 # the families: parameters around the layer stack, the prefix mask, the last-layer read-out.
 
 
+# What each block keeps for the backward pass (`model.remat`): everything (none); only the
+# weight matmuls' outputs, recomputing norms, rotations, the attention core and the MLP's
+# activation (dots: the CPU trainer's fastest, saves memory too); only its input (full).
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def remat_mode(value) -> str:
+  """`model.remat` as one of REMAT_POLICIES (True and False, as older configs say: full, none)."""
+  mode = {True: "full", False: "none", "true": "full", "false": "none"}.get(
+      value.lower() if isinstance(value, str) else bool(value), value
+  )
+  if mode not in REMAT_POLICIES:
+    raise UserError(f"model.remat={value!r} is not one of {sorted(REMAT_POLICIES)}")
+  return mode
+
+
 def decoder_params(module: nn.Module, block: type, layer_flags: int) -> None:
   """Sets `module.embedding`, `module.layers` (the block scanned over a leading `layers` axis;
   its call takes the carry x, then sin, cos and mask for every layer, the prefix's per-layer
@@ -273,7 +294,8 @@ def decoder_params(module: nn.Module, block: type, layer_flags: int) -> None:
       (c.vocab_size, c.hidden_size),
       c.param_dtype,
   )
-  block = nn.remat(block, prevent_cse=False) if c.remat else block
+  policy = REMAT_POLICIES[remat_mode(c.remat)]
+  block = block if policy is None else nn.remat(block, prevent_cse=False, policy=policy)
   module.layers = nn.scan(
       block,
       variable_axes={"params": 0},

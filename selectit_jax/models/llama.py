@@ -61,7 +61,7 @@ class LlamaConfig:
   max_position_embeddings: int = 4096
   dtype: str = "float32"  # activations / matmul inputs
   param_dtype: str = "float32"  # stored weights
-  remat: bool = False  # rematerialize each block in the backward pass
+  remat: bool | str = False  # layers.REMAT_POLICIES: none | dots | full (True: full)
   # Causal attention in query blocks of this many rows, each against only the keys up to its
   # end, so the masked upper triangle is mostly skipped (0 = one block: the full t×t square).
   attention_block: int = 128
