@@ -626,6 +626,7 @@ def part_train_ours(workdir):
   import importlib.util
   import jax
   from selectit_jax import checkpoints
+  from selectit_jax.models.layers import remat_mode
   from selectit_jax.parallel import sharding
   from selectit_jax.training import step as step_lib
 
@@ -637,7 +638,11 @@ def part_train_ours(workdir):
   config = module.get_config()
   mesh = sharding.make_mesh(config.mesh)
   model = checkpoints.load_model(
-      data["model_path"], mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype
+      data["model_path"],
+      mesh,
+      dtype=config.model.dtype,
+      param_dtype=config.model.param_dtype,
+      remat=remat_mode(config.model.remat),
   )
   cfg = model.config
   sched = step_lib.schedule(config.train, 1000)
@@ -659,7 +664,7 @@ def part_train_ours(workdir):
   _time_steps(
       step,
       time.perf_counter() - start,
-      "ours (selectit_jax.training step, fp32)",
+      f"ours (selectit_jax.training step, fp32, remat={cfg.remat})",
       workdir,
       "train_ours",
       loss,
