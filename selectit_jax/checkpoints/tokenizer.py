@@ -69,13 +69,13 @@ def _gguf_tokenizer(path: str):
   `AutoTokenizer.from_pretrained(gguf_file=...)` would do the same but imports PyTorch to read
   the file; the metadata is read here with `gguf`, so scoring needs no PyTorch.
   """
-  import gguf
   import transformers
   from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
 
+  from selectit_jax.checkpoints import gguf as gguf_lib
   from selectit_jax.checkpoints.gguf_pretokenizers import apply_gguf_pre_tokenizer
 
-  fields = gguf.GGUFReader(path).fields
+  fields = gguf_lib.reader(path).fields
   meta = {
       k: f.contents()
       for k, f in fields.items()
