@@ -360,6 +360,18 @@ def right_padded(seqs):
   return tokens, positions, segments
 
 
+def training_batch(seqs) -> dict:
+  """A trainer micro-batch of right-padded rows, one text a row, every next token a target."""
+  tokens, positions, segments = right_padded(seqs)
+  weights = segments.astype(np.float32)
+  for i, s in enumerate(seqs):
+    weights[i, len(s) - 1] = 0  # the last token predicts nothing
+  targets = np.roll(tokens, -1, axis=1)
+  return dict(
+      inputs=tokens, positions=positions, segment_ids=segments, targets=targets, weights=weights
+  )
+
+
 def assert_training_grads_match_transformers(cfg, params, ref_model, seqs):
   """Gradients of the trainer's loss (training.step.loss_sums, per-token mean over every
   predicted token of right-padded rows) equal transformers' backward of the same loss, for
@@ -369,17 +381,8 @@ def assert_training_grads_match_transformers(cfg, params, ref_model, seqs):
   from selectit_jax.models import registry  # noqa: PLC0415
   from selectit_jax.training import step as step_lib  # noqa: PLC0415
 
-  tokens, positions, segments = right_padded(seqs)
-  weights = segments.copy()
-  for i, s in enumerate(seqs):
-    weights[i, len(s) - 1] = 0  # the last token predicts nothing
-  batch = dict(
-      inputs=tokens,
-      positions=positions,
-      segment_ids=segments,
-      targets=np.roll(tokens, -1, axis=1),
-      weights=weights.astype(np.float32),
-  )
+  batch = training_batch(seqs)
+  tokens, segments, weights = batch["inputs"], batch["segment_ids"], batch["weights"]
   model = registry.build(cfg)
   mean_nll = lambda p: jnp.divide(*step_lib.loss_sums(model, p, batch))
   ours = dict(hf.hf_tensors(cfg, jax.jit(jax.grad(mean_nll))(params)))

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import assert_training_grads_match_transformers
 from conftest import right_padded
+from conftest import training_batch
 import torch
 import transformers
 
@@ -153,14 +154,7 @@ def test_remat_policies_keep_the_gradients(remat):
   cfg = CASES["qwen2"][0]
   params = _random_params(cfg)
   rng = np.random.default_rng(2)
-  tokens, positions, segments = right_padded([rng.integers(0, 300, n).tolist() for n in (17, 9)])
-  batch = dict(
-      inputs=tokens,
-      positions=positions,
-      segment_ids=segments,
-      targets=np.roll(tokens, -1, axis=1),
-      weights=segments.astype(np.float32),
-  )
+  batch = training_batch([rng.integers(0, 300, n).tolist() for n in (17, 9)])
   grads = lambda c: jax.grad(lambda p: step_lib.loss_sums(registry.build(c), p, batch)[0])(params)
   plain, other = grads(cfg), grads(dataclasses.replace(cfg, remat=remat_mode(remat)))
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(other)):
