@@ -626,7 +626,6 @@ def part_train_ours(workdir):
   import importlib.util
   import jax
   from selectit_jax import checkpoints
-  from selectit_jax.models.layers import remat_mode
   from selectit_jax.parallel import sharding
   from selectit_jax.training import step as step_lib
 
@@ -642,7 +641,7 @@ def part_train_ours(workdir):
       mesh,
       dtype=config.model.dtype,
       param_dtype=config.model.param_dtype,
-      remat=remat_mode(config.model.remat),
+      remat=config.model.remat,
   )
   cfg = model.config
   sched = step_lib.schedule(config.train, 1000)

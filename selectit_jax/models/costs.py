@@ -201,23 +201,23 @@ def train_activation_bytes(
 
   `saved`: what the forward keeps for the backward. Without remat, every layer's residuals:
   per query block the softmax's fp32 max and sum (`attention.partial_attend` recomputes the
-  scores in its backward; the layer's mask, where sliding windows make it per layer); per norm over d three
-  [rows, T, d] buffers (fp32 inside) plus the two residual adds; the MLP's gate, up,
-  activation and product (GeGLU's tanh keeps two more); q (three more with q/k norms), each
-  block's q and fp32 output, k, v and each block's key/value slices. With remat
-  (`nn.remat` per layer) only each layer's input [rows, T, d]. `backward`: one
-  layer's backward in flight: without remat the recomputed fp32 probabilities, their
-  gradients and broadcast masks of all blocks plus fp32 MLP and stream gradients; with remat also the recomputed scores.
-  `head`: the loss (training/loss.py) over `loss_chunk` positions at a time (None: whole
-  rows): a chunk's fp32 logits and their gradient [rows, chunk, vocab], the fp32 head
-  gradient [d, vocab] and the hidden states' gradient; live before the layers' backward
-  starts, so the peak takes the larger of it and `backward`. `shared`: rotary tables and
-  mask. `fused`: a flash kernel keeps no scores; its residuals are q, k, v, the output and the log-sum-exp, its backward the fp32
-  gradients of q, k and v (not checked against a compiled step here: the kernels compile
-  on TPU and GPU only).
+  scores in its backward; the layer's mask, where sliding windows make it per layer); per
+  norm over d three [rows, T, d] buffers (fp32 inside) plus the two residual adds; the MLP's
+  gate, up, activation and product (counted as autodiff kept them; the gated VJP keeps
+  fewer, so this errs high); q (three more with q/k norms), each block's q and fp32 output,
+  k, v and each block's key/value slices. With remat `full` (`nn.remat` per layer) only
+  each layer's input [rows, T, d]; `dots` is counted as none. `backward`: one layer's
+  backward in flight: without remat the recomputed fp32 probabilities, their gradients and
+  the broadcast masks of all blocks plus fp32 MLP and stream gradients; with remat also the
+  recomputed scores. `head`: the loss (training/loss.py) over `loss_chunk` positions at a
+  time (None: whole rows): a chunk's fp32 logits and their gradient [rows, chunk, vocab],
+  the fp32 head gradient [d, vocab] and the hidden states' gradient; live before the
+  layers' backward starts, so the peak takes the larger of it and `backward`. `shared`:
+  rotary tables and mask. `fused`: a flash kernel keeps no scores; its residuals are q, k,
+  v, the output and the log-sum-exp, its backward the fp32 gradients of q, k and v (not
+  checked against a compiled step here: the kernels compile on TPU and GPU only).
   """
-  # Only `full` keeps less than the estimate below (`dots` keeps less, estimated as none).
-  remat = remat_mode(cfg.remat if remat is None else remat) == "full"
+  remat = (cfg.remat if remat is None else remat_mode(remat)) == "full"
   ab = _itemsize(cfg.dtype)
   d, hd, t = cfg.hidden_size, cfg.head_dim, length
   h, kv, f, v = _per_device(cfg, tensor)

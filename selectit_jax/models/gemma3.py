@@ -19,6 +19,7 @@ import numpy as np
 
 from selectit_jax.models import attention
 from selectit_jax.models.layers import (
+    remat_mode,
     Attention,
     Mlp,
     Prefix,
@@ -61,7 +62,7 @@ class Gemma3Config:
   max_position_embeddings: int = 32768
   dtype: str = "float32"
   param_dtype: str = "float32"
-  remat: bool | str = False  # layers.REMAT_POLICIES: none | dots | full (True: full)
+  remat: str = "none"  # layers.REMAT_POLICIES: none | dots | full (True/False: full/none)
   attention_block: int = 128
   # Attention kernel (models/attention.py): auto | xla | splash | pallas_gpu | cudnn; the
   # kernels do not apply the sliding window (auto: jnp where it can hide keys).
@@ -74,6 +75,8 @@ class Gemma3Config:
       )
     if self.layer_types is not None and len(self.layer_types) != self.num_layers:
       raise ValueError(f"{len(self.layer_types)} layer_types for {self.num_layers} layers")
+    # One spelling from here on (True/False from older configs): layers.REMAT_POLICIES.
+    object.__setattr__(self, "remat", remat_mode(self.remat))
     attention.check_backend(self.attention)
 
   @property

@@ -294,7 +294,7 @@ def decoder_params(module: nn.Module, block: type, layer_flags: int) -> None:
       (c.vocab_size, c.hidden_size),
       c.param_dtype,
   )
-  policy = REMAT_POLICIES[remat_mode(c.remat)]
+  policy = REMAT_POLICIES[c.remat]
   block = block if policy is None else nn.remat(block, prevent_cse=False, policy=policy)
   module.layers = nn.scan(
       block,

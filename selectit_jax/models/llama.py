@@ -13,6 +13,7 @@ import numpy as np
 
 from selectit_jax.models import attention
 from selectit_jax.models.layers import (
+    remat_mode,
     Attention,
     Mlp,
     Prefix,
@@ -61,7 +62,7 @@ class LlamaConfig:
   max_position_embeddings: int = 4096
   dtype: str = "float32"  # activations / matmul inputs
   param_dtype: str = "float32"  # stored weights
-  remat: bool | str = False  # layers.REMAT_POLICIES: none | dots | full (True: full)
+  remat: str = "none"  # layers.REMAT_POLICIES: none | dots | full (True/False: full/none)
   # Causal attention in query blocks of this many rows, each against only the keys up to its
   # end, so the masked upper triangle is mostly skipped (0 = one block: the full t×t square).
   attention_block: int = 128
@@ -79,6 +80,8 @@ class LlamaConfig:
     if self.model_type not in _ARCHITECTURES:
       raise ValueError(f"model_type {self.model_type!r} is not one of {sorted(_ARCHITECTURES)}")
     attention.check_backend(self.attention)
+    # One spelling from here on (True/False from older configs): layers.REMAT_POLICIES.
+    object.__setattr__(self, "remat", remat_mode(self.remat))
 
   @property
   def layer_norm_params(self) -> int:

@@ -35,7 +35,7 @@ from selectit_jax.models import costs
 from selectit_jax.parallel import devices
 from selectit_jax.parallel import sharding
 from selectit_jax.models import registry
-from selectit_jax.models.layers import DecoderConfig, remat_mode
+from selectit_jax.models.layers import DecoderConfig
 from selectit_jax.training import loss as loss_lib
 
 # XLA packs a step's temporaries into one arena by lifetime; buffers of unequal sizes and
@@ -265,8 +265,7 @@ def report(
   g = lambda x: f"{x / devices.GiB:8.2f} GiB"
   lines = [
       f"model: {costs.num_params(cfg) / 1e9:.2f}B params, {cfg.param_dtype} weights, "
-      f"{cfg.dtype} activations"
-      + (f", remat {remat_mode(cfg.remat)}" if getattr(cfg, "remat", False) else ""),
+      f"{cfg.dtype} activations" + (f", remat {cfg.remat}" if cfg.remat != "none" else ""),
       f"mesh: data={mesh_sizes['data']} fsdp={mesh_sizes['fsdp']} tensor={mesh_sizes['tensor']} "
       f"({math.prod(mesh_sizes.values())} devices); {what}",
   ]
@@ -408,7 +407,7 @@ def plan_train_config(config) -> tuple[bool, list[str]]:
   data.max_length tokens) on the config's mesh and device."""
   cfg = arch(config)
   if config.model.get("remat") is not None:
-    cfg = dataclasses.replace(cfg, remat=remat_mode(config.model.remat))
+    cfg = dataclasses.replace(cfg, remat=config.model.remat)
   sizes, device, local = _mesh_and_device(config)
   t = config.train
   batch, micro, length = int(t.batch_size), int(t.micro_batch_size), int(config.data.max_length)
@@ -443,7 +442,7 @@ def plan_train_config(config) -> tuple[bool, list[str]]:
   if not fits:
     knobs = ("train.micro_batch_size", "data.max_length")
     tips = advice(est, budget, sizes, micro, knobs)
-    if remat_mode(cfg.remat) != "full":
+    if cfg.remat != "full":
       tips.append(
           "model.remat=full keeps one [rows, T, d] input per layer instead of its residuals"
       )

@@ -39,7 +39,6 @@ from selectit_jax import checkpoints
 from selectit_jax.data import records as records_lib
 from selectit_jax.models import costs
 from selectit_jax.parallel import devices
-from selectit_jax.models.layers import remat_mode
 from selectit_jax.parallel import sharding
 from selectit_jax.checkpoints.tokenizer import load_tokenizer
 from selectit_jax.errors import UserError
@@ -360,7 +359,7 @@ def _model_config(config, model_path: str):
       cfg,
       dtype=m.dtype,
       param_dtype=m.param_dtype,
-      remat=remat_mode(m.remat),
+      remat=m.remat,
       attention=m.get("attention", "auto"),
   )
 
