@@ -32,7 +32,7 @@ setuptools.setup(
     extras_require={
         # torch is pinned: a CPU wheel of exactly this version is on local disk,
         # an unpinned torch pulls a multi-GB CUDA build.
-        "test": ["pytest", "torch==2.13.0", "accelerate", "pyink==26.5.1"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "accelerate", "pyink==26.5.1"],
         "tfds": ["tensorflow-datasets"],
     },
 )

@@ -9,6 +9,18 @@ import subprocess
 import sys
 import os
 
+# Under pytest-xdist (the README's test command runs one worker per core, up to 4) each worker
+# is pinned to its share of the CPUs, before JAX or torch size their thread pools: workers whose
+# pools each span the whole machine oversubscribe it (torch's parity tests ran 3x slower).
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and hasattr(os, "sched_setaffinity"):
+  _cpus = sorted(os.sched_getaffinity(0))
+  if len(_cpus) >= _WORKERS:
+    _mine = _cpus[int(_WORKER.removeprefix("gw")) % _WORKERS :: _WORKERS]
+    os.sched_setaffinity(0, _mine)
+    os.environ.setdefault("OMP_NUM_THREADS", str(len(_mine)))
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
