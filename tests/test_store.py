@@ -99,7 +99,7 @@ def test_write_failure_leaves_no_files(tmp_path, monkeypatch):
     where.write(b"partial")
     raise OSError("disk full")
 
-  monkeypatch.setattr(S.pq, "write_table", boom)
+  monkeypatch.setattr(pq, "write_table", boom)
   with pytest.raises(OSError, match="disk full"):
     st.write_shard([row(rec(0))])
   assert os.listdir(st.shards_dir) == []

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from selectit_jax import fileio
 
@@ -44,7 +42,6 @@ SCHEMA = pa.schema(
 )
 # Columns added since the first shards were written, and their value in those shards.
 DEFAULTS = {"prediction_text": "", "gold_text": "", "answer": "", "max_new_tokens": 0}
-_SHARD = re.compile(r"^(\d{6})\.parquet$")
 Z95 = 1.959963984540054
 # Per form, what its mean score is.
 METRICS = {"letter": "accuracy", "cloze": "accuracy (length-normalised)", "bpb": "bits per byte"}
@@ -57,57 +54,31 @@ class ResultStore:
   def __init__(self, directory: str):
     self.dir = directory
     self.items_dir = os.path.join(directory, "items")
-    os.makedirs(self.items_dir, exist_ok=True)
-    seqs = [int(m.group(1)) for m in map(_SHARD.match, os.listdir(self.items_dir)) if m]
-    self._seq = max(seqs) + 1 if seqs else 0
+    self._shards = fileio.ParquetShards(self.items_dir, SCHEMA, KEY_COLUMNS, DEFAULTS)
 
   def shard_paths(self) -> list[str]:
-    names = sorted(n for n in os.listdir(self.items_dir) if _SHARD.match(n))
-    return [os.path.join(self.items_dir, n) for n in names]
+    return self._shards.paths()
 
   def write(self, rows: Sequence[dict]) -> str | None:
     """One new shard of rows (dicts with every SCHEMA column; DEFAULTS may be left out)."""
     if not rows:
       return None
-    table = pa.Table.from_pylist([{**DEFAULTS, **r} for r in rows], schema=SCHEMA)
-    path = os.path.join(self.items_dir, f"{self._seq:06d}.parquet")
-    self._seq += 1
-    return fileio.write_parquet(path, table)
+    return self._shards.write(
+        pa.Table.from_pylist([{**DEFAULTS, **r} for r in rows], schema=SCHEMA)
+    )
 
   def read_table(self) -> pa.Table:
     """Every shard, the first row of each key kept."""
-    paths = self.shard_paths()
-    if not paths:
-      return SCHEMA.empty_table()
-    table = pa.concat_tables([_read_shard(p) for p in paths])
-    seen, keep = set(), []
-    for i, key in enumerate(zip(*(table.column(c).to_pylist() for c in KEY_COLUMNS))):
-      if key not in seen:
-        seen.add(key)
-        keep.append(i)
-    return table.take(pa.array(keep, pa.int64())) if len(keep) < table.num_rows else table
+    return self._shards.read_table()
 
   def stored_keys(self) -> set:
-    keys = set()
-    for p in self.shard_paths():
-      t = pq.read_table(p, columns=list(KEY_COLUMNS))
-      keys.update(zip(*(t.column(c).to_pylist() for c in KEY_COLUMNS)))
-    return keys
+    return self._shards.keys()
 
   def generation_lengths(self, model: str) -> dict[tuple[str, str], int]:
     """{(task, id): max_new_tokens} of this model's stored generate rows."""
     t = self.read_table()
     cols = [t.column(c).to_pylist() for c in ("task", "id", "form", "model", "max_new_tokens")]
     return {(a, b): n for a, b, f, m, n in zip(*cols) if f == "generate" and m == model}
-
-
-def _read_shard(path: str) -> pa.Table:
-  """One shard in today's SCHEMA: columns added since it was written get their DEFAULTS."""
-  table = pq.read_table(path)
-  for name, value in DEFAULTS.items():
-    if name not in table.column_names:
-      table = table.append_column(name, pa.array([value] * table.num_rows, SCHEMA.field(name).type))
-  return table.select(SCHEMA.names).cast(SCHEMA)
 
 
 def wilson(successes: float, n: int) -> tuple[float, float]:

@@ -15,13 +15,11 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-import re
 
 import numpy as np
 from absl import logging
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from selectit_jax import fileio
 from selectit_jax.data import records as records_lib
@@ -44,9 +42,9 @@ SCHEMA = pa.schema(
     ]
 )
 # Columns added after the first shards were written: rows may leave them out, and shards
-# without them read as this value.
+# without them read as this value. (Shards written when probs were fixed-size lists of 5
+# read as lists: the cast to SCHEMA.)
 DEFAULTS = {"truncated": False}
-_SHARD = re.compile(r"^(\d{5})-(\d{6})\.parquet$")
 
 
 class ScoreStore:
@@ -56,13 +54,9 @@ class ScoreStore:
     self.dir = directory
     self.shards_dir = os.path.join(directory, "shards")
     self.process_index = int(process_index)
-    os.makedirs(self.shards_dir, exist_ok=True)
-    mine = [
-        int(m.group(2))
-        for m in map(_SHARD.match, os.listdir(self.shards_dir))
-        if m and int(m.group(1)) == self.process_index
-    ]
-    self._seq = max(mine) + 1 if mine else 0
+    self._shards = fileio.ParquetShards(
+        self.shards_dir, SCHEMA, KEY_COLUMNS, DEFAULTS, prefix=f"{self.process_index:05d}-"
+    )
 
   @property
   def rejects_path(self):
@@ -100,8 +94,7 @@ class ScoreStore:
   # -- shards
   def shard_paths(self) -> list[str]:
     """Complete shards in (process, seq) order; tmp files are ignored."""
-    names = sorted(n for n in os.listdir(self.shards_dir) if _SHARD.match(n))
-    return [os.path.join(self.shards_dir, n) for n in names]
+    return self._shards.paths()
 
   def write_shard(self, rows: list[dict]) -> str | None:
     """Writes rows (dicts with every SCHEMA column) as one new shard; returns its path."""
@@ -125,31 +118,15 @@ class ScoreStore:
         if any(v is None for v in vals):
           raise ValueError(f"score rows have null {name}")
         cols[name] = pa.array(vals, type=SCHEMA.field(name).type)
-    table = pa.Table.from_arrays([cols[n] for n in SCHEMA.names], schema=SCHEMA)
-    while True:
-      name = f"{self.process_index:05d}-{self._seq:06d}.parquet"
-      self._seq += 1
-      path = os.path.join(self.shards_dir, name)
-      if not os.path.exists(path):
-        break
-    fileio.write_parquet(path, table)
-    return path
+    return self._shards.write(pa.Table.from_arrays([cols[n] for n in SCHEMA.names], schema=SCHEMA))
 
   def stored_keys(self) -> set:
     """{(content_hash, model, prompt_hash)} over all shards; reads only those columns."""
-    keys = set()
-    for p in self.shard_paths():
-      t = pq.read_table(p, columns=list(KEY_COLUMNS))
-      keys.update(zip(*(t.column(c).to_pylist() for c in KEY_COLUMNS)))
-    return keys
+    return self._shards.keys()
 
   def read_table(self) -> pa.Table:
     """All shards concatenated, de-duplicated by key (first in shard order wins)."""
-    paths = self.shard_paths()
-    if not paths:
-      return SCHEMA.empty_table()
-    table = pa.concat_tables([_read_shard(p) for p in paths])
-    return dedup(table)
+    return self._shards.read_table()
 
 
 class ShardWriter:
@@ -208,30 +185,6 @@ class ShardWriter:
       self.close()
     except Exception as e:  # pylint: disable=broad-except
       logging.error("writing a score shard failed too: %s", e)
-
-
-def _read_shard(path: str) -> pa.Table:
-  """One shard in today's SCHEMA: columns added since it was written get their DEFAULTS, and
-  probs written as fixed-size lists of 5 (before the scale was a setting) become lists."""
-  table = pq.read_table(path)
-  for name, value in DEFAULTS.items():
-    if name not in table.column_names:
-      table = table.append_column(name, pa.array([value] * table.num_rows, SCHEMA.field(name).type))
-  return table.select(SCHEMA.names).cast(SCHEMA)
-
-
-def dedup(table: pa.Table) -> pa.Table:
-  """Keeps the first row of each key, in the original row order."""
-  if table.num_rows == 0:
-    return table
-  t = table.select(list(KEY_COLUMNS)).append_column(
-      "__row", pa.array(np.arange(table.num_rows, dtype=np.int64))
-  )
-  first = t.group_by(list(KEY_COLUMNS), use_threads=False).aggregate([("__row", "min")])
-  keep = np.sort(first.column("__row_min").to_numpy())
-  if len(keep) == table.num_rows:
-    return table
-  return table.take(pa.array(keep))
 
 
 @dataclasses.dataclass(frozen=True)
