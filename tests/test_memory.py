@@ -16,28 +16,16 @@ import pytest
 
 from selectit_jax import checkpoints
 from selectit_jax.models import registry
-from selectit_jax.models.gemma3 import Gemma3Config
 from selectit_jax.models.layers import Prefix
 from selectit_jax.parallel import devices
 from selectit_jax.parallel import memory
 from selectit_jax.parallel import sharding
 from selectit_jax.scoring import engine
 from selectit_jax.training import step as step_lib
-from tests.conftest import tiny_config
+from tests.conftest import TINY_GEMMA3, tiny_config
 
 LLAMA = tiny_config()
-GEMMA = Gemma3Config(
-    vocab_size=300,
-    hidden_size=64,
-    intermediate_size=96,
-    num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    sliding_window=8,
-    sliding_window_pattern=4,
-    query_pre_attn_scalar=24,
-)
+GEMMA = TINY_GEMMA3
 TOLERANCE = 0.25
 
 
