@@ -17,6 +17,7 @@ BENCHMARKS.md (--output).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -51,27 +52,13 @@ def rate(config, work: dict, dtype: str) -> dict:
   import numpy as np
   from selectit_jax import checkpoints
   from selectit_jax.parallel import sharding
-  from selectit_jax.scoring import batching
-  from selectit_jax.scoring import engine
 
-  e = config.engine
   mesh = sharding.make_mesh(config.mesh)
   model = checkpoints.load_model(work["model_path"], mesh, dtype=dtype, param_dtype=dtype)
   items = work["items"]
-  plan = batching.make_plan(items, e, model.config)
-  start = time.perf_counter()
-  scorer = engine.Scorer(
-      model.config,
-      model.params,
-      work["rating_ids"],
-      mesh,
-      e.batch_size,
-      plan.prefixes,
-      e.max_segments,
-      work["tokenizer"].pad_id,
+  scorer, plan, compile_s = common.compiled_scorer(
+      config, model, mesh, items, work["rating_ids"], work["tokenizer"].pad_id
   )
-  scorer.compile(plan.buckets)
-  compile_s = time.perf_counter() - start
   samples = sorted({it.sample_index for it in items})
   row = {s: i for i, s in enumerate(samples)}
   probs = np.full((len(samples), len(work["prompts"]), len(work["rating_ids"])), np.nan)
@@ -96,7 +83,11 @@ def _cached_rate(config, work: dict, dtype: str) -> dict:
   import numpy as np
 
   path = os.path.join(_CACHE_DIR.value, f"{dtype}.npz") if _CACHE_DIR.value else ""
-  ids = np.asarray([hash(it.ids) for it in work["items"]], np.int64)
+  # The texts' token ids, digested: bytes' hash() changes from process to process.
+  digest = hashlib.sha256()
+  for it in work["items"]:
+    digest.update(np.asarray(it.ids, np.int64).tobytes() + b"|")
+  ids = np.frombuffer(digest.digest(), np.uint8)
   if path and os.path.exists(path):
     with np.load(path) as f:
       if np.array_equal(f["ids"], ids):

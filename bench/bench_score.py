@@ -478,8 +478,6 @@ def part_ours(workdir):
   """Our engine: plan (buckets, batches), compile every bucket shape, then the timed pass."""
   import numpy as np
   from selectit_jax import checkpoints
-  from selectit_jax.scoring import batching
-  from selectit_jax.scoring import engine
   from selectit_jax.parallel import sharding
 
   data = _load_data(workdir)
@@ -491,20 +489,9 @@ def part_ours(workdir):
       data["model_path"], mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype
   )
   items = data["items"]
-  plan = batching.make_plan(items, e, model.config)
-  start = time.perf_counter()
-  scorer = engine.Scorer(
-      model.config,
-      model.params,
-      data["rating_ids"],
-      mesh,
-      e.batch_size,
-      plan.prefixes,
-      e.max_segments,
-      data["pad_id"],
+  scorer, plan, compile_s = common.compiled_scorer(
+      config, model, mesh, items, data["rating_ids"], data["pad_id"]
   )
-  scorer.compile(plan.buckets)
-  compile_s = time.perf_counter() - start  # the prefixes' prefill (once per run) included
   index = {(it.sample_index, it.prompt_index): i for i, it in enumerate(items)}
   probs = np.zeros((len(items), 5))
   padded, skips, row_tokens, rows = [], [], 0, 0

@@ -165,6 +165,30 @@ def bench_items(config, num_records: int, prompts_file: str, k: int, samples=Non
   )
 
 
+def compiled_scorer(config, model, mesh, items, rating_ids, pad_id):
+  """The engine as a scoring run builds it: the plan of `items` (buckets, batches, shared
+  prefixes) and a Scorer with every bucket shape compiled. Returns (scorer, plan, compile
+  seconds, the prefixes' prefill included)."""
+  from selectit_jax.scoring import batching
+  from selectit_jax.scoring import engine
+
+  e = config.engine
+  plan = batching.make_plan(items, e, model.config)
+  start = time.perf_counter()
+  scorer = engine.Scorer(
+      model.config,
+      model.params,
+      rating_ids,
+      mesh,
+      e.batch_size,
+      plan.prefixes,
+      e.max_segments,
+      pad_id,
+  )
+  scorer.compile(plan.buckets)
+  return scorer, plan, time.perf_counter() - start
+
+
 def write_markdown(path: str, name: str, title: str, text: str) -> None:
   """Replaces `name`'s generated section of `path` (between its markers), keeping the rest;
   appends the section when it is not there yet."""
