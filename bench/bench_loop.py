@@ -84,8 +84,6 @@ def main(argv):
 
   from selectit_jax import checkpoints
   from selectit_jax.parallel import sharding
-  from selectit_jax.scoring import batching
-  from selectit_jax.scoring import engine
   from selectit_jax.scoring import runner
   from selectit_jax.scoring import store as store_lib
 
@@ -93,19 +91,8 @@ def main(argv):
   work = common.bench_items(config, _NUM_RECORDS.value, _PROMPTS_FILE.value, _K.value)
   items, tokenizer, rating_ids = work["items"], work["tokenizer"], work["rating_ids"]
   model = checkpoints.load_model(work["model_path"])
-  plan = batching.make_plan(items, config.engine, model.config)
   mesh = sharding.make_mesh(config.mesh)
-  scorer = engine.Scorer(
-      model.config,
-      model.params,
-      rating_ids,
-      mesh,
-      config.engine.batch_size,
-      plan.prefixes,
-      config.engine.max_segments,
-      tokenizer.pad_id,
-  )
-  scorer.compile(plan.buckets)
+  scorer, plan, _ = common.compiled_scorer(config, model, mesh, items, rating_ids, tokenizer.pad_id)
   pipelined_rate = scorer.rate
   chunks = [plan.batches[i : i + _CHUNK.value] for i in range(0, len(plan.batches), _CHUNK.value)]
   tokens = sum(b.real_tokens for b in plan.batches)
