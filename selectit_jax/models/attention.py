@@ -22,12 +22,16 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from selectit_jax.errors import UserError
 
 # Finite, so fully masked rows (padding) give a uniform softmax instead of NaN.
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+# The jnp attention's backward residuals besides q, k, v (its output and the softmax's max and
+# sum: [t, head_dim] and [t], small), named so a remat policy can keep them (layers.py).
+SOFTMAX_RESIDUALS = "attention_softmax"
 
 BACKENDS = ("auto", "xla", "splash", "pallas_gpu", "cudnn")
 _AUTO = {"tpu": "splash", "gpu": "pallas_gpu"}
@@ -162,7 +166,7 @@ def _partial_attend_fwd(q_bkgth, k_bksh, v_bksh, mask, scale):
       "bkgts,bksh->bkgth", unnorm.astype(v_bksh.dtype), v_bksh, preferred_element_type=jnp.float32
   )
   total = jnp.sum(unnorm, axis=-1, keepdims=True)
-  out = out / total
+  out, peak, total = (checkpoint_name(a, SOFTMAX_RESIDUALS) for a in (out / total, peak, total))
   return (out, (peak + jnp.log(total))[..., 0]), (q_bkgth, k_bksh, v_bksh, mask, out, peak, total)
 
 

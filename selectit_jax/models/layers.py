@@ -262,12 +262,16 @@ class Prefix(NamedTuple):
 # the families: parameters around the layer stack, the prefix mask, the last-layer read-out.
 
 
-# What each block keeps for the backward pass (`model.remat`): everything (none); only the
-# weight matmuls' outputs, recomputing norms, rotations, the attention core and the MLP's
-# activation (dots: the CPU trainer's fastest, saves memory too); only its input (full).
+# What each block keeps for the backward pass (`model.remat`): everything (none); the weight
+# matmuls' outputs and the attention's softmax residuals, recomputing norms, rotations and the
+# MLP's activation (dots: the CPU trainer's fastest, saves memory too; without the residuals
+# the backward ran the attention's P·V again); only its input (full).
 REMAT_POLICIES = {
     "none": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(attention.SOFTMAX_RESIDUALS),
+    ),
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 
