@@ -24,7 +24,8 @@ def get_config():
           dtype="float32",  # compute dtype; 'bfloat16' on accelerators (master weights below)
           param_dtype="float32",  # master weights and optimizer state
           # What each block keeps for the backward (layers.REMAT_POLICIES): none | dots (the
-          # weight matmuls' outputs; the CPU step's fastest) | full (only its input: least memory)
+          # weight matmuls' outputs and the attention's softmax residuals; the CPU step's
+          # fastest) | full (only its input: least memory)
           remat="dots",
           # attention kernel (selectit_jax/models/attention.py): auto (TPU: splash, GPU:
           # pallas_gpu, CPU: xla) | xla | splash | pallas_gpu | cudnn (bf16 only)
