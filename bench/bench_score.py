@@ -189,7 +189,7 @@ def _report(data, rows, roof, dp, machine, extra) -> str:
         f"{r['compile_s']:.1f} | {r['shapes']} | {r['padding']:.1%} | {r['rss']:.0f} |"
     )
   lines.append(
-      f"| matmul roofline (jit fp32 n×n, best of {sorted(roof['by_size'])}) | - | - | "
+      f"| matmul roofline ({common.roofline_label(roof)}) | - | - | "
       f"{roof['gflops']:.1f} | 100% | {roof['gflops']:.1f} | - | - | - | - | - |"
   )
   loads = ", ".join(
@@ -297,7 +297,7 @@ def main_raters():
     )
   lines += [
       "",
-      f"Roofline: jit fp32 n×n matmul, {roof['gflops']:.1f} GFLOP/s. Model FLOPs as in the "
+      f"Roofline: {common.roofline_label(roof)}. Model FLOPs as in the "
       "table above (models/costs.py, each model's own layers and attention pattern). Head + "
       "logsumexp: the vocabulary projection and the full-vocabulary logsumexp at one step's "
       "read-out slots (engine.batch_size × engine.max_segments rows), jit'd alone, best of 5; "
