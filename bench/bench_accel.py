@@ -32,6 +32,8 @@ memory_stats()['peak_bytes_in_use'], torch.cuda.max_memory_allocated()), compile
 With --subprocess (the default) each (shape, row kind) runs in its own child process, so JAX's
 preallocated pool and torch's caching allocator never share the GPU and each HBM peak is its
 own; children that would start after --max_total_seconds are skipped with a line saying so.
+A child of ours whose attention kernel fails (--attention: auto picks Pallas on a GPU) is run
+again with the jnp attention, its row noting the error, so one borrowed run still has numbers.
 
 Wheels the GPU machine needs: jax (CUDA), flax, optax (it brings absl-py), numpy; transformers
 and torch for the torch rows (without them, or without CUDA when jax has a GPU, those rows are
@@ -45,6 +47,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -110,6 +113,13 @@ _SECONDS = flags.DEFINE_float("seconds", 20.0, "Timed seconds per row (after its
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Leave out the HF transformers + torch rows.")
 _SKIP_TRAIN = flags.DEFINE_bool("skip_train", False, "Leave out the training-step rows.")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Weights and matmuls (training: compute only).")
+_ATTENTION = flags.DEFINE_string(
+    "attention",
+    "auto",
+    "Our rows' engine.attention (auto: splash on TPU, Pallas on GPU, jnp on CPU). With "
+    "--subprocess, a child of ours that fails with another backend is run again with xla, "
+    "and its note says why.",
+)
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 2048, "Texts are cut to this many tokens.")
 _MAX_SHAPES = flags.DEFINE_integer("max_shapes", 5, "Our engine's compiled row lengths.")
 _SUBPROCESS = flags.DEFINE_bool("subprocess", True, "Each row kind and shape in its own process.")
@@ -187,7 +197,15 @@ def texts(num_texts: int, vocab: int, max_tokens: int, seed: int = 0) -> list[tu
 def model_config(shape: str, dtype: str, param_dtype: str | None = None):
   from selectit_jax.models.llama import LlamaConfig
 
-  return LlamaConfig(**SHAPES[shape], dtype=dtype, param_dtype=param_dtype or dtype)
+  return LlamaConfig(
+      **SHAPES[shape], dtype=dtype, param_dtype=param_dtype or dtype, attention=_ATTENTION.value
+  )
+
+
+def _attention(cfg) -> str:
+  from selectit_jax.models import attention
+
+  return f"attention {attention.resolve(cfg.attention)}"
 
 
 def random_params(cfg, mesh, seed: int = 0):
@@ -285,7 +303,7 @@ def part_ours(shape: str) -> dict:
   flops = costs.forward_flops(cfg, lengths, costs.num_params(cfg))
   row = dict(
       method=f"ours ({cfg.dtype}, batch {batch}, prefix cache + packing, "
-      f"{len(plan.buckets)} shapes)",
+      f"{len(plan.buckets)} shapes, {_attention(cfg)})",
       device=desc,
       tokens_s=sum(lengths) / seconds,
       mfu=_mfu(flops / seconds, device.device_kind, jax.device_count()),
@@ -468,7 +486,7 @@ def part_train(shape: str) -> dict:
       rows=[
           dict(
               method=f"ours train step ({cfg.dtype} compute, fp32 master, AdamW, "
-              f"{rows} × {length} packed)",
+              f"{rows} × {length} packed, {_attention(cfg)})",
               device=desc,
               tokens_s=tokens_s,
               mfu=perf.mfu(tokens_s, cfg, length, peak, jax.device_count()) if peak else None,
@@ -511,24 +529,44 @@ PARTS = {"ours": part_ours, "torch": part_torch, "train": part_train}
 # ---------------------------------------------------------------------------------- parent
 
 
+def _child(kind: str, shape: str, extra: list[str]) -> tuple[dict | None, str]:
+  """One row kind in its own process: (its result or None, the last line it wrote to stderr)."""
+  with tempfile.TemporaryDirectory(prefix="bench_accel_") as tmp:
+    out, log = os.path.join(tmp, "out.json"), os.path.join(tmp, "stderr.txt")
+    argv = [a for a in sys.argv[1:] if not a.startswith(("--part", "--out"))]
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, *extra]
+    cmd += [f"--part={kind}:{shape}", f"--out={out}"]
+    with open(log, "w") as err:
+      proc = subprocess.run(cmd, check=False, stderr=err)
+    with open(log) as err:
+      lines = err.read().splitlines()
+    sys.stderr.write("\n".join(lines[-40:]) + "\n")  # the child's log, as it would have been
+    # The exception's own line: JAX appends a note on filtered frames after it.
+    errors = [l for l in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b", l)]
+    last = (errors or [l for l in lines if l.strip()] or [""])[-1].strip()
+    if proc.returncode or not os.path.exists(out):
+      return None, f"exit {proc.returncode}: {last[:300]}"
+    with open(out) as f:
+      return json.load(f), ""
+
+
 def _run_part(kind: str, shape: str) -> dict:
+  """A row kind's result; in a child process by default. A kernel backend that fails there
+  costs one rerun with the jnp attention, so one run on a borrowed GPU still gives numbers."""
   if not _SUBPROCESS.value:
     return PARTS[kind](shape)
-  with tempfile.TemporaryDirectory(prefix="bench_accel_") as tmp:
-    out = os.path.join(tmp, "out.json")
-    argv = [a for a in sys.argv[1:] if not a.startswith(("--part", "--out"))]
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        *argv,
-        f"--part={kind}:{shape}",
-        f"--out={out}",
-    ]
-    proc = subprocess.run(cmd, check=False)
-    if proc.returncode or not os.path.exists(out):
-      return dict(skipped=f"{kind} {shape}: the child process failed (exit {proc.returncode})")
-    with open(out) as f:
-      return json.load(f)
+  result, why = _child(kind, shape, [])
+  if result is not None:
+    return result
+  if kind in ("ours", "train") and _ATTENTION.value != "xla":
+    print(f"[bench_accel] {shape}: {kind} failed ({why}); again with --attention=xla", flush=True)
+    result, why_xla = _child(kind, shape, ["--attention=xla"])
+    if result is not None:
+      for row in result["rows"]:
+        row["note"] += f"; --attention={_ATTENTION.value} failed ({why}), rerun with xla"
+      return result
+    why += f"; with --attention=xla: {why_xla}"
+  return dict(skipped=f"{kind} {shape}: the child process failed ({why})")
 
 
 def _fmt(x, spec: str, scale: float = 1.0) -> str:
@@ -578,6 +616,10 @@ def main(argv):
   unknown = [s for s in _SHAPES.value if s not in SHAPES]
   if unknown:
     raise app.UsageError(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
+  from selectit_jax.models import attention  # pylint: disable=g-import-not-at-top
+
+  if _ATTENTION.value not in attention.BACKENDS:
+    raise app.UsageError(f"--attention={_ATTENTION.value}; known: {', '.join(attention.BACKENDS)}")
   start = time.perf_counter()
   results = []
   for shape in _SHAPES.value:

@@ -65,3 +65,23 @@ def test_bench_accel_runs_on_cpu_at_a_tiny_shape():
     tokens_s, mfu = row.split(" | ")[2:4]
     assert float(tokens_s) > 0 and mfu == "-"  # no peak FLOP/s for a CPU in the device table
   assert "ours = " in out.stdout and "× torch careful" in out.stdout
+
+
+@pytest.mark.slow  # subprocesses
+def test_bench_accel_reruns_a_failing_kernel_with_the_jnp_attention():
+  """A GPU run is borrowed once: a child whose attention kernel fails is run again with xla,
+  and the row says why (here cuDNN, which this CPU refuses)."""
+  import os
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, os.path.join(root, "bench", "bench_accel.py"), "--shapes=tiny"]
+  cmd += ["--num_texts=10", "--seconds=0.2", "--max_tokens=128", "--max_shapes=1"]
+  cmd += ["--skip_torch", "--skip_train", "--attention=cudnn"]
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True)
+  rows = [l for l in out.stdout.splitlines() if l.startswith("| tiny |")]
+  assert len(rows) == 1 and "attention xla" in rows[0], out.stdout
+  assert float(rows[0].split(" | ")[2]) > 0
+  assert "--attention=cudnn failed (exit 1: " in rows[0] and "runs on gpu, not cpu" in rows[0]
