@@ -151,6 +151,8 @@ _VOCAB = dataclasses.replace(LLAMA, vocab_size=32000)
         ("llama", 2, 2, 384, dict(remat=True, dtype="bfloat16")),
         ("wide", 1, 4, 128, dict(remat=True)),  # weights, moments and gradients dominate
         ("gemma", 2, 4, 256, {}),  # activations (every layer's residuals) dominate
+        ("gemma", 2, 4, 256, dict(remat="dots")),  # the projections' outputs and softmax stats
+        ("wide", 1, 4, 512, dict(remat="dots")),
     ],
 )
 def test_training_estimate_matches_compiled_memory(family, accum, micro, length, options):

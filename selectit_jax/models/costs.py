@@ -180,11 +180,11 @@ def scoring_activation_bytes(
   )
 
 
-def _layer_shape(cfg) -> tuple[int, bool, bool]:
-  """(norms over d per block, q/k norms, GeGLU): what sets how many [rows, T, ·] buffers a
-  block's backward keeps. Families without a `qk_norm` flag (Gemma 3) always norm q and k."""
+def _layer_shape(cfg) -> tuple[int, bool]:
+  """(norms over d per block, q/k norms): what sets how many [rows, T, ·] buffers a block's
+  backward keeps. Families without a `qk_norm` flag (Gemma 3) always norm q and k."""
   norms = cfg.layer_norm_params // cfg.hidden_size
-  return norms, bool(getattr(cfg, "qk_norm", True)), getattr(cfg, "hidden_act", "silu") != "silu"
+  return norms, bool(getattr(cfg, "qk_norm", True))
 
 
 def train_activation_bytes(
@@ -203,10 +203,11 @@ def train_activation_bytes(
   per query block the softmax's fp32 max and sum (`attention.partial_attend` recomputes the
   scores in its backward; the layer's mask, where sliding windows make it per layer); per
   norm over d three [rows, T, d] buffers (fp32 inside) plus the two residual adds; the MLP's
-  gate, up, activation and product (counted as autodiff kept them; the gated VJP keeps
-  fewer, so this errs high); q (three more with q/k norms), each block's q and fp32 output,
-  k, v and each block's key/value slices. With remat `full` (`nn.remat` per layer) only
-  each layer's input [rows, T, d]; `dots` is counted as none. `backward`: one layer's
+  gate and up (its gated VJP's residuals) and their product (the down projection's input);
+  q (three more with q/k norms), each block's q and fp32 output, k, v and each block's
+  key/value slices. With remat `dots` the layer's input, the q, k, v, gate and up
+  projections and the attention's fp32 output, max and sum; with `full` (`nn.remat` per
+  layer) only each layer's input [rows, T, d]. `backward`: one layer's
   backward in flight: without remat the recomputed fp32 probabilities, their gradients and
   the broadcast masks of all blocks plus fp32 MLP and stream gradients; with remat also the
   recomputed scores. `head`: the loss (training/loss.py) over `loss_chunk` positions at a
@@ -217,11 +218,11 @@ def train_activation_bytes(
   v, the output and the log-sum-exp, its backward the fp32 gradients of q, k and v (not
   checked against a compiled step here: the kernels compile on TPU and GPU only).
   """
-  remat = (cfg.remat if remat is None else remat_mode(remat)) == "full"
+  mode = remat_mode(cfg.remat if remat is None else remat)
   ab = _itemsize(cfg.dtype)
   d, hd, t = cfg.hidden_size, cfg.head_dim, length
   h, kv, f, v = _per_device(cfg, tensor)
-  norms, qk_norm, geglu = _layer_shape(cfg)
+  norms, qk_norm = _layer_shape(cfg)
   blocks = query_blocks(cfg, t)
   pairs = rows * h * sum(n * keys for n, keys in blocks)
   key_slices = rows * kv * sum(keys for _, keys in blocks) * hd
@@ -231,7 +232,7 @@ def train_activation_bytes(
       pairs * _sliding(cfg)
       + rows * h * t * 8
       + rows * t * d * (fp32_stream + 2 * ab)
-      + rows * t * f * (8 if geglu else 6) * ab
+      + rows * t * f * 3 * ab
       + rows * h * t * hd * ((1 + 3 * qk_norm) * ab + 2 * 4 + 2 * ab)
       + (rows * kv * t * hd * 3 * qk_norm + 2 * key_slices) * ab
   )
@@ -242,8 +243,13 @@ def train_activation_bytes(
     kernel_grads = rows * (h + 2 * kv) * t * hd * 4
   else:
     kernel_grads = 0
-  if remat:
-    saved = cfg.num_layers * rows * t * d * ab
+  if mode == "dots":  # layers.REMAT_POLICIES: the weight matmuls' outputs that the backward
+    # reads (q, k, v, gate, up) and the jnp attention's output, max and sum; norms, rotary and
+    # the gated activation are recomputed (a fused kernel's forward too: it is no matmul)
+    softmax = 0 if fused else rows * h * t * (hd + 2) * 4
+    layer = rows * t * (d + (h + 2 * kv) * hd + 2 * f) * ab + softmax
+  if mode != "none":
+    saved = cfg.num_layers * (layer if mode == "dots" else rows * t * d * ab)
     backward = pairs * (2 * 4 + 1) + rows * t * (4 * d + 2 * f) * 4 + kernel_grads
   else:
     saved = cfg.num_layers * layer
