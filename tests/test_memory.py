@@ -153,6 +153,7 @@ _VOCAB = dataclasses.replace(LLAMA, vocab_size=32000)
         ("gemma", 2, 4, 256, {}),  # activations (every layer's residuals) dominate
         ("gemma", 2, 4, 256, dict(remat="dots")),  # the projections' outputs and softmax stats
         ("wide", 1, 4, 512, dict(remat="dots")),
+        ("wide", 1, 4, 512, dict(remat="none")),  # the gated MLP keeps gate, up and product
     ],
 )
 def test_training_estimate_matches_compiled_memory(family, accum, micro, length, options):

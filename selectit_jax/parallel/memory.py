@@ -36,6 +36,7 @@ from selectit_jax.parallel import devices
 from selectit_jax.parallel import sharding
 from selectit_jax.models import registry
 from selectit_jax.models.layers import DecoderConfig
+from selectit_jax.models.layers import remat_mode
 from selectit_jax.training import loss as loss_lib
 
 # XLA packs a step's temporaries into one arena by lifetime; buffers of unequal sizes and
@@ -181,14 +182,18 @@ def train_estimate(
   grads = param_bytes(cfg, mesh_sizes, jnp.float32)
   chunk = loss_lib.chunk_size(length, loss_chunk)
   acts = costs.train_activation_bytes(cfg, rows, length, tp, remat, fused, chunk)
+  layer_copies = gathered_bytes(cfg, mesh_sizes)
+  if remat_mode(cfg.remat if remat is None else remat) == "none":
+    # no remat: the backward reads every layer's cast/gathered weights, kept from the forward
+    acts["saved"] += (cfg.num_layers - 2) * layer_copies // 2
   head_cast = cfg.hidden_size * cfg.vocab_size // tp * _bytes(cfg.dtype)
-  if not gathered_bytes(cfg, mesh_sizes):
+  if not layer_copies:
     head_cast = 0  # neither gathered nor cast: the head multiplies the stored weights
   parts = dict(
       params=params,
       optimizer=moments,
       gradients=grads * (2 if accumulation > 1 else 1),
-      gathered=gathered_bytes(cfg, mesh_sizes) + head_cast,
+      gathered=layer_copies + head_cast,
       inputs=5 * 4 * accumulation * rows * length,
       saved=acts["saved"] + acts["shared"],
       backward=max(acts["backward"], acts["head"]),
