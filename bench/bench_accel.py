@@ -530,22 +530,22 @@ PARTS = {"ours": part_ours, "torch": part_torch, "train": part_train}
 
 
 def _child(kind: str, shape: str, extra: list[str]) -> tuple[dict | None, str]:
-  """One row kind in its own process: (its result or None, the last line it wrote to stderr)."""
+  """One row kind in its own process: (its result or None, why not). Its stderr streams
+  through as it runs (a hung child still shows how far it got)."""
   with tempfile.TemporaryDirectory(prefix="bench_accel_") as tmp:
-    out, log = os.path.join(tmp, "out.json"), os.path.join(tmp, "stderr.txt")
+    out = os.path.join(tmp, "out.json")
     argv = [a for a in sys.argv[1:] if not a.startswith(("--part", "--out"))]
     cmd = [sys.executable, os.path.abspath(__file__), *argv, *extra]
     cmd += [f"--part={kind}:{shape}", f"--out={out}"]
-    with open(log, "w") as err:
-      proc = subprocess.run(cmd, check=False, stderr=err)
-    with open(log) as err:
-      lines = err.read().splitlines()
-    sys.stderr.write("\n".join(lines[-40:]) + "\n")  # the child's log, as it would have been
-    # The exception's own line: JAX appends a note on filtered frames after it.
-    errors = [l for l in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b", l)]
-    last = (errors or [l for l in lines if l.strip()] or [""])[-1].strip()
+    error = ""
+    with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) as proc:
+      for line in proc.stderr:
+        sys.stderr.write(line)
+        # The exception's own line: JAX appends a note on filtered frames after it.
+        if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b", line):
+          error = line.strip()
     if proc.returncode or not os.path.exists(out):
-      return None, f"exit {proc.returncode}: {last[:300]}"
+      return None, f"exit {proc.returncode}: {error[:300]}"
     with open(out) as f:
       return json.load(f), ""
 
