@@ -32,8 +32,9 @@ memory_stats()['peak_bytes_in_use'], torch.cuda.max_memory_allocated()), compile
 With --subprocess (the default) each (shape, row kind) runs in its own child process, so JAX's
 preallocated pool and torch's caching allocator never share the GPU and each HBM peak is its
 own; children that would start after --max_total_seconds are skipped with a line saying so.
-A child of ours whose attention kernel fails (--attention: auto picks Pallas on a GPU) is run
-again with the jnp attention, its row noting the error, so one borrowed run still has numbers.
+--attention=auto,cudnn,xla gives our rows once per attention backend (the kernels side by
+side; auto picks Pallas on a GPU). A child of ours whose kernel fails is run again with the jnp
+attention, its row noting the error, so one borrowed run still has numbers.
 
 Wheels the GPU machine needs: jax (CUDA), flax, optax (it brings absl-py), numpy; transformers
 and torch for the torch rows (without them, or without CUDA when jax has a GPU, those rows are
@@ -113,12 +114,12 @@ _SECONDS = flags.DEFINE_float("seconds", 20.0, "Timed seconds per row (after its
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Leave out the HF transformers + torch rows.")
 _SKIP_TRAIN = flags.DEFINE_bool("skip_train", False, "Leave out the training-step rows.")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Weights and matmuls (training: compute only).")
-_ATTENTION = flags.DEFINE_string(
+_ATTENTION = flags.DEFINE_list(
     "attention",
-    "auto",
-    "Our rows' engine.attention (auto: splash on TPU, Pallas on GPU, jnp on CPU). With "
-    "--subprocess, a child of ours that fails with another backend is run again with xla, "
-    "and its note says why.",
+    ["auto"],
+    "Our rows' engine.attention backends, a row each (auto: splash on TPU, Pallas on GPU, jnp "
+    "on CPU; e.g. auto,cudnn,xla compares the kernels). With --subprocess, a child whose "
+    "backend fails is run again with xla (unless xla is listed), its note saying why.",
 )
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 2048, "Texts are cut to this many tokens.")
 _MAX_SHAPES = flags.DEFINE_integer("max_shapes", 5, "Our engine's compiled row lengths.")
@@ -194,11 +195,11 @@ def texts(num_texts: int, vocab: int, max_tokens: int, seed: int = 0) -> list[tu
   return [out[i] for i in rng.permutation(len(out))[:n]]
 
 
-def model_config(shape: str, dtype: str, param_dtype: str | None = None):
+def model_config(shape: str, dtype: str, param_dtype: str | None = None, attention="auto"):
   from selectit_jax.models.llama import LlamaConfig
 
   return LlamaConfig(
-      **SHAPES[shape], dtype=dtype, param_dtype=param_dtype or dtype, attention=_ATTENTION.value
+      **SHAPES[shape], dtype=dtype, param_dtype=param_dtype or dtype, attention=attention
   )
 
 
@@ -253,7 +254,7 @@ def _mfu(flops_per_s: float, device_kind: str, num_devices: int = 1) -> float | 
 # ------------------------------------------------------------------------------------ rows
 
 
-def part_ours(shape: str) -> dict:
+def part_ours(shape: str, attention: str) -> dict:
   """Our engine over the plan of the texts, batches in a fixed shuffled order, time-boxed."""
   import numpy as np
   import jax
@@ -263,7 +264,7 @@ def part_ours(shape: str) -> dict:
   from selectit_jax.scoring import engine
 
   device, desc = _jax_device()
-  cfg = model_config(shape, _DTYPE.value)
+  cfg = model_config(shape, _DTYPE.value, attention=attention)
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   start = time.perf_counter()
   params = random_params(cfg, mesh)
@@ -334,9 +335,10 @@ def _torch_skip_reason() -> str | None:
   return None
 
 
-def part_torch(shape: str) -> dict:
+def part_torch(shape: str, attention: str) -> dict:
   """HF LlamaForCausalLM with random bf16 weights of the shape: the released method (batch
   1, full logits) and a careful user's batches (SDPA, logits_to_keep=1)."""
+  del attention  # transformers' own SDPA
   why = _torch_skip_reason()
   if why:
     return dict(skipped=why)
@@ -425,7 +427,7 @@ def part_torch(shape: str) -> dict:
   return dict(rows=rows)
 
 
-def part_train(shape: str) -> dict:
+def part_train(shape: str, attention: str) -> dict:
   """Our training step (public step functions only) on packed rows of the texts."""
   import numpy as np
   import jax
@@ -436,7 +438,7 @@ def part_train(shape: str) -> dict:
   from selectit_jax.training import step as step_lib
 
   device, desc = _jax_device()
-  cfg = model_config(shape, _DTYPE.value, "float32")
+  cfg = model_config(shape, _DTYPE.value, "float32", attention)
   need = 16 * costs.num_params(cfg)  # fp32 master weights, gradients, two AdamW moments
   name = devices.detect(device)
   cap, _ = devices.capacity(name, jax.local_device_count())
@@ -529,14 +531,14 @@ PARTS = {"ours": part_ours, "torch": part_torch, "train": part_train}
 # ---------------------------------------------------------------------------------- parent
 
 
-def _child(kind: str, shape: str, extra: list[str]) -> tuple[dict | None, str]:
+def _child(kind: str, shape: str, attention: str) -> tuple[dict | None, str]:
   """One row kind in its own process: (its result or None, why not). Its stderr streams
   through as it runs (a hung child still shows how far it got)."""
   with tempfile.TemporaryDirectory(prefix="bench_accel_") as tmp:
     out = os.path.join(tmp, "out.json")
     argv = [a for a in sys.argv[1:] if not a.startswith(("--part", "--out"))]
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, *extra]
-    cmd += [f"--part={kind}:{shape}", f"--out={out}"]
+    cmd = [sys.executable, os.path.abspath(__file__), *argv]
+    cmd += [f"--part={kind}:{shape}:{attention}", f"--out={out}"]
     error = ""
     with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) as proc:
       for line in proc.stderr:
@@ -550,23 +552,23 @@ def _child(kind: str, shape: str, extra: list[str]) -> tuple[dict | None, str]:
       return json.load(f), ""
 
 
-def _run_part(kind: str, shape: str) -> dict:
+def _run_part(kind: str, shape: str, attention: str) -> dict:
   """A row kind's result; in a child process by default. A kernel backend that fails there
   costs one rerun with the jnp attention, so one run on a borrowed GPU still gives numbers."""
   if not _SUBPROCESS.value:
-    return PARTS[kind](shape)
-  result, why = _child(kind, shape, [])
+    return PARTS[kind](shape, attention)
+  result, why = _child(kind, shape, attention)
   if result is not None:
     return result
-  if kind in ("ours", "train") and _ATTENTION.value != "xla":
-    print(f"[bench_accel] {shape}: {kind} failed ({why}); again with --attention=xla", flush=True)
-    result, why_xla = _child(kind, shape, ["--attention=xla"])
+  if kind in ("ours", "train") and "xla" not in _ATTENTION.value:
+    print(f"[bench_accel] {shape}: {kind} failed ({why}); again with attention xla", flush=True)
+    result, why_xla = _child(kind, shape, "xla")
     if result is not None:
       for row in result["rows"]:
-        row["note"] += f"; --attention={_ATTENTION.value} failed ({why}), rerun with xla"
+        row["note"] += f"; --attention={attention} failed ({why}), rerun with xla"
       return result
-    why += f"; with --attention=xla: {why_xla}"
-  return dict(skipped=f"{kind} {shape}: the child process failed ({why})")
+    why += f"; with attention xla: {why_xla}"
+  return dict(skipped=f"{kind} {shape} (attention {attention}): the child failed ({why})")
 
 
 def _fmt(x, spec: str, scale: float = 1.0) -> str:
@@ -585,7 +587,8 @@ def table(results: list[tuple[str, dict]]) -> str:
       notes.append(f"- {shape}: {r['skipped']}")
       continue
     for row in r["rows"]:
-      by_shape.setdefault(shape, {})[row["method"].split(" (")[0]] = row["tokens_s"]
+      rows = by_shape.setdefault(shape, {}).setdefault(row["method"].split(" (")[0], [])
+      rows.append((row["method"].rsplit(", ", 1)[-1].rstrip(")"), row["tokens_s"]))
       if row["device"] not in devices_seen:
         devices_seen.append(row["device"])
       lines.append(
@@ -595,10 +598,12 @@ def table(results: list[tuple[str, dict]]) -> str:
       )
   for shape, t in by_shape.items():
     if "ours" in t and "torch careful" in t:
-      notes.append(
-          f"- {shape}: ours = {t['ours'] / t['torch careful']:.1f}× torch careful, "
-          f"{t['ours'] / t['torch released']:.1f}× torch released"
-      )
+      (_, careful), (_, released) = t["torch careful"][0], t["torch released"][0]
+      for backend, ours in t["ours"]:
+        notes.append(
+            f"- {shape}: ours ({backend}) = {ours / careful:.1f}× torch careful, "
+            f"{ours / released:.1f}× torch released"
+        )
   head = [f"Devices: {'; '.join(devices_seen)}"]
   return "\n".join(head + [""] + lines + [""] + notes) + "\n"
 
@@ -609,27 +614,30 @@ def main(argv):
     write_lengths(_WRITE_LENGTHS.value, _NUM_RECORDS.value)
     return
   if _PART.value:
-    kind, shape = _PART.value.split(":")
+    kind, shape, attention = _PART.value.split(":")
     with open(_OUT.value, "w") as f:
-      json.dump(PARTS[kind](shape), f)
+      json.dump(PARTS[kind](shape, attention), f)
     return
   unknown = [s for s in _SHAPES.value if s not in SHAPES]
   if unknown:
     raise app.UsageError(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
   from selectit_jax.models import attention  # pylint: disable=g-import-not-at-top
 
-  if _ATTENTION.value not in attention.BACKENDS:
-    raise app.UsageError(f"--attention={_ATTENTION.value}; known: {', '.join(attention.BACKENDS)}")
+  unknown = [a for a in _ATTENTION.value if a not in attention.BACKENDS]
+  if unknown or not _ATTENTION.value:
+    raise app.UsageError(f"--attention={unknown}; known: {', '.join(attention.BACKENDS)}")
   start = time.perf_counter()
   results = []
   for shape in _SHAPES.value:
     kinds = ["ours"] + ["torch"] * (not _SKIP_TORCH.value) + ["train"] * (not _SKIP_TRAIN.value)
-    for kind in kinds:
+    runs = [(k, a) for k in kinds for a in (_ATTENTION.value if k != "torch" else ["-"])]
+    for kind, backend in runs:
       if time.perf_counter() - start > _MAX_TOTAL.value:
-        results.append((shape, dict(skipped=f"{kind}: not started, past --max_total_seconds")))
+        why = f"{kind} (attention {backend}): not started, past --max_total_seconds"
+        results.append((shape, dict(skipped=why)))
         continue
-      print(f"[bench_accel] {shape}: {kind} ...", flush=True)
-      results.append((shape, _run_part(kind, shape)))
+      print(f"[bench_accel] {shape}: {kind} (attention {backend}) ...", flush=True)
+      results.append((shape, _run_part(kind, shape, backend)))
   text = table(results) + f"\nWall time of the whole run: {time.perf_counter() - start:.0f} s.\n"
   print("\n" + text)
   if _OUTPUT.value:

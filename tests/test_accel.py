@@ -64,7 +64,7 @@ def test_bench_accel_runs_on_cpu_at_a_tiny_shape():
   for row in rows:
     tokens_s, mfu = row.split(" | ")[2:4]
     assert float(tokens_s) > 0 and mfu == "-"  # no peak FLOP/s for a CPU in the device table
-  assert "ours = " in out.stdout and "× torch careful" in out.stdout
+  assert "ours (attention xla) = " in out.stdout and "× torch careful" in out.stdout
 
 
 @pytest.mark.slow  # subprocesses
