@@ -209,9 +209,11 @@ def train_activation_bytes(
   projections and the attention's fp32 output, max and sum; with `full` (`nn.remat` per
   layer) only each layer's input [rows, T, d], and its backward holds about half of one
   layer's residuals (compiled steps of tiny to 7B-shaped LLaMA layers: 0.81-0.89× of what XLA
-  allocates without that term, 0.96-1.07× with it). Without remat, bf16 compute over fp32
-  weights: XLA allocates ~14 % more than counted (0.86× on 7B-shaped layers; fp32: 0.91-1.07×),
-  per-layer buffers not modelled here; the LLaMA-2 presets remat fully. `backward`: one layer's
+  allocates without that term, 0.96-1.07× with it). Without remat in bf16, a CPU compile
+  allocates ~14 % more than counted (0.86× on 7B-shaped layers; fp32: 0.91-1.07×): XLA:CPU
+  keeps the stack's bf16 residuals upcast to fp32 (the key slices appear as f32[L, ...]
+  buffers), while the residuals JAX saves match the count (`print_saved_residuals`, a wide
+  tiny layer: 31.2 MiB against 28.6 + 1.5 cast weights). `backward`: one layer's
   backward in flight: without remat the recomputed fp32 probabilities, their gradients and
   the broadcast masks of all blocks plus fp32 MLP and stream gradients; with remat also the
   recomputed scores. `head`: the loss (training/loss.py) over `loss_chunk` positions at a
