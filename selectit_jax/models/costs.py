@@ -209,7 +209,7 @@ def train_activation_bytes(
   projections and the attention's fp32 output, max and sum; with `full` (`nn.remat` per
   layer) only each layer's input [rows, T, d], and its backward holds about half of one
   layer's residuals (compiled steps of tiny to 7B-shaped LLaMA layers: 0.81-0.89× of what XLA
-  allocates without that term, 0.96-1.07× with it). Without remat in bf16, a CPU compile
+  allocates without that term, 0.90-1.07× with it). Without remat in bf16, a CPU compile
   allocates ~14 % more than counted (0.86× on 7B-shaped layers; fp32: 0.91-1.07×): XLA:CPU
   keeps the stack's bf16 residuals upcast to fp32 (the key slices appear as f32[L, ...]
   buffers), while the residuals JAX saves match the count (`print_saved_residuals`, a wide

@@ -185,7 +185,7 @@ def train_estimate(
   layer_copies = gathered_bytes(cfg, mesh_sizes)
   if remat_mode(cfg.remat if remat is None else remat) == "none":
     # no remat: the backward reads every layer's cast/gathered weights, kept from the forward
-    acts["saved"] += (cfg.num_layers - 2) * layer_copies // 2
+    acts["saved"] += max(cfg.num_layers - 2, 0) * layer_copies // 2  # 2 are in `gathered`
   head_cast = cfg.hidden_size * cfg.vocab_size // tp * _bytes(cfg.dtype)
   if not layer_copies:
     head_cast = 0  # neither gathered nor cast: the head multiplies the stored weights
