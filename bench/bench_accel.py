@@ -37,12 +37,12 @@ side; auto picks Pallas on a GPU). A child of ours whose kernel fails is run aga
 attention, its row noting the error, so one borrowed run still has numbers.
 
 Wheels the GPU machine needs: jax (CUDA), flax, optax (it brings absl-py), numpy, safetensors
-(transformers brings it; our checkpoint module imports it); transformers and torch for the torch
-rows (without them, or without CUDA when jax has a GPU, those rows are skipped with a line saying
-why); this package from the repo root (PYTHONPATH=.). Not needed: ml_collections, gguf, grain,
-orbax, pyarrow, scipy (imported only where a config file, checkpoint, training data or score
-store is read). Checked under jax 0.11.2 + flax 0.12.12 (Python 3.12, CPU, Pallas in interpret
-mode): every backend's rows run.
+and pyarrow (imported by our checkpoint and file modules; the GPU image has both); transformers
+and torch for the torch rows (without them, or without CUDA when jax has a GPU, those rows are
+skipped with a line saying why); this package from the repo root (PYTHONPATH=.). Not needed:
+ml_collections, gguf, grain, orbax, scipy (imported only where a config file, checkpoint,
+training data or score store is read). Checked in a fresh Python 3.12 venv holding only those
+under jax 0.11.2 + flax 0.12.12 (CPU, Pallas in interpret mode): every backend's rows run.
 """
 
 from __future__ import annotations
