@@ -191,6 +191,23 @@ def sharegpt_records(n: int):
   return recs[:n]
 
 
+def assert_same_tokens(ours, theirs, extra_texts) -> None:
+  """Our tokenizer and a transformers one give the same ids (special tokens included) for 20
+  ShareGPT texts in the first rating prompt plus `extra_texts`, and the same special ids."""
+  from selectit_jax.data import prompts
+
+  texts = [
+      prompts.build_text(prompts.default_prompts()[0], r.instruction, r.response)
+      for r in sharegpt_records(20)
+  ] + list(extra_texts)
+  assert [ours.encode(t) for t in texts] == [theirs(t)["input_ids"] for t in texts]
+  assert (ours.bos_id, ours.eos_id, ours.pad_id) == (
+      theirs.bos_token_id,
+      theirs.eos_token_id,
+      theirs.pad_token_id,
+  )
+
+
 # ---------------------------------------- numpy references of the formulas (one vector)
 
 

@@ -14,7 +14,7 @@ import transformers
 
 from conftest import assert_training_grads_match_transformers
 from conftest import right_padded
-from conftest import REFERENCE_PROMPTS, sharegpt_records
+from conftest import REFERENCE_PROMPTS, assert_same_tokens, sharegpt_records
 from conftest import TINY_GEMMA3 as TINY, write_tiny_gemma3 as _write_tiny
 from selectit_jax import assets
 from selectit_jax import checkpoints
@@ -170,19 +170,9 @@ def test_gguf_tokenizer_matches_transformers_auto_tokenizer(gemma):
   theirs = transformers.AutoTokenizer.from_pretrained(
       os.path.dirname(path), gguf_file=os.path.basename(path)
   )
-  texts = [
-      prompts.build_text(p, r.instruction, r.response)
-      for r in sharegpt_records(20)
-      for p in prompts.default_prompts()[:1]
-  ]
-  texts += ["  leading\tspaces 12345 日本語 émigré\n\n", "<start_of_turn>user\nhi<end_of_turn>"]
-  assert [ours.encode(t) for t in texts] == [theirs(t)["input_ids"] for t in texts]
-  assert (ours.bos_id, ours.eos_id, ours.pad_id) == (
-      theirs.bos_token_id,
-      theirs.eos_token_id,
-      theirs.pad_token_id,
-  )
-  digits = rating_token_ids(ours, texts[0])
+  extra = ["  leading\tspaces 12345 日本語 émigré\n\n", "<start_of_turn>user\nhi<end_of_turn>"]
+  assert_same_tokens(ours, theirs, extra)
+  digits = rating_token_ids(ours, prompts.build_text(prompts.default_prompts()[0], "", ""))
   assert [ours.decode([int(i)]) for i in digits] == list("12345")
 
 

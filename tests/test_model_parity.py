@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from conftest import right_padded
-from conftest import REFERENCE_PROMPTS, sharegpt_records, write_tiny_checkpoint
+from conftest import REFERENCE_PROMPTS, assert_same_tokens, sharegpt_records, write_tiny_checkpoint
 from selectit_jax.models import costs
 from selectit_jax import assets
 from selectit_jax import checkpoints
@@ -244,18 +244,8 @@ def test_gguf_tokenizer_matches_transformers_auto_tokenizer(smollm2):
       fields["tokenizer.ggml.pre"].contents(),
       path,
   )
-  recs = sharegpt_records(20)
-  texts = [
-      prompts.build_text(p, r.instruction, r.response)
-      for r in recs
-      for p in prompts.default_prompts()[:1]
-  ]
-  texts += ["<|im_start|>user\nhi<|im_end|>", "  leading\tspaces 12345 日本語 émigré"]
-  assert [ours.encode(t) for t in texts] == [theirs(t)["input_ids"] for t in texts]
-  assert (ours.bos_id, ours.eos_id, ours.pad_id) == (
-      theirs.bos_token_id,
-      theirs.eos_token_id,
-      theirs.pad_token_id,
+  assert_same_tokens(
+      ours, theirs, ["<|im_start|>user\nhi<|im_end|>", "  leading\tspaces 12345 日本語 émigré"]
   )
   assert ours.hf.chat_template == theirs.chat_template
 
