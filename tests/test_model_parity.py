@@ -183,7 +183,7 @@ def test_gguf_rating_probs_match_transformers(smollm2):
   prompt_list = (
       prompts.load_prompts(REFERENCE_PROMPTS)[:5]
       if os.path.exists(REFERENCE_PROMPTS)
-      else prompts.default_prompts()
+      else prompts.default_prompts()[:5]  # K = 5 of our six, as prompts.k's default
   )
   recs = [
       dataclasses.replace(r, instruction=r.instruction[:240], response=r.response[:240])
