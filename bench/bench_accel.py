@@ -206,9 +206,10 @@ def model_config(shape: str, dtype: str, param_dtype: str | None = None, attenti
 
 
 def _attention(cfg) -> str:
+  """The backend `cfg.attention` runs on this platform (auto resolved)."""
   from selectit_jax.models import attention
 
-  return f"attention {attention.resolve(cfg.attention)}"
+  return attention.resolve(cfg.attention)
 
 
 def random_params(cfg, mesh, seed: int = 0):
@@ -260,10 +261,10 @@ def part_ours(shape: str, attention: str) -> dict:
   """Our engine over the plan of the texts, batches in a fixed shuffled order, time-boxed."""
   import numpy as np
   import jax
+  from bench import common
   from selectit_jax.models import costs
   from selectit_jax.parallel import sharding
   from selectit_jax.scoring import batching
-  from selectit_jax.scoring import engine
 
   device, desc = _jax_device()
   cfg = model_config(shape, _DTYPE.value, attention=attention)
@@ -286,13 +287,14 @@ def part_ours(shape: str, attention: str) -> dict:
       max_segments=8,
       fit_buckets=True,
   )
-  plan = batching.make_plan(items, engine_cfg, cfg)
-  start = time.perf_counter()
-  scorer = engine.Scorer(
-      cfg, params, np.asarray(RATING_IDS), mesh, batch, plan.prefixes, engine_cfg.max_segments
+  scorer, plan, compile_s = common.compiled_scorer(
+      types.SimpleNamespace(engine=engine_cfg),
+      types.SimpleNamespace(config=cfg, params=params),
+      mesh,
+      items,
+      np.asarray(RATING_IDS),
+      pad_id=0,
   )
-  scorer.compile(plan.buckets)
-  compile_s = time.perf_counter() - start
   batches = list(plan.batches)
   np.random.default_rng(1).shuffle(batches)  # a time box then sees the whole mix of lengths
   lengths, steps = [], 0
@@ -306,7 +308,8 @@ def part_ours(shape: str, attention: str) -> dict:
   flops = costs.forward_flops(cfg, lengths, costs.num_params(cfg))
   row = dict(
       method=f"ours ({cfg.dtype}, batch {batch}, prefix cache + packing, "
-      f"{len(plan.buckets)} shapes, {_attention(cfg)})",
+      f"{len(plan.buckets)} shapes, attention {_attention(cfg)})",
+      attention=_attention(cfg),
       device=desc,
       tokens_s=sum(lengths) / seconds,
       mfu=_mfu(flops / seconds, device.device_kind, jax.device_count()),
@@ -490,7 +493,8 @@ def part_train(shape: str, attention: str) -> dict:
       rows=[
           dict(
               method=f"ours train step ({cfg.dtype} compute, fp32 master, AdamW, "
-              f"{rows} × {length} packed, {_attention(cfg)})",
+              f"{rows} × {length} packed, attention {_attention(cfg)})",
+              attention=_attention(cfg),
               device=desc,
               tokens_s=tokens_s,
               mfu=perf.mfu(tokens_s, cfg, length, peak, jax.device_count()) if peak else None,
@@ -590,7 +594,7 @@ def table(results: list[tuple[str, dict]]) -> str:
       continue
     for row in r["rows"]:
       rows = by_shape.setdefault(shape, {}).setdefault(row["method"].split(" (")[0], [])
-      rows.append((row["method"].rsplit(", ", 1)[-1].rstrip(")"), row["tokens_s"]))
+      rows.append((row.get("attention"), row["tokens_s"]))
       if row["device"] not in devices_seen:
         devices_seen.append(row["device"])
       lines.append(
@@ -603,7 +607,7 @@ def table(results: list[tuple[str, dict]]) -> str:
       (_, careful), (_, released) = t["torch careful"][0], t["torch released"][0]
       for backend, ours in t["ours"]:
         notes.append(
-            f"- {shape}: ours ({backend}) = {ours / careful:.1f}× torch careful, "
+            f"- {shape}: ours (attention {backend}) = {ours / careful:.1f}× torch careful, "
             f"{ours / released:.1f}× torch released"
         )
   head = [f"Devices: {'; '.join(devices_seen)}"]
