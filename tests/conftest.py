@@ -191,9 +191,10 @@ def sharegpt_records(n: int):
   return recs[:n]
 
 
-def assert_same_tokens(ours, theirs, extra_texts) -> None:
+def assert_same_tokens(ours, theirs, extra_texts) -> list[str]:
   """Our tokenizer and a transformers one give the same ids (special tokens included) for 20
-  ShareGPT texts in the first rating prompt plus `extra_texts`, and the same special ids."""
+  ShareGPT texts in the first rating prompt plus `extra_texts`, and the same special ids.
+  Returns the texts."""
   from selectit_jax.data import prompts
 
   texts = [
@@ -206,6 +207,7 @@ def assert_same_tokens(ours, theirs, extra_texts) -> None:
       theirs.eos_token_id,
       theirs.pad_token_id,
   )
+  return texts
 
 
 # ---------------------------------------- numpy references of the formulas (one vector)

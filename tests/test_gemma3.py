@@ -171,8 +171,8 @@ def test_gguf_tokenizer_matches_transformers_auto_tokenizer(gemma):
       os.path.dirname(path), gguf_file=os.path.basename(path)
   )
   extra = ["  leading\tspaces 12345 日本語 émigré\n\n", "<start_of_turn>user\nhi<end_of_turn>"]
-  assert_same_tokens(ours, theirs, extra)
-  digits = rating_token_ids(ours, prompts.build_text(prompts.default_prompts()[0], "", ""))
+  texts = assert_same_tokens(ours, theirs, extra)
+  digits = rating_token_ids(ours, texts[0])
   assert [ours.decode([int(i)]) for i in digits] == list("12345")
 
 

@@ -3,7 +3,6 @@
 import dataclasses
 import os
 
-import gguf
 import jax
 import ml_collections
 import numpy as np
@@ -21,6 +20,7 @@ from selectit_jax.scoring import engine
 from selectit_jax.data import prompts
 from selectit_jax.parallel import sharding
 from selectit_jax.models.llama import Llama
+from selectit_jax.checkpoints import gguf as gguf_lib
 from selectit_jax.checkpoints.gguf_pretokenizers import apply_gguf_pre_tokenizer
 from selectit_jax.checkpoints.tokenizer import load_tokenizer, rating_token_ids
 
@@ -237,7 +237,7 @@ def test_gguf_tokenizer_matches_transformers_auto_tokenizer(smollm2):
   )
   # transformers drops SmolLM2's "smollm" pre-tokenizer (digits alone); restore it so both
   # sides cut text as the model was trained (ours against llama.cpp: test_gguf_tokenizer.py).
-  fields = gguf.GGUFReader(path).fields
+  fields = gguf_lib.reader(path).fields  # the file's reader the fixture's load already parsed
   apply_gguf_pre_tokenizer(
       theirs.backend_tokenizer,
       fields["tokenizer.ggml.model"].contents(),
