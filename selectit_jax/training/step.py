@@ -85,16 +85,27 @@ def init_state(params, tx, shardings):
   return {"step": step, "params": params, "opt_state": opt_state}
 
 
-def loss_sums(model: nn.Module, params, batch, loss_chunk: int = loss_lib.DEFAULT_CHUNK):
+def loss_sums(
+    model: nn.Module, params, batch, loss_chunk: int = loss_lib.DEFAULT_CHUNK, groups: int = 0
+):
   """(Σ weighted token NLL, Σ weights) of one micro-batch: logits and log-softmax in fp32,
-  `loss_chunk` positions of each row at a time (training/loss.py)."""
+  `loss_chunk` positions of each row at a time, skipping unweighted positions within each
+  of `groups` runs of rows when > 0 (training/loss.py; `loss_groups`)."""
   variables = {"params": params}
   hidden = model.apply(variables, batch["inputs"], batch["positions"], batch["segment_ids"])
   chunk = loss_lib.chunk_size(hidden.shape[1], loss_chunk)
   softcap = getattr(model.cfg, "final_logit_softcapping", None)
   head = model.apply(variables, method="head")
-  nll = loss_lib.nll_sum(hidden, head, batch["targets"], batch["weights"], chunk, softcap)
+  nll = loss_lib.nll_sum(hidden, head, batch["targets"], batch["weights"], chunk, softcap, groups)
   return nll, jnp.sum(batch["weights"].astype(jnp.float32))
+
+
+def loss_groups(mesh) -> int:
+  """One run of rows per batch shard for the loss to skip unweighted positions in, or 0
+  where the platform's conditionals wait on the host (`loss.skips_unweighted`)."""
+  if not loss_lib.skips_unweighted(mesh.devices.flat[0].platform):
+    return 0
+  return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def accumulation_sharding(mesh) -> NamedSharding:
@@ -118,7 +129,9 @@ def make_train_step(
 
   def step(state, batch):
     params = state["params"]
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(model, p, b, loss_chunk), has_aux=True)
+    grad_fn = jax.value_and_grad(
+        lambda p, b: loss_sums(model, p, b, loss_chunk, loss_groups(mesh)), has_aux=True
+    )
 
     def micro(carry, mb):
       g_acc, l_acc, n_acc = carry
@@ -162,7 +175,7 @@ def make_eval_step(cfg: DecoderConfig, mesh, shardings, loss_chunk: int = loss_l
   """jit'd eval(params, batch[micro, length]) -> (Σ NLL, Σ weights)."""
   model = registry.build(cfg)
   jitted = jax.jit(
-      lambda p, b: loss_sums(model, p, b, loss_chunk),
+      lambda p, b: loss_sums(model, p, b, loss_chunk, loss_groups(mesh)),
       in_shardings=(shardings["params"], sharding.batch_sharding(mesh)),
       out_shardings=sharding.replicated(mesh),
   )
