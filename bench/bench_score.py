@@ -72,6 +72,7 @@ _PART = flags.DEFINE_enum(
     ["main", "reference", "ours", "roofline", "train_reference", "train_ours"],
     "Internal: the child process's part.",
 )
+_TRAIN_CONFIG = "configs/train_smollm2_135m.py"  # the training rows: its template and loss mask
 _WORKDIR = flags.DEFINE_string("workdir", "", "Internal: the parent's scratch directory.")
 _RATERS = flags.DEFINE_list(
     "raters",
@@ -88,9 +89,10 @@ def _load_config():
   return common.load_config(_CONFIG.value, _OVERRIDES.value)
 
 
-def _prepare(workdir: str, samples=None, hf_copy: bool = True) -> dict:
-  """Tokenizes the bench texts once (of `samples` only, when given); writes the ids and,
-  with `hf_copy`, an HF copy of the same weights (the reference's)."""
+def _prepare(workdir: str, samples=None, hf_copy: bool = True, train: bool = False) -> dict:
+  """Tokenizes the bench texts once (of `samples` only, when given); writes the ids,
+  with `train` the training rows of the same records, and with `hf_copy` an HF copy of the
+  same weights (the reference's)."""
   from selectit_jax import checkpoints
   from selectit_jax.checkpoints import hf
 
@@ -111,6 +113,7 @@ def _prepare(workdir: str, samples=None, hf_copy: bool = True) -> dict:
       tokenize_s=work["tokenize_s"],
       num_records=work["num_records"],
       prompts_file=_PROMPTS_FILE.value or "(our default prompts)",
+      train_rows=_train_rows(work["records"], work["tokenizer"]) if train else None,
   )
   with open(os.path.join(workdir, "data.pkl"), "wb") as f:
     pickle.dump(data, f)
@@ -322,7 +325,7 @@ def main_parent():
     return main_raters()
   with tempfile.TemporaryDirectory(prefix="bench_score_") as workdir:
     print("[bench] preparing texts and an HF copy of the weights ...", flush=True)
-    data = _prepare(workdir)
+    data = _prepare(workdir, train=_TRAIN.value)
     lengths = [len(it.ids) for it in data["items"]]
     print(
         f"[bench] {data['num_records']} records, {len(lengths)} texts, {sum(lengths)} tokens",
@@ -374,12 +377,18 @@ def main_parent():
 def _train_report(train, data, roof) -> list[str]:
   if not train:
     return ["", "Training throughput: not run (--notrain)."]
-  cfg = data["cfg"]
+  cfg, rows = data["cfg"], data["train_rows"]
   fpt = costs.train_flops_per_token(cfg, _TRAIN_LENGTH.value)
+  examples = sum(len(set(r[r > 0].tolist())) for r in rows["segment_ids"])
   out = [
       "",
       f"## Training step (SmolLM2-135M fp32 on CPU, {_TRAIN_ROWS.value} packed rows × "
       f"{_TRAIN_LENGTH.value} tokens, AdamW, best of {_TRAIN_STEPS.value} steps after a warm-up)",
+      "",
+      f"The rows are the trainer's own: the bench records in {_TRAIN_CONFIG}'s template "
+      f"({examples} examples packed), the loss on response tokens only "
+      f"({(rows['weights'] > 0).mean():.0%} of positions; padding "
+      f"{(rows['segment_ids'] == 0).mean():.0%}). Both steps run the same rows and mask.",
       "",
       "| method | tokens/s | model GFLOP/s | MFU (vs the matmul roofline) | step s (runs) "
       "| compile / first step s | peak RSS MiB |",
@@ -402,19 +411,14 @@ def _train_report(train, data, roof) -> list[str]:
   return out
 
 
-def _train_rows(data) -> dict:
-  """The bench texts packed into [rows, length] (segment per text), every token a target."""
-  import numpy as np
+def _train_rows(records, tokenizer) -> dict:
+  """The bench records as the trainer feeds them (configs/train_smollm2_135m.py's template,
+  loss on the response tokens only), packed into [rows, length] as a step packs them."""
   from selectit_jax.training import data as data_lib
 
-  examples = [
-      data_lib.Example(
-          np.asarray(it.ids[: _TRAIN_LENGTH.value + 1], np.int32),
-          np.ones(min(len(it.ids), _TRAIN_LENGTH.value + 1), bool),
-          it.sample_index,
-      )
-      for it in data["items"]
-  ]
+  config = common.load_config(_TRAIN_CONFIG)
+  config.data.max_length = _TRAIN_LENGTH.value
+  examples, _ = data_lib.prepare(records, tokenizer, config.data)
   rows = data_lib.pack(examples, _TRAIN_LENGTH.value, seed=0)
   if len(rows["inputs"]) < _TRAIN_ROWS.value:
     raise ValueError(f"only {len(rows['inputs'])} packed rows; lower --train_rows")
@@ -576,7 +580,7 @@ def part_train_reference(workdir):
   import transformers
 
   data = _load_data(workdir)
-  rows = _train_rows(data)
+  rows = data["train_rows"]
   model = transformers.LlamaForCausalLM.from_pretrained(
       os.path.join(workdir, "hf"), torch_dtype=torch.float32
   ).train()
@@ -610,18 +614,14 @@ def part_train_reference(workdir):
 
 def part_train_ours(workdir):
   """Our trainer's jit'd step (selectit_jax.training.step), one micro-batch per step."""
-  import importlib.util
   import jax
   from selectit_jax import checkpoints
   from selectit_jax.parallel import sharding
   from selectit_jax.training import step as step_lib
 
   data = _load_data(workdir)
-  rows = _train_rows(data)
-  spec = importlib.util.spec_from_file_location("train_config", "configs/train_smollm2_135m.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  rows = data["train_rows"]
+  config = common.load_config(_TRAIN_CONFIG)
   mesh = sharding.make_mesh(config.mesh)
   model = checkpoints.load_model(
       data["model_path"],

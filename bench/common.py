@@ -146,7 +146,7 @@ def bench_items(config, num_records: int, prompts_file: str, k: int, samples=Non
   ('' = our own prompts), in the config's template; work items sorted by (sample, prompt).
 
   samples: keep only these sample indices (several models on the same records).
-  Returns items, prompts, rating_ids, tokenizer, model_path, num_records, usable (every
+  Returns items, records (the kept ones), prompts, rating_ids, tokenizer, model_path, num_records, usable (every
   usable sample index read) and tokenize_s (the kept texts' share of the tokenization time)."""
   from selectit_jax import assets
   from selectit_jax.checkpoints.tokenizer import load_tokenizer, rating_token_ids
@@ -180,6 +180,7 @@ def bench_items(config, num_records: int, prompts_file: str, k: int, samples=Non
   )
   return dict(
       items=items,
+      records=[r for r in records if r.index in keep],
       prompts=prompts,
       rating_ids=rating_token_ids(tokenizer, prompts_lib.build_text(prompts[0], "", "", template)),
       tokenizer=tokenizer,

@@ -78,7 +78,8 @@ def get_config():
           # the rows a step needs); a step runs ceil(its rows / micro) micro-batches.
           micro_batch_size=4,
           # Positions of each row whose vocabulary logits exist at once (training/loss.py):
-          # the loss never holds [rows, max_length, vocab]; 0 = whole rows.
+          # the loss never holds [rows, max_length, vocab]; 0 = whole rows. On CPU and TPU
+          # the chunks holding only prompt or padding positions are skipped.
           loss_chunk=128,
           max_steps=0,  # > 0 stops early (the schedule still spans all epochs)
           log_every=1,
