@@ -249,19 +249,21 @@ def train_activation_bytes(
     kernel_grads = rows * (h + 2 * kv) * t * hd * 4
   else:
     kernel_grads = 0
-  if mode == "dots":  # layers.REMAT_POLICIES: the weight matmuls' outputs that the backward
+  kept = layer  # a layer's residuals for the backward: without remat all of them
+  if mode == "full":
+    kept = rows * t * d * ab  # only the layer's input
+  elif mode == "dots":  # layers.REMAT_POLICIES: the weight matmuls' outputs that the backward
     # reads (q, k, v, gate, up) and the jnp attention's output, max and sum; norms, rotary and
     # the gated activation are recomputed (a fused kernel's forward too: it is no matmul)
     softmax = 0 if fused else rows * h * t * (hd + 2) * 4
-    layer = rows * t * (d + (h + 2 * kv) * hd + 2 * f) * ab + softmax
-  if mode != "none":
-    saved = cfg.num_layers * (layer if mode == "dots" else rows * t * d * ab)
-    backward = pairs * (2 * 4 + 1) + rows * t * (4 * d + 2 * f) * 4 + kernel_grads
-    if mode == "full":  # the layer's forward, recomputed, is partly live during its backward
-      backward += layer // 2
-  else:
-    saved = cfg.num_layers * layer
+    kept = rows * t * (d + (h + 2 * kv) * hd + 2 * f) * ab + softmax
+  saved = cfg.num_layers * kept
+  if mode == "none":
     backward = pairs * (2 * 4 + 1) + rows * t * (f + 2 * d) * 4 + kernel_grads
+  else:
+    backward = pairs * (2 * 4 + 1) + rows * t * (4 * d + 2 * f) * 4 + kernel_grads
+  if mode == "full":  # the layer's forward, recomputed, is partly live during its backward
+    backward += layer // 2
   return dict(
       saved=saved,
       backward=backward,
