@@ -146,8 +146,9 @@ def bench_items(config, num_records: int, prompts_file: str, k: int, samples=Non
   ('' = our own prompts), in the config's template; work items sorted by (sample, prompt).
 
   samples: keep only these sample indices (several models on the same records).
-  Returns items, records (the kept ones), prompts, rating_ids, tokenizer, model_path, num_records, usable (every
-  usable sample index read) and tokenize_s (the kept texts' share of the tokenization time)."""
+  Returns items, records (the kept ones), prompts, rating_ids, tokenizer, model_path,
+  num_records, usable (every usable sample index read) and tokenize_s (the kept texts' share
+  of the tokenization time)."""
   from selectit_jax import assets
   from selectit_jax.checkpoints.tokenizer import load_tokenizer, rating_token_ids
   from selectit_jax.data import prompts as prompts_lib

@@ -126,11 +126,12 @@ def make_train_step(
   sequences; with equal token counts the two agree.)
   """
   model = registry.build(cfg)
+  groups = loss_groups(mesh)
 
   def step(state, batch):
     params = state["params"]
     grad_fn = jax.value_and_grad(
-        lambda p, b: loss_sums(model, p, b, loss_chunk, loss_groups(mesh)), has_aux=True
+        lambda p, b: loss_sums(model, p, b, loss_chunk, groups), has_aux=True
     )
 
     def micro(carry, mb):
@@ -173,9 +174,9 @@ def make_train_step(
 
 def make_eval_step(cfg: DecoderConfig, mesh, shardings, loss_chunk: int = loss_lib.DEFAULT_CHUNK):
   """jit'd eval(params, batch[micro, length]) -> (Σ NLL, Σ weights)."""
-  model = registry.build(cfg)
+  model, groups = registry.build(cfg), loss_groups(mesh)
   jitted = jax.jit(
-      lambda p, b: loss_sums(model, p, b, loss_chunk, loss_groups(mesh)),
+      lambda p, b: loss_sums(model, p, b, loss_chunk, groups),
       in_shardings=(shardings["params"], sharding.batch_sharding(mesh)),
       out_shardings=sharding.replicated(mesh),
   )
