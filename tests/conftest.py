@@ -423,6 +423,7 @@ def assert_training_grads_match_transformers(cfg, params, ref_model, seqs):
   ours = dict(hf.hf_tensors(cfg, jax.jit(jax.grad(mean_nll))(params)))
 
   ref_model = copy.deepcopy(ref_model).double()
+  ref_model.zero_grad(set_to_none=True)  # a copy carries the fixture model's .grad along
   total = 0
   for s in seqs:
     logits = ref_model(input_ids=torch.tensor([s], dtype=torch.long)).logits[0, :-1]
