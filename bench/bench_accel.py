@@ -62,6 +62,8 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from selectit_jax import cli  # noqa: E402
+
 LENGTHS_FILE = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "data", "sharegpt_lengths.json"
 )
@@ -549,8 +551,9 @@ def _child(kind: str, shape: str, attention: str) -> tuple[dict | None, str]:
     with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) as proc:
       for line in proc.stderr:
         sys.stderr.write(line)
-        # The exception's own line: JAX appends a note on filtered frames after it.
-        if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b", line):
+        # The exception's own line (JAX appends a note on filtered frames after it), or the
+        # `error:` line a user's mistake ends with (cli.run_main: exit status 2).
+        if re.match(r"error: |[A-Za-z_][\w.]*(Error|Exception)\b", line):
           error = line.strip()
     if proc.returncode or not os.path.exists(out):
       return None, f"exit {proc.returncode}: {error[:300]}"
@@ -654,4 +657,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_main(main)

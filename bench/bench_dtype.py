@@ -22,10 +22,11 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from selectit_jax import cli  # noqa: E402
 from bench import common  # noqa: E402
 
 _NUM_RECORDS = flags.DEFINE_integer("num_records", 100, "First N usable ShareGPT records.")
@@ -278,4 +279,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_main(main)

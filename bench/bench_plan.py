@@ -25,10 +25,11 @@ import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from selectit_jax import cli  # noqa: E402
 from bench import common  # noqa: E402
 
 _NUM_RECORDS = flags.DEFINE_integer("num_records", 100_000, "Synthetic records to plan.")
@@ -191,4 +192,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_main(main)

@@ -26,10 +26,11 @@ import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from selectit_jax import cli  # noqa: E402
 from bench import common  # noqa: E402
 from selectit_jax.models import costs  # noqa: E402
 from selectit_jax.parallel import devices  # noqa: E402
@@ -676,4 +677,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_main(main)

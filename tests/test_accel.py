@@ -84,4 +84,6 @@ def test_bench_accel_reruns_a_failing_kernel_with_the_jnp_attention():
   rows = [l for l in out.stdout.splitlines() if l.startswith("| tiny |")]
   assert len(rows) == 1 and "attention xla" in rows[0], out.stdout
   assert float(rows[0].split(" | ")[2]) > 0
-  assert "--attention=cudnn failed (exit 1: " in rows[0] and "runs on gpu, not cpu" in rows[0]
+  assert (
+      "--attention=cudnn failed (exit 2: error: " in rows[0] and "runs on gpu, not cpu" in rows[0]
+  )
