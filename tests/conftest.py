@@ -488,3 +488,82 @@ def write_tiny_gemma3(directory, cfg=TINY_GEMMA3, seed=0):
     tree[spec.path[-1]] = value.astype(np.float32)
   hf.save_hf(directory, cfg, params)
   return cfg
+
+
+# --------------------------------------------------------------- steps on abstract inputs
+
+
+def mesh_of(shape):
+  """A (data, fsdp, tensor) mesh on the first devices."""
+  from selectit_jax.parallel import sharding
+
+  n = int(np.prod(shape))
+  return sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)), jax.devices()[:n])
+
+
+def abstract_params(cfg, mesh):
+  """The params' ShapeDtypeStructs with their shardings on `mesh` (no weights made)."""
+  import flax.linen as nn
+
+  from selectit_jax import checkpoints
+  from selectit_jax.parallel import sharding
+
+  boxed = checkpoints.param_shapes(cfg)["params"]
+  return jax.tree.map(
+      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+      nn.unbox(boxed),
+      sharding.param_shardings(boxed, mesh),
+  )
+
+
+def abstract_rating_step(cfg, mesh, batch, length, prefix, segments, prompts=5):
+  """The engine's rating step (prefix cache, read-out rows) jit'd, and abstract inputs:
+  lower it under `sharding.activate(mesh)`."""
+  from selectit_jax.models import registry
+  from selectit_jax.models.layers import Prefix
+  from selectit_jax.parallel import sharding
+  from selectit_jax.scoring import engine
+
+  step = engine.rating_probs_fn(registry.build(cfg), np.arange(5))
+  kv = jax.ShapeDtypeStruct(
+      (cfg.num_layers, prompts, cfg.num_kv_heads, prefix, cfg.head_dim), jnp.dtype(cfg.dtype)
+  )
+  table = Prefix(kv, kv, jax.ShapeDtypeStruct((prompts, prefix), jnp.bool_))
+  rows = sharding.batch_sharding(mesh)
+  ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)
+  args = (ints(batch, length),) * 3 + (ints(batch), ints(batch, segments))
+  # Made outside the mesh's context: under one, flax constrains init's params.
+  return jax.jit(step), (abstract_params(cfg, mesh), table) + args
+
+
+def abstract_train_step(cfg, mesh, accum, micro, length, loss_chunk=128):
+  """training/step.make_train_step's jit'd step (state donated) and an abstract state and
+  batch [accum, micro, length]: lower it under `sharding.activate(mesh)`."""
+  import ml_collections
+
+  from selectit_jax.training import step as step_lib
+
+  train = ml_collections.ConfigDict(
+      dict(
+          learning_rate=1e-3,
+          warmup_ratio=0.0,
+          schedule="constant",
+          weight_decay=0.0,
+          b1=0.9,
+          b2=0.999,
+          eps=1e-8,
+          max_grad_norm=1.0,
+      )
+  )
+  sched = step_lib.schedule(train, 10)
+  tx = step_lib.optimizer(train, sched)
+  shardings = step_lib.state_shardings(cfg, tx, mesh)
+  run = step_lib.make_train_step(cfg, tx, sched, mesh, shardings, loss_chunk)
+  rows = step_lib.accumulation_sharding(mesh)
+  batch = {
+      k: jax.ShapeDtypeStruct(
+          (accum, micro, length), jnp.float32 if k == "weights" else jnp.int32, sharding=rows
+      )
+      for k in ("inputs", "targets", "weights", "positions", "segment_ids")
+  }
+  return run.jitted, (step_lib.abstract_state(cfg, tx, shardings), batch)

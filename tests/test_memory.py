@@ -7,40 +7,23 @@ configs for TPU slices and GPU nodes, planned without devices."""
 import dataclasses
 import importlib
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
 import pytest
 
-from selectit_jax import checkpoints
 from selectit_jax.models import registry
-from selectit_jax.models.layers import Prefix
 from selectit_jax.parallel import devices
 from selectit_jax.parallel import memory
 from selectit_jax.parallel import sharding
-from selectit_jax.scoring import engine
-from selectit_jax.training import step as step_lib
-from tests.conftest import TINY_GEMMA3, tiny_config
+from tests.conftest import (
+    TINY_GEMMA3,
+    abstract_rating_step,
+    abstract_train_step,
+    mesh_of,
+    tiny_config,
+)
 
 LLAMA = tiny_config()
 GEMMA = TINY_GEMMA3
 TOLERANCE = 0.25
-
-
-def _mesh(shape):
-  n = int(np.prod(shape))
-  return sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)), jax.devices()[:n])
-
-
-def _abstract_params(cfg, mesh):
-  boxed = checkpoints.param_shapes(cfg)["params"]
-  return jax.tree.map(
-      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-      nn.unbox(boxed),
-      sharding.param_shardings(boxed, mesh),
-  )
 
 
 def _compiled_bytes(lowered) -> int:
@@ -55,18 +38,10 @@ def _compiled_bytes(lowered) -> int:
 
 def _rating_step_bytes(cfg, mesh_shape, batch, length, prefix, segments, prompts=5):
   """The engine's rating step (prefix cache, read-out rows) compiled on abstract inputs."""
-  mesh = _mesh(mesh_shape)
-  step = engine.rating_probs_fn(registry.build(cfg), np.arange(5))
-  kv = jax.ShapeDtypeStruct(
-      (cfg.num_layers, prompts, cfg.num_kv_heads, prefix, cfg.head_dim), jnp.dtype(cfg.dtype)
-  )
-  table = Prefix(kv, kv, jax.ShapeDtypeStruct((prompts, prefix), jnp.bool_))
-  rows = sharding.batch_sharding(mesh)
-  ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)
-  args = (ints(batch, length),) * 3 + (ints(batch), ints(batch, segments))
-  params = _abstract_params(cfg, mesh)  # outside: under a mesh, flax constrains init's params
+  mesh = mesh_of(mesh_shape)
+  step, args = abstract_rating_step(cfg, mesh, batch, length, prefix, segments, prompts)
   with sharding.activate(mesh):
-    return _compiled_bytes(jax.jit(step).lower(params, table, *args))
+    return _compiled_bytes(step.lower(*args))
 
 
 @pytest.mark.parametrize(
@@ -96,37 +71,12 @@ def test_rating_estimate_is_not_a_full_square():
   assert 0.4 * square < est.parts["layer"] < 0.6 * square
 
 
-_TRAIN = ml_collections.ConfigDict(
-    dict(
-        learning_rate=1e-3,
-        warmup_ratio=0.0,
-        schedule="constant",
-        weight_decay=0.0,
-        b1=0.9,
-        b2=0.999,
-        eps=1e-8,
-        max_grad_norm=1.0,
-    )
-)
-
-
 def _train_step_bytes(cfg, accum, micro, length, loss_chunk=128):
   """training/step.make_train_step's step (state donated) compiled on an abstract state."""
-  mesh = _mesh((1, 1, 1))
-  sched = step_lib.schedule(_TRAIN, 10)
-  tx = step_lib.optimizer(_TRAIN, sched)
-  shardings = step_lib.state_shardings(cfg, tx, mesh)
-  state = step_lib.abstract_state(cfg, tx, shardings)
-  run = step_lib.make_train_step(cfg, tx, sched, mesh, shardings, loss_chunk)
-  rows = step_lib.accumulation_sharding(mesh)
-  batch = {
-      k: jax.ShapeDtypeStruct(
-          (accum, micro, length), jnp.float32 if k == "weights" else jnp.int32, sharding=rows
-      )
-      for k in ("inputs", "targets", "weights", "positions", "segment_ids")
-  }
+  mesh = mesh_of((1, 1, 1))
+  step, args = abstract_train_step(cfg, mesh, accum, micro, length, loss_chunk)
   with sharding.activate(mesh):
-    return _compiled_bytes(run.jitted.lower(state, batch))
+    return _compiled_bytes(step.lower(*args))
 
 
 _WIDE = dataclasses.replace(
