@@ -490,11 +490,17 @@ def _merged_kernels_bwd(backend, scale, interpret, args, cotangent):
 _merged_kernels.defvjp(_merged_kernels_fwd, _merged_kernels_bwd)
 
 
+def interpreted() -> bool:
+  """Whether the Pallas kernels run in interpret mode: on CPU (tests), where they have no
+  native lowering. tests/test_lowering.py sets it false to lower the steps for TPU and GPU."""
+  return jax.default_backend() == "cpu"
+
+
 def fused(backend, q, own_kv, prefix_kv, m: Segments, scale):
   """Attention of q [b, kv, g, t, hd] over the row's own keys (causal within segments)
   and, when given, the prefix keys [b, kv, p, hd] (all valid ones): out [b, kv, g, t, hd].
   Without a prefix a single kernel call, with the kernel's own backward."""
-  interpret = jax.default_backend() == "cpu"
+  interpret = interpreted()
   k, v = own_kv
   if prefix_kv is None or prefix_kv[0].shape[2] == 0:
     own = lambda q, k, v, s: _HALVES[backend][0](q, k, v, s, scale, interpret, False)

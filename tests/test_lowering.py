@@ -1,0 +1,122 @@
+"""The steps lowered for TPU and GPU on this CPU (`jax.export`, platforms=[...]): the engine's
+rating step, the prefix prefill and the training step, sharded over a mesh, with the Pallas
+kernels lowered natively (splash through Mosaic, flash attention through Triton) rather than
+interpreted as tests/test_attention.py runs them. What no accelerator here can run still has
+to lower: kernel block shapes, the per-shard wrapping, the kernels' backward. On the GPU no
+step may hold a conditional: XLA:GPU reads a conditional's predicate back to the host."""
+
+import contextlib
+import dataclasses
+import re
+
+import jax
+from jax import export
+import jax.numpy as jnp
+import pytest
+
+from selectit_jax.models import attention
+from selectit_jax.models import registry
+from selectit_jax.parallel import sharding
+from selectit_jax.training import loss as loss_lib
+from tests.conftest import (
+    TINY_GEMMA3,
+    abstract_params,
+    abstract_rating_step,
+    abstract_train_step,
+    mesh_of,
+    tiny_config,
+)
+
+# Head dims of the real models: LLaMA-2's 128, Gemma 3's 256 (270M); GQA in both.
+FAMILIES = {
+    "llama": tiny_config(hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=128),
+    # The window reaches past every row here: the kernels apply no window (attention.kernel_for).
+    "gemma": dataclasses.replace(TINY_GEMMA3, head_dim=256, sliding_window=1024),
+}
+# (backend, export platform, the kernel's custom call in StableHLO)
+KERNELS = [("splash", "tpu", "tpu_custom_call"), ("pallas_gpu", "cuda", "__gpu$xla.gpu.triton")]
+# Triton calls carry no serialization guarantee; this module is lowered, never stored.
+_CHECKS = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+
+
+@contextlib.contextmanager
+def _native(platform):
+  """Steps built and lowered in here see `platform`: the kernels native, not interpreted,
+  and on the GPU the loss without its skipping conditional (as `loss_groups` sees there)."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(attention, "interpreted", lambda: False)
+    if platform == "cuda":
+      real = loss_lib.skips_unweighted
+      patch.setattr(loss_lib, "skips_unweighted", lambda _: real("gpu"))
+    yield
+
+
+def _lower(fn, args, platform, mesh, rules=sharding.LOGICAL_AXIS_RULES) -> str:
+  """StableHLO of `fn` on `args` for `platform` (call within `_native(platform)`)."""
+  with sharding.activate(mesh, rules):
+    return export.export(fn, platforms=[platform], disabled_checks=_CHECKS)(*args).mlir_module()
+
+
+def _conditionals(text: str) -> int:
+  return len(re.findall(r"stablehlo\.(?:if|case)\b", text))
+
+
+def _cfg(family, backend):
+  return dataclasses.replace(FAMILIES[family], attention=backend, dtype="bfloat16")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("backend,platform,call", KERNELS)
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 1, 2)])
+def test_rating_step_lowers_with_the_native_kernel(family, backend, platform, call, mesh_shape):
+  """Packed rows (2 texts a row) continuing a 40-token prefix: the prefix and own halves,
+  each a kernel call, on one device and on rows × kv heads split over 4 (shard_map)."""
+  mesh = mesh_of(mesh_shape)
+  with _native(platform):
+    step, args = abstract_rating_step(_cfg(family, backend), mesh, 4, 200, 40, 2)
+    text = _lower(step, args, platform, mesh)
+  # Two calls a layer (prefix, own), in the scanned body and the last layer's read-out rows.
+  assert text.count(f"custom_call @{call}(") >= 2, text[:2000]
+  assert _conditionals(text) == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("backend,platform,call", KERNELS)
+def test_prefix_prefill_lowers_with_the_native_kernel(family, backend, platform, call):
+  cfg = _cfg(family, backend)
+  mesh = mesh_of((2, 1, 2))
+  params = abstract_params(cfg, mesh)
+  tokens = jax.ShapeDtypeStruct((5, 40), jnp.int32)
+  valid = jax.ShapeDtypeStruct((5, 40), jnp.bool_)
+  with _native(platform):
+    prefill = registry.prefix_prefill(cfg, jax.tree.map(lambda x: x.sharding, params), mesh)
+    args = (params, tokens, valid)
+    text = _lower(prefill.jitted, args, platform, mesh, sharding.REPLICATED_ROWS_RULES)
+  assert f"custom_call @{call}(" in text
+  assert _conditionals(text) == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("backend,platform,call", KERNELS)
+def test_training_step_lowers_with_the_native_kernels_and_their_backward(
+    family, backend, platform, call
+):
+  """fsdp × tensor × data, 2 micro-batches: the kernel's forward and its two backward
+  kernels (dq; dk and dv); on the GPU the loss runs every chunk, with no conditional."""
+  mesh = mesh_of((2, 2, 2))
+  with _native(platform):
+    step, args = abstract_train_step(_cfg(family, backend), mesh, 2, 4, 256)
+    text = _lower(step, args, platform, mesh)
+  assert text.count(f"custom_call @{call}(") >= 3, text[:2000]
+  conditionals = _conditionals(text)
+  assert conditionals == 0 if platform == "cuda" else conditionals >= 1  # TPU: the loss skips
+
+
+def test_interpreted_on_cpu_only():
+  """Here the kernels run interpreted, so the same step lowered for CPU holds no kernel call."""
+  assert attention.interpreted()
+  mesh = mesh_of((1, 1, 1))
+  step, args = abstract_rating_step(_cfg("llama", "splash"), mesh, 2, 128, 16, 1)
+  with sharding.activate(mesh):
+    text = step.lower(*args).as_text()
+  assert "custom_call @tpu_custom_call(" not in text
