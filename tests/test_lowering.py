@@ -2,8 +2,9 @@
 rating step, the prefix prefill and the training step, sharded over a mesh, with the Pallas
 kernels lowered natively (splash through Mosaic, flash attention through Triton) rather than
 interpreted as tests/test_attention.py runs them. What no accelerator here can run still has
-to lower: kernel block shapes, the per-shard wrapping, the kernels' backward. On the GPU no
-step may hold a conditional: XLA:GPU reads a conditional's predicate back to the host."""
+to lower: kernel block shapes, the per-shard wrapping, the kernels' backward. With bf16
+configs every matrix product takes bf16 operands (fp32 accumulation), and on the GPU no step
+may hold a conditional: XLA:GPU reads a conditional's predicate back to the host."""
 
 import contextlib
 import dataclasses
@@ -61,6 +62,23 @@ def _conditionals(text: str) -> int:
   return len(re.findall(r"stablehlo\.(?:if|case)\b", text))
 
 
+_DOT = re.compile(
+    r"stablehlo\.dot_general .*?: \((tensor<[^>]*>), (tensor<[^>]*>)\) -> (tensor<[^>]*>)"
+)
+
+
+def _fp32_matmuls(text: str) -> list[tuple[str, str, str]]:
+  """dot_generals that take fp32 operands and are matrix products: not the row-wise vector
+  products (Σ dO·O over the head dim in the kernels' backward: as many products as outputs
+  times one head dim, memory-bound whatever the dtype)."""
+  dims = lambda t: t.removeprefix("tensor<").removesuffix(">").split("x")
+  found = []
+  for lhs, rhs, out in _DOT.findall(text):
+    if "f32" in lhs + rhs and not (lhs == rhs and dims(out)[:-1] == dims(lhs)[:-2]):
+      found.append((lhs, rhs, out))
+  return found
+
+
 def _cfg(family, backend):
   return dataclasses.replace(FAMILIES[family], attention=backend, dtype="bfloat16")
 
@@ -78,6 +96,7 @@ def test_rating_step_lowers_with_the_native_kernel(family, backend, platform, ca
   # Two calls a layer (prefix, own), in the scanned body and the last layer's read-out rows.
   assert text.count(f"custom_call @{call}(") >= 2, text[:2000]
   assert _conditionals(text) == 0
+  assert _fp32_matmuls(text) == []  # bf16 matmuls (fp32 accumulation: preferred_element_type)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -108,6 +127,7 @@ def test_training_step_lowers_with_the_native_kernels_and_their_backward(
     step, args = abstract_train_step(_cfg(family, backend), mesh, 2, 4, 256)
     text = _lower(step, args, platform, mesh)
   assert text.count(f"custom_call @{call}(") >= 3, text[:2000]
+  assert _fp32_matmuls(text) == []
   conditionals = _conditionals(text)
   assert conditionals == 0 if platform == "cuda" else conditionals >= 1  # TPU: the loss skips
 
