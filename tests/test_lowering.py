@@ -3,8 +3,9 @@ rating step, the prefix prefill and the training step, sharded over a mesh, with
 kernels lowered natively (splash through Mosaic, flash attention through Triton) rather than
 interpreted as tests/test_attention.py runs them. What no accelerator here can run still has
 to lower: kernel block shapes, the per-shard wrapping, the kernels' backward. With bf16
-configs every matrix product takes bf16 operands (fp32 accumulation), and on the GPU no step
-may hold a conditional: XLA:GPU reads a conditional's predicate back to the host."""
+configs every matrix product takes bf16 operands (fp32 accumulation) while norms, softmax and
+log-sum-exp stay in fp32; and on the GPU no step may hold a conditional: XLA:GPU reads a
+conditional's predicate back to the host."""
 
 import contextlib
 import dataclasses
@@ -67,6 +68,15 @@ _DOT = re.compile(
 )
 
 
+def _low_precision_math(text: str, cfg) -> list[tuple[str, str]]:
+  """rsqrt (norms), log and exp (softmax, log-sum-exp) not in fp32, but for the gated MLP's
+  activation, which runs in the compute dtype on [rows, intermediate] (silu's exp, gelu's
+  tanh)."""
+  ops = re.findall(r"= stablehlo\.(rsqrt|exponential|log) %\S+ : tensor<([^>]*)>", text)
+  mlp = f"x{cfg.intermediate_size}xbf16"
+  return [(op, t) for op, t in ops if not t.endswith("f32") and not t.endswith(mlp)]
+
+
 def _fp32_matmuls(text: str) -> list[tuple[str, str, str]]:
   """dot_generals that take fp32 operands and are matrix products: not the row-wise vector
   products (Σ dO·O over the head dim in the kernels' backward: as many products as outputs
@@ -97,6 +107,7 @@ def test_rating_step_lowers_with_the_native_kernel(family, backend, platform, ca
   assert text.count(f"custom_call @{call}(") >= 2, text[:2000]
   assert _conditionals(text) == 0
   assert _fp32_matmuls(text) == []  # bf16 matmuls (fp32 accumulation: preferred_element_type)
+  assert _low_precision_math(text, FAMILIES[family]) == []
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -128,6 +139,7 @@ def test_training_step_lowers_with_the_native_kernels_and_their_backward(
     text = _lower(step, args, platform, mesh)
   assert text.count(f"custom_call @{call}(") >= 3, text[:2000]
   assert _fp32_matmuls(text) == []
+  assert _low_precision_math(text, FAMILIES[family]) == []
   conditionals = _conditionals(text)
   assert conditionals == 0 if platform == "cuda" else conditionals >= 1  # TPU: the loss skips
 
