@@ -186,7 +186,7 @@ def test_engine_with_shared_prefix_matches_transformers(case):
   assert len(got) == len(items)
   for it in items:
     with torch.no_grad():
-      logits = ref(torch.tensor([it.ids])).logits[0, -1]
+      logits = ref(torch.tensor(np.asarray(it.ids))[None]).logits[0, -1]
     want = torch.softmax(logits.double(), -1)[torch.tensor(digits)].numpy()
     np.testing.assert_allclose(got[it.sample_index], want, rtol=1e-4, atol=1e-6)
 

@@ -222,7 +222,7 @@ def test_gguf_rating_probs_match_transformers(smollm2):
   worst = 0.0
   for it in items:
     with torch.no_grad():
-      logits = ref_model(torch.tensor([it.ids]), logits_to_keep=1).logits[0, -1]
+      logits = ref_model(torch.tensor(np.asarray(it.ids))[None], logits_to_keep=1).logits[0, -1]
     ref = torch.softmax(logits.double(), -1)[torch.tensor(digits, dtype=torch.long)].numpy()
     got = ours[(it.sample_index, it.prompt_index)]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
