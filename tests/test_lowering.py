@@ -1,7 +1,7 @@
 """The steps lowered for TPU and GPU on this CPU (`jax.export`, platforms=[...]): the engine's
 rating step, the prefix prefill and the training step, sharded over a mesh, with the Pallas
 kernels lowered natively (splash through Mosaic, flash attention through Triton) rather than
-interpreted as tests/test_attention.py runs them. What no accelerator here can run still has
+interpreted as tests/test_attention.py runs them, and cuDNN's (jax told it has a GPU). What no accelerator here can run still has
 to lower: kernel block shapes, the per-shard wrapping, the kernels' backward. With bf16
 configs every matrix product takes bf16 operands (fp32 accumulation) while norms, softmax and
 log-sum-exp stay in fp32; and on the GPU no step may hold a conditional: XLA:GPU reads a
@@ -13,9 +13,11 @@ import re
 
 import jax
 from jax import export
+from jax._src.cudnn import fused_attention_stablehlo as cudnn_jax
 import jax.numpy as jnp
 import pytest
 
+from selectit_jax import errors
 from selectit_jax.models import attention
 from selectit_jax.models import registry
 from selectit_jax.parallel import sharding
@@ -37,8 +39,13 @@ FAMILIES = {
 }
 # (backend, export platform, the kernel's custom call in StableHLO)
 KERNELS = [("splash", "tpu", "tpu_custom_call"), ("pallas_gpu", "cuda", "__gpu$xla.gpu.triton")]
-# Triton calls carry no serialization guarantee; this module is lowered, never stored.
-_CHECKS = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+# Triton and cuDNN calls carry no serialization guarantee; these modules are lowered, never
+# stored.
+_CHECKS = [
+    export.DisabledSafetyCheck.custom_call(name)
+    for name in ("__gpu$xla.gpu.triton", "__cudnn$fmhaSoftmax", "__cudnn$fmhaScaleBiasSoftmax")
+    + ("__cudnn$fmhaSoftmaxBackward", "__cudnn$fmhaScaleBiasSoftmaxBackward")
+]
 
 
 @contextlib.contextmanager
@@ -50,6 +57,21 @@ def _native(platform):
     if platform == "cuda":
       real = loss_lib.skips_unweighted
       patch.setattr(loss_lib, "skips_unweighted", lambda _: real("gpu"))
+    yield
+
+
+@contextlib.contextmanager
+def _cudnn(capability: str):
+  """cuDNN 9.10 on a GPU of this compute capability, as jax's cuDNN attention sees them: it
+  asks the GPU backend, which this CPU lacks (jax internals; launch/constraints.txt pins jax)."""
+  version = lambda c: tuple(int(x) for x in c.split("."))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(cudnn_jax, "check_cudnn_version", lambda: 91000)
+    patch.setattr(
+        cudnn_jax, "check_compute_capability", lambda c: version(capability) >= version(c)
+    )
+    patch.setattr(cudnn_jax, "is_cuda_compute_capability_equal", lambda c: capability == c)
+    patch.setitem(attention._PLATFORMS, "cudnn", ("gpu", "cpu"))
     yield
 
 
@@ -142,6 +164,36 @@ def test_training_step_lowers_with_the_native_kernels_and_their_backward(
   assert _low_precision_math(text, FAMILIES[family]) == []
   conditionals = _conditionals(text)
   assert conditionals == 0 if platform == "cuda" else conditionals >= 1  # TPU: the loss skips
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cudnn_steps_lower_on_hopper(family):
+  """cuDNN's fused attention (`jax.nn.dot_product_attention`): the rating step's own half
+  (segment mask as a bias) and prefix half (valid lengths), the training step's forward and
+  backward; no conditional, bf16 matmuls, fp32 softmax."""
+  cfg = _cfg(family, "cudnn")
+  with _cudnn("9.0"), _native("cuda"):
+    rating_mesh, train_mesh = mesh_of((2, 1, 2)), mesh_of((2, 2, 2))
+    rating = _lower(*abstract_rating_step(cfg, rating_mesh, 4, 200, 40, 2), "cuda", rating_mesh)
+    train = _lower(*abstract_train_step(cfg, train_mesh, 2, 4, 256), "cuda", train_mesh)
+  assert "custom_call @__cudnn$fmhaScaleBiasSoftmax(" in rating  # own keys
+  assert "custom_call @__cudnn$fmhaSoftmax(" in rating  # prefix keys
+  assert "custom_call @__cudnn$fmhaScaleBiasSoftmaxBackward(" in train
+  for text in (rating, train):
+    assert _conditionals(text) == 0
+    assert _fp32_matmuls(text) == []
+    assert _low_precision_math(text, FAMILIES[family]) == []
+
+
+def test_cudnn_refuses_what_this_gpu_cannot_run_in_one_line():
+  """Gemma 3's head dim 256 on an A100: cuDNN runs at most 128 before Hopper; jax says so,
+  and the engine passes it on as a user error that names the setting."""
+  mesh = mesh_of((1, 1, 1))
+  with _cudnn("8.0"), _native("cuda"):
+    with pytest.raises(errors.UserError, match=r"engine.attention=cudnn: .*head dim .*<= 128"):
+      _lower(*abstract_rating_step(_cfg("gemma", "cudnn"), mesh, 4, 200, 40, 2), "cuda", mesh)
+    llama_step, llama_args = abstract_rating_step(_cfg("llama", "cudnn"), mesh, 4, 200, 40, 2)
+    assert "__cudnn$" in _lower(llama_step, llama_args, "cuda", mesh)  # head dim 128 runs
 
 
 def test_interpreted_on_cpu_only():

@@ -429,7 +429,10 @@ def _cudnn_checked(fn):
           f"engine.attention=cudnn needs model.dtype bfloat16 or float16, not {q.dtype} "
           "(cuDNN flash attention has no fp32 kernel); use pallas_gpu or xla"
       )
-    return fn(q, *args)
+    try:
+      return fn(q, *args)
+    except NotImplementedError as e:  # jax's check of what this GPU's cuDNN runs (head dim…)
+      raise UserError(f"engine.attention=cudnn: {str(e).rstrip('.')}; use pallas_gpu or xla") from e
 
   return run
 
