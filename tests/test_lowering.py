@@ -125,7 +125,7 @@ def test_rating_step_lowers_with_the_native_kernel(family, backend, platform, ca
   with _native(platform):
     step, args = abstract_rating_step(_cfg(family, backend), mesh, 4, 200, 40, 2)
     text = _lower(step, args, platform, mesh)
-  # Two calls a layer (prefix, own), in the scanned body and the last layer's read-out rows.
+  # Prefix and own halves in the scanned layers (the last layer's read-out rows: jnp path).
   assert text.count(f"custom_call @{call}(") >= 2, text[:2000]
   assert _conditionals(text) == 0
   assert _fp32_matmuls(text) == []  # bf16 matmuls (fp32 accumulation: preferred_element_type)
