@@ -1,11 +1,11 @@
 """The steps lowered for TPU and GPU on this CPU (`jax.export`, platforms=[...]): the engine's
 rating step, the prefix prefill and the training step, sharded over a mesh, with the Pallas
 kernels lowered natively (splash through Mosaic, flash attention through Triton) rather than
-interpreted as tests/test_attention.py runs them, and cuDNN's (jax told it has a GPU). What no accelerator here can run still has
-to lower: kernel block shapes, the per-shard wrapping, the kernels' backward. With bf16
-configs every matrix product takes bf16 operands (fp32 accumulation) while norms, softmax and
-log-sum-exp stay in fp32; and on the GPU no step may hold a conditional: XLA:GPU reads a
-conditional's predicate back to the host."""
+interpreted as tests/test_attention.py runs them, and cuDNN's (jax told it has a GPU). What
+no accelerator here can run still has to lower: kernel block shapes, the per-shard wrapping,
+the kernels' backward. With bf16 configs every matrix product takes bf16 operands (fp32
+accumulation) while norms, softmax and log-sum-exp stay in fp32; and on the GPU no step may
+hold a conditional: XLA:GPU reads a conditional's predicate back to the host."""
 
 import contextlib
 import dataclasses
