@@ -23,7 +23,7 @@ def _reference(hidden, head, targets, weights, softcap):
 @pytest.mark.parametrize("groups", [0, 1, 2])
 def test_chunked_loss_and_gradients_equal_the_whole_logits(softcap, length, chunk, groups):
   rng = np.random.default_rng(0)
-  b, d, v = 4, 16, 50
+  b, d, v = 4, 16, 384  # 3 blocks of the blocked logsumexp
   hidden = jnp.asarray(rng.normal(size=(b, length, d)), jnp.float32)
   head = jnp.asarray(rng.normal(size=(d, v)) / 4, jnp.float32)
   targets = jnp.asarray(rng.integers(0, v, (b, length)), jnp.int32)
@@ -40,6 +40,17 @@ def test_chunked_loss_and_gradients_equal_the_whole_logits(softcap, length, chun
   scaled = lambda f: jax.jit(jax.grad(lambda h, w: 0.5 * f(h, w), argnums=(0, 1)))
   for g, g_ref in zip(scaled(ours)(hidden, head), scaled(ref)(hidden, head)):
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("v", [384, 50])  # blocks of 128; a vocabulary they do not divide
+def test_blocked_logsumexp_equals_jax(v):
+  rng = np.random.default_rng(2)
+  z = rng.normal(size=(3, 5, v)).astype(np.float32) * 30
+  z[0, :, -100:] += 80  # blocks whose maxima are far apart
+  z[1, 2] = -1e30  # a row of masked-like logits
+  np.testing.assert_allclose(
+      loss_lib._logsumexp(jnp.asarray(z)), jax.nn.logsumexp(jnp.asarray(z), axis=-1), rtol=1e-6
+  )
 
 
 def test_chunk_size_divides_the_row():
