@@ -94,8 +94,7 @@ def _logsumexp(z, block: int = 128):
   z = z.reshape(*z.shape[:-1], -1, block)
   peak = jnp.max(z, axis=-1)
   total = jnp.sum(jnp.exp(z - peak[..., None]), axis=-1)
-  top = jnp.max(peak, axis=-1, keepdims=True)
-  return jnp.log(jnp.sum(total * jnp.exp(peak - top), axis=-1)) + top[..., 0]
+  return jax.nn.logsumexp(peak, axis=-1, b=total)  # log Σ_blocks total · exp(peak)
 
 
 def _nll(z, targets, weights):
