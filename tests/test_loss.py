@@ -3,9 +3,11 @@ value and in its gradients, with and without Gemma's logit cap."""
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+from selectit_jax.errors import UserError
 from selectit_jax.training import loss as loss_lib
 
 
@@ -56,6 +58,14 @@ def test_blocked_logsumexp_equals_jax(v):
 def test_chunk_size_divides_the_row():
   assert [loss_lib.chunk_size(512, c) for c in (128, 0, 1000, 100)] == [128, 512, 512, 64]
   assert loss_lib.chunk_size(520, 128) == 104
+
+
+def test_configured_chunk_refuses_a_negative_size():
+  cfg = ml_collections.ConfigDict
+  assert loss_lib.configured_chunk(cfg({})) == loss_lib.DEFAULT_CHUNK
+  assert [loss_lib.configured_chunk(cfg(dict(loss_chunk=c))) for c in (0, 64)] == [0, 64]
+  with pytest.raises(UserError, match=r"train.loss_chunk=-3; expected"):
+    loss_lib.configured_chunk(cfg(dict(loss_chunk=-3)))
 
 
 def test_unweighted_chunks_are_skipped():

@@ -421,7 +421,7 @@ def plan_train_config(config) -> tuple[bool, list[str]]:
         f"train.batch_size={batch} is not a multiple of train.micro_batch_size={micro}"
     )
   fused = fused_attention(cfg, device, length)
-  chunk = int(t.get("loss_chunk", loss_lib.DEFAULT_CHUNK))
+  chunk = loss_lib.configured_chunk(t)
   est = train_estimate(cfg, sizes, micro, length, batch // micro, fused=fused, loss_chunk=chunk)
   what = (
       f"batch {batch} = {batch // micro} x micro {micro} ({est.rows_per_device} rows/device) "

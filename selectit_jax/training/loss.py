@@ -17,6 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from selectit_jax.errors import UserError
+
 DEFAULT_CHUNK = 128  # positions of each row per vocabulary chunk (config train.loss_chunk)
 
 
@@ -24,6 +26,18 @@ def skips_unweighted(platform: str) -> bool:
   """Whether the loss skips chunks without weighted positions on `platform`: XLA:GPU reads
   a conditional's predicate back to the host (a wait inside the step), CPU and TPU do not."""
   return platform != "gpu"
+
+
+def configured_chunk(train_cfg) -> int:
+  """`train.loss_chunk` (default DEFAULT_CHUNK): positions per row per vocabulary chunk, 0 for
+  the whole row."""
+  chunk = int(train_cfg.get("loss_chunk", DEFAULT_CHUNK))
+  if chunk < 0:
+    raise UserError(
+        f"train.loss_chunk={chunk}; expected positions per vocabulary chunk, >= 1 (or 0: the "
+        "whole row)"
+    )
+  return chunk
 
 
 def chunk_size(length: int, chunk: int) -> int:

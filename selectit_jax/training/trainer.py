@@ -391,7 +391,7 @@ def run(config) -> dict:
   sched = step_lib.schedule(t, total_steps)
   tx = step_lib.optimizer(t, sched)
   shardings = step_lib.state_shardings(cfg, tx, mesh)
-  chunk = int(config.train.get("loss_chunk", loss_lib.DEFAULT_CHUNK))
+  chunk = loss_lib.configured_chunk(config.train)
   train_step = step_lib.make_train_step(cfg, tx, sched, mesh, shardings, chunk)
   eval_step = step_lib.make_eval_step(cfg, mesh, shardings, chunk)
   train_shard = step_lib.accumulation_sharding(mesh)
