@@ -9,6 +9,7 @@ import importlib
 
 import pytest
 
+from selectit_jax.errors import UserError
 from selectit_jax.models import registry
 from selectit_jax.parallel import devices
 from selectit_jax.parallel import memory
@@ -183,6 +184,22 @@ def test_training_presets_fit(size, slice_):
   assert "524,288 tokens per step" in text  # at most 128 rows (examples) of 4096
   largest = int(text.split("train.micro_batch_size ")[-1].split()[0])
   assert config.train.micro_batch_size <= largest, text
+
+
+def test_the_cpu_training_config_plans_without_a_memory_section():
+  """configs/train_smollm2_135m.py names no device (it trains here): the planner reads the
+  architecture from the embedded GGUF and plans on this machine's RAM (it used to stop on
+  AttributeError 'memory'); a negative loss chunk is refused in one line."""
+  from configs import train_smollm2_135m  # noqa: PLC0415
+
+  config = train_smollm2_135m.get_config()
+  assert "memory" not in config
+  config.train.micro_batch_size = 8  # a multiple of the 8 CPU devices the tests have
+  _, lines = memory.plan_config(config)  # whether it fits: 24 GiB shared by the 8 devices
+  assert lines[0].startswith("model: 0.13B params") and "total per device" in "\n".join(lines)
+  config.train.loss_chunk = -3
+  with pytest.raises(UserError, match="train.loss_chunk=-3"):
+    memory.plan_config(config)
 
 
 @pytest.mark.parametrize("size,slice_", sorted(set(_SCORE_PRESETS)))

@@ -205,7 +205,7 @@ def arch(config, model_path: str = "") -> DecoderConfig:
   """The architecture: the checkpoint's own when it is here, else config.model.arch (HF
   config.json fields), so runs can be planned before the weights are downloaded. dtypes
   'auto' resolve for config.memory.device's platform when it is set, else this backend's."""
-  device = config.memory.get("device", "")
+  device = (config.get("memory") or {}).get("device", "")
   config = devices.resolve_dtypes(config, devices.platform_of(device) if device else None)
   overrides = dict(
       dtype=config.model.dtype,
