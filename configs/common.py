@@ -63,7 +63,8 @@ def score_config() -> ml_collections.ConfigDict:
           fit_buckets=True,  # with packing: shapes minimising the model's FLOPs, else padding
           shard_rows=256,  # rows per Parquet shard (the unit of resume)
           # Attention kernel (selectit_jax/models/attention.py): auto (TPU: splash, GPU:
-          # pallas_gpu, CPU: xla) | xla (jnp) | splash | pallas_gpu | cudnn (bf16 only).
+          # pallas_gpu, CPU: xla) | xla (jnp) | splash | pallas_gpu | cudnn (bf16 only; on an
+          # H200 5 % faster than pallas_gpu at the 1B shape: BENCHMARKS.md).
           attention="auto",
           # Persistent XLA compilation cache ('' = none): a restart (a preempted pod, a
           # resumed run) loads the compiled steps instead of compiling them again. On a pod,

@@ -28,7 +28,8 @@ def get_config():
           # fastest) | full (only its input: least memory)
           remat="dots",
           # attention kernel (selectit_jax/models/attention.py): auto (TPU: splash, GPU:
-          # pallas_gpu, CPU: xla) | xla | splash | pallas_gpu | cudnn (bf16 only)
+          # pallas_gpu, CPU: xla) | xla | splash | pallas_gpu | cudnn (bf16 only; on an H200
+          # 10 % faster than pallas_gpu at the 1B shape: BENCHMARKS.md)
           attention="auto",
       )
   )
