@@ -407,9 +407,11 @@ def assert_training_grads_match_transformers(cfg, params, ref_model, seqs):
   """Gradients of the trainer's loss (training.step.loss_sums, per-token mean over every
   predicted token of right-padded rows) equal transformers' backward of the same loss, for
   every HF weight but the norms (Gemma stores 1 + w, so its norm gradients map otherwise).
-  The reference runs in float64 (torch's own fp32 backward is off by up to 3e-5 of a
-  tensor's largest gradient on these shapes, more than the tolerance), one unpadded text
-  at a time (a padded query row is all -inf in float64, and its NaN reaches the grads)."""
+  The reference runs in float64, one unpadded text at a time (a padded query row is all
+  -inf in float64, and its NaN reaches the grads); ours in fp32 is off by up to 2.5e-5 of a
+  tensor's largest gradient (AMD EPYC, avx2: the attention biases' small, cancelling
+  gradients), torch's own fp32 backward by up to 3e-5, so the bound is 5e-5 of it: a wrong
+  mask, position or term is off by orders of magnitude more."""
   import copy  # noqa: PLC0415
 
   import torch  # noqa: PLC0415
@@ -436,7 +438,7 @@ def assert_training_grads_match_transformers(cfg, params, ref_model, seqs):
       continue
     want = param.grad.numpy()
     np.testing.assert_allclose(
-        ours[name], want, atol=2e-5 * np.abs(want).max(), rtol=0, err_msg=name
+        ours[name], want, atol=5e-5 * np.abs(want).max(), rtol=0, err_msg=name
     )
     checked += 1
   assert checked >= 1 + 7 * cfg.num_layers
