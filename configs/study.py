@@ -40,6 +40,9 @@ def get_config(arg=None):
   c.seeds = "0,1,2"  # random arms
   # Its model section is the base model (arg: another training config, e.g. train_llama2_7b:v5p-8).
   c.train = train_module.get_config(*([train_arg] if train_arg else []))
+  # Once an arm's model is exported its training checkpoints (optimizer state: 16 bytes a
+  # parameter, ~100 GB for a 7B arm) are deleted; True keeps them.
+  c.keep_checkpoints = False
   c.eval = eval_config.get_config()
   c.eval.tasks = "arc_easy,arc_challenge,mmlu"
   c.eval.limit = 0

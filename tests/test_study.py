@@ -1,5 +1,8 @@
 """The study's config, its arms (which records each trains on) and its paired bootstrap."""
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -139,7 +142,8 @@ def test_study_runs_every_arm_and_resumes(tiny_checkpoint, tmp_path, data_path, 
   config.train.model.path = tiny_checkpoint
   config.train.data.val_fraction = 0.0
   config.train.train.epochs = 1
-  config.train.export.enabled = True
+  config.train.export.enabled = False  # a study exports every arm regardless
+  config.train.checkpoint.dir = str(tmp_path / "ckpt")  # shared: each arm gets its own subdir
   config.eval.tasks = "arc_easy"
   config.eval.limit = 3
   config.eval.engine.max_shapes = 1
@@ -152,14 +156,21 @@ def test_study_runs_every_arm_and_resumes(tiny_checkpoint, tmp_path, data_path, 
   assert {a["num_records"] for n, a in arms.items() if n != "base"} == {5}  # ⌊10 rankable · 0.5⌋
   for name in ("selectit", "random_s0"):
     assert (tmp_path / "study" / "arms" / name / "train" / "hf" / "config.json").exists()
+    assert (tmp_path / "study" / "arms" / name / "trained.json").exists()
+    # Exported, so its checkpoints were deleted (study.keep_checkpoints=False).
+    assert (tmp_path / "ckpt").is_dir() and not (tmp_path / "ckpt" / "arms" / name).exists()
   rows = study["summary"]["arc_easy_cloze"]
   assert set(rows) == {"base", "selectit", "random"} and rows["random"]["delta"] == 0
   assert all(r["n"] == 3 for r in rows.values())
   text = (tmp_path / "study" / "study.md").read_text()
   assert "| random (2 seeds) | 5 |" in text and "arc_easy_cloze" in text
 
-  # Resumed: every arm is read back, nothing trains, the table is the same.
-  monkeypatch.setattr(trainer, "run", lambda *a: pytest.fail("a finished arm trained again"))
+  # Resumed: every arm is read back, nothing trains, the table is the same; an arm stopped
+  # between its export and its evaluation is evaluated from the export, not trained again
+  # (its checkpoints are gone).
+  shutil.rmtree(tmp_path / "study" / "arms" / "random_s1" / "eval")
+  os.remove(tmp_path / "study" / "arms" / "random_s1" / "done.json")
+  monkeypatch.setattr(trainer, "run", lambda *a: pytest.fail("a trained arm trained again"))
   again = runner.run(config)
   assert json.dumps(again["summary"], sort_keys=True) == json.dumps(
       study["summary"], sort_keys=True

@@ -1,6 +1,7 @@
 """`study`: for each arm, write its records, fine-tune the base model on them, evaluate the
 tuned model, then tabulate every arm against random. Resumable arm by arm (each arm's
-trainer and evaluation resume on their own; a finished arm is read back from its done.json)."""
+trainer and evaluation resume on their own; a trained arm is read back from its trained.json,
+a finished one from its done.json)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import time
 
 from absl import logging
+from etils import epath
 
 from selectit_jax import assets
 from selectit_jax import fileio
@@ -21,6 +23,7 @@ from selectit_jax.selection import inputs
 from selectit_jax.selection import runner as selection_runner
 from selectit_jax.studies import arms as arms_lib
 from selectit_jax.studies import report
+from selectit_jax.training import checkpointing
 from selectit_jax.training import trainer
 
 
@@ -100,15 +103,7 @@ def _run_arm(config, arm: arms_lib.Arm, recs: dict, container: str) -> report.Ar
   start = time.perf_counter()
   model_path, tokens = assets.model_path(config.train.model), 0
   if arm.trains:
-    data_path, fmt = selection_runner.selected_path(d, container)
-    containers.write_records(data_path, [recs[i] for i in arm.indices], fmt)
-    tcfg = config.train.copy_and_resolve_references()
-    with tcfg.unlocked():
-      tcfg.data.path = data_path
-      tcfg.output_dir = os.path.join(d, "train")
-    logging.info("study: training arm %s on %d records", arm.name, len(arm.indices))
-    summary = trainer.run(tcfg)
-    model_path, tokens = summary["export_dir"], int(summary["train_tokens"])
+    model_path, tokens = _train_arm(config, arm, d, recs, container)
   ecfg = config.eval.copy_and_resolve_references()
   with ecfg.unlocked():
     ecfg.model.path = str(model_path)
@@ -126,6 +121,38 @@ def _run_arm(config, arm: arms_lib.Arm, recs: dict, container: str) -> report.Ar
   )
   fileio.write_json(done, dict(indices=list(arm.indices), result=dataclasses.asdict(result)))
   return result
+
+
+def _train_arm(config, arm: arms_lib.Arm, d: str, recs: dict, container: str) -> tuple[str, int]:
+  """Fine-tunes the base model on the arm's records: (export dir, training tokens). A
+  checkpoint or export dir set in the train section gets the arm's own subdirectory (arms
+  never resume each other's runs); `trained.json` marks the export done, after which the
+  checkpoints go unless study.keep_checkpoints (nothing in the study reads them again)."""
+  trained = os.path.join(d, "trained.json")
+  if os.path.exists(trained):
+    with open(trained, encoding="utf-8") as f:
+      saved = json.load(f)
+    return saved["export_dir"], int(saved["train_tokens"])
+  data_path, fmt = selection_runner.selected_path(d, container)
+  containers.write_records(data_path, [recs[i] for i in arm.indices], fmt)
+  tcfg = config.train.copy_and_resolve_references()
+  with tcfg.unlocked():
+    tcfg.data.path = data_path
+    tcfg.output_dir = os.path.join(d, "train")
+    tcfg.export.enabled = True  # the evaluation reads the exported model
+    for section in (tcfg.checkpoint, tcfg.export):
+      if section.dir:
+        section.dir = str(epath.Path(section.dir) / "arms" / arm.name)
+  logging.info("study: training arm %s on %d records", arm.name, len(arm.indices))
+  summary = trainer.run(tcfg)
+  saved = dict(export_dir=str(summary["export_dir"]), train_tokens=int(summary["train_tokens"]))
+  fileio.write_json(trained, saved)
+  if not config.keep_checkpoints:
+    checkpointing.remove(summary["checkpoint_dir"])
+    logging.info(
+        "study: arm %s exported; deleted its checkpoints %s", arm.name, summary["checkpoint_dir"]
+    )
+  return saved["export_dir"], saved["train_tokens"]
 
 
 def _item_scores(eval_dir: str) -> dict:

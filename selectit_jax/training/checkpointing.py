@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import os
 
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 
 def is_uri(path: str) -> bool:
@@ -27,6 +29,15 @@ def resolve(directory) -> epath.Path:
   """An epath.Path; local paths absolute (orbax wants them so), URIs untouched."""
   directory = str(directory)
   return epath.Path(directory if is_uri(directory) else os.path.abspath(directory))
+
+
+def remove(directory) -> None:
+  """Deletes a finished run's checkpoints: process 0 on the shared directory, then all
+  processes meet, so none reads it later."""
+  if jax.process_index() == 0:
+    resolve(directory).rmtree(missing_ok=True)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("checkpointing.remove")
 
 
 def manager(directory, ckpt_cfg) -> ocp.CheckpointManager:
