@@ -190,7 +190,7 @@ def _prompt_sets():
 
 @pytest.mark.slow
 def test_gguf_rating_probs_match_transformers(gemma):
-  """P("1".."5") at the last position through the engine (prefix cache, packing), 20 real
+  """P("1".."5") at the last position through the engine (prefix cache, packing), 10 real
   ShareGPT records × our default prompts (and the released ones when present; the first
   `_PROMPTS_PER_SET` of each) vs
   transformers (gguf_file=) fp32: within 1e-4·p + 1e-6."""
@@ -199,7 +199,7 @@ def test_gguf_rating_probs_match_transformers(gemma):
   path, model, tok = gemma
   recs = [
       dataclasses.replace(r, instruction=r.instruction[:200], response=r.response[:200])
-      for r in sharegpt_records(20)
+      for r in sharegpt_records(10)
   ]
   ref_model = transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
