@@ -89,9 +89,8 @@ def run(config) -> dict:
 def _run_arm(config, arm: arms_lib.Arm, recs: dict, container: str) -> report.ArmResult:
   d = os.path.join(config.output_dir, "arms", arm.name)
   done = os.path.join(d, "done.json")
-  if os.path.exists(done):
-    with open(done, encoding="utf-8") as f:
-      saved = json.load(f)
+  saved = _saved(done)
+  if saved is not None:
     if tuple(saved["indices"]) != arm.indices:
       raise UserError(
           f"{done}: arm {arm.name} was run on other records; use another output_dir for "
@@ -129,9 +128,8 @@ def _train_arm(config, arm: arms_lib.Arm, d: str, recs: dict, container: str) ->
   never resume each other's runs); `trained.json` marks the export done, after which the
   checkpoints go unless study.keep_checkpoints (nothing in the study reads them again)."""
   trained = os.path.join(d, "trained.json")
-  if os.path.exists(trained):
-    with open(trained, encoding="utf-8") as f:
-      saved = json.load(f)
+  saved = _saved(trained)
+  if saved is not None:
     return saved["export_dir"], int(saved["train_tokens"])
   data_path, fmt = selection_runner.selected_path(d, container)
   containers.write_records(data_path, [recs[i] for i in arm.indices], fmt)
@@ -153,6 +151,14 @@ def _train_arm(config, arm: arms_lib.Arm, d: str, recs: dict, container: str) ->
         "study: arm %s exported; deleted its checkpoints %s", arm.name, summary["checkpoint_dir"]
     )
   return saved["export_dir"], saved["train_tokens"]
+
+
+def _saved(path: str) -> dict | None:
+  """What a finished stage of an arm recorded (done.json, trained.json), or None."""
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
 
 
 def _item_scores(eval_dir: str) -> dict:
